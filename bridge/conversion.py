@@ -1,0 +1,49 @@
+"""`bridge.convert`: torch.nn.Module → JaxModule.
+
+Example:
+    >>> jm = bridge.convert(model, (x,), dynamic="batch")
+    >>> jm(x_jax)                         # same function, now in JAX
+"""
+from __future__ import annotations
+
+import torch
+
+from bridge.jax_module import JaxModule, StateMeta
+from bridge.tree import nest
+from converters.capture import capture
+from converters.dtypes import to_jax
+from converters.interpreter import Program
+
+
+def convert(module: torch.nn.Module, args=(), kwargs: dict | None = None, *, dynamic_shapes=None,
+            dynamic: str | None = None, train: bool = False, strict: bool | None = None) -> JaxModule:
+    """Capture `module` on example inputs and return the equivalent JAX model.
+
+    Args:
+      module: any torch.nn.Module (Hugging Face models get `use_cache=False`).
+      args, kwargs: example inputs, as you would call the module.
+      dynamic_shapes: torch.export dynamic shape spec; or `dynamic="batch"` / `"batch+seq"`.
+      train: capture in train mode (dropout active, BatchNorm updates its buffers).
+      strict: torch.export mode; None tries strict and falls back to non-strict.
+
+    Example:
+      >>> jm = bridge.convert(model, kwargs={"input_ids": ids}, dynamic="batch+seq")
+      >>> logits = jax.jit(jm.apply)(jm.params, input_ids=ids_jax)["logits"]
+    """
+    cap = capture(module, args, kwargs, dynamic_shapes=dynamic_shapes, dynamic=dynamic,
+                  train=train, strict=strict)
+    program = Program(cap)
+    params = dict(module.named_parameters())
+    buffers = dict(module.named_buffers())
+    state_keys = tuple(module.state_dict(keep_vars=True).keys())
+    persistent = {cap.aliases.get(k, k) for k in state_keys}
+    for name, t in program.lifted.items():  # lifted constants (e.g. torch.tensor(...) in forward)
+        buffers.setdefault(name, t)
+    meta = StateMeta(
+        torch_dtypes={n: t.dtype for n, t in {**buffers, **params}.items()},
+        aliases=dict(cap.aliases),
+        non_persistent=frozenset(n for n in buffers if n not in persistent),
+        state_dict_keys=state_keys,
+    )
+    return JaxModule(program, nest({n: to_jax(t) for n, t in params.items()}),
+                     nest({n: to_jax(t) for n, t in buffers.items()}), meta)

@@ -1,0 +1,52 @@
+"""Errors raised to users. Each message names the file, key, op or shape at fault.
+
+Example:
+    >>> try:
+    ...     bridge.convert(model, (x,))
+    ... except bridge.errors.UnsupportedOpsError as e:
+    ...     print(e.missing)        # {'aten.foo.default': [(count, 'model.py:12 ...')]}
+"""
+from __future__ import annotations
+
+
+class BridgeError(Exception):
+    """Base class of every error bridge raises on purpose."""
+
+
+class CaptureError(BridgeError):
+    """torch.export could not capture the module (both strict and non-strict failed)."""
+
+
+class UnsupportedOpsError(BridgeError):
+    """The graph uses ATen ops with no lowering; lists every one with count and source lines.
+
+    `missing` maps the op name to `(count, [source lines])`.
+    """
+
+    def __init__(self, missing: dict[str, tuple[int, list[str]]]):
+        self.missing = missing
+        lines = [f"{len(missing)} unsupported op(s); no JAX lowering is registered for:"]
+        for op, (count, sources) in sorted(missing.items()):
+            lines.append(f"  {op}  (used {count}x)")
+            lines.extend(f"      at {src}" for src in sources)
+        super().__init__("\n".join(lines))
+
+
+class DuplicateLoweringError(BridgeError):
+    """Two lowerings were registered for the same ATen overload."""
+
+
+class LoweringError(BridgeError):
+    """A lowering failed while tracing; names the op, its source line and input shapes."""
+
+
+class InputError(BridgeError):
+    """Inputs passed to `apply` do not match the exported signature (names, count or shapes)."""
+
+
+class MissingRngError(BridgeError):
+    """The program draws random numbers (dropout, rand...) and no `rng` key was given."""
+
+
+class StateError(BridgeError):
+    """params/buffers passed to `apply` miss keys or carry unexpected ones."""

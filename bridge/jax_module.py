@@ -1,0 +1,117 @@
+"""`JaxModule`: a converted model as a pytree of (params, buffers) plus a pure `apply`.
+
+Example:
+    >>> jm = bridge.convert(model, (x,))
+    >>> y = jax.jit(jm.apply)(jm.params, x_jax)
+    >>> grads = jax.grad(lambda p: jm.apply(p, x_jax).sum())(jm.params)
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import numpy as np
+import torch
+import torch.utils._pytree as torch_pytree
+
+from bridge.errors import InputError, StateError
+from bridge.tree import flatten, nest
+from converters.dtypes import to_jax
+from converters.interpreter import Program
+from converters.structure import children
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class StateMeta:
+    """What export needs to rebuild torch's state_dict exactly."""
+    torch_dtypes: dict[str, torch.dtype]     # every state name → original torch dtype
+    aliases: dict[str, str]                  # tied names (all of them) → canonical leaf name
+    non_persistent: frozenset[str]           # buffers/constants torch leaves out of state_dict
+    state_dict_keys: tuple[str, ...]         # module.state_dict() order
+
+
+def _to_leaf(x):
+    if isinstance(x, torch.Tensor):
+        return to_jax(x)
+    if isinstance(x, np.ndarray):
+        return jax.numpy.asarray(x)
+    return x
+
+
+@jax.tree_util.register_pytree_node_class
+class JaxModule:
+    """params/buffers are nested dicts whose '.'-joined paths are the torch names."""
+
+    def __init__(self, program: Program, params: dict, buffers: dict, meta: "StateMeta"):
+        self.program = program
+        self.params = params
+        self.buffers = buffers
+        self.meta = meta
+
+    # -- pytree ---------------------------------------------------------------------------
+    def tree_flatten(self):
+        return (self.params, self.buffers), (self.program, self.meta)
+
+    @classmethod
+    def tree_unflatten(cls, aux, children):
+        return cls(aux[0], children[0], children[1], aux[1])
+
+    def replace(self, *, params=None, buffers=None) -> "JaxModule":
+        """A copy with new params and/or buffers (same program)."""
+        return JaxModule(self.program, self.params if params is None else params,
+                         self.buffers if buffers is None else buffers, self.meta)
+
+    # -- calling --------------------------------------------------------------------------
+    @property
+    def needs_rng(self) -> bool:
+        return bool(self.program.random_nodes)
+
+    @property
+    def mutates_buffers(self) -> bool:
+        return any(m is not None for m in self.program.mutations)
+
+    def user_leaves(self, args: tuple, kwargs: dict) -> list:
+        """Flatten (args, kwargs) in the exported order, converting torch/numpy arrays."""
+        spec = self.program.in_spec
+        kwargs = {**self.program.captured.extra_kwargs, **kwargs}
+        names = list(children(spec)[1].context) if spec.num_children == 2 else []
+        unknown = sorted(set(kwargs) - set(names))
+        if unknown:
+            raise InputError(f"unexpected keyword input(s) {unknown}; the model was exported with {names}")
+        missing = [n for n in names if n not in kwargs]
+        if missing:
+            raise InputError(f"missing keyword input(s) {missing}; the model was exported with {names}")
+        ordered = {n: kwargs[n] for n in names}
+        leaves, got = torch_pytree.tree_flatten((tuple(args), ordered))
+        if got != spec:
+            raise InputError(f"inputs do not match the exported structure:\n  expected {spec}\n  got      {got}")
+        leaves = [_to_leaf(x) for x in leaves]
+        self.program.check_inputs(leaves)
+        return leaves
+
+    def apply(self, params: dict, *args, buffers: dict | None = None, rng: jax.Array | None = None,
+              return_buffers: bool = False, **kwargs):
+        """Pure forward. With return_buffers=True returns (outputs, updated buffers)."""
+        buffers = self.buffers if buffers is None else buffers
+        state = {**flatten(buffers), **flatten(params)}
+        need = self.program.param_names + self.program.buffer_names
+        missing = [n for n in need if n not in state]
+        if missing:
+            raise StateError(f"missing state entries: {missing[:10]}{' ...' if len(missing) > 10 else ''}")
+        leaves = self.user_leaves(args, kwargs)
+        flat_out, mutated = self.program.run(state, leaves, rng)
+        out = self.program.output_structure(flat_out)
+        if not return_buffers:
+            return out
+        new = flatten(buffers)
+        new.update(mutated)
+        return out, nest(new)
+
+    def __call__(self, *args, rng=None, **kwargs):
+        return self.apply(self.params, *args, buffers=self.buffers, rng=rng, **kwargs)
+
+    def __repr__(self) -> str:
+        n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(self.params))
+        return (f"JaxModule({len(flatten(self.params))} params tensors, {n:,} parameters, "
+                f"{len(flatten(self.buffers))} buffers, {len(self.program.nodes)} ops)")

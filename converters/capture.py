@@ -1,0 +1,128 @@
+"""Capture a torch module with torch.export and decompose it to the ops we lower.
+
+Ops with a registered lowering are kept whole (attention, norms, gelu, convolution...);
+everything else follows torch's default decomposition to core ATen.
+
+Example:
+    >>> cap = capture(model, (x,), dynamic="batch")
+    >>> cap.program.graph.print_tabular()
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import inspect
+from typing import Any
+
+import torch
+from torch.export import Dim
+
+from bridge.errors import CaptureError
+from converters import ops as _ops  # noqa: F401  (registers every lowering)
+from converters.registry import registered
+
+DYNAMIC_PRESETS = {"batch": (0,), "batch+seq": (0, 1)}
+
+
+@dataclasses.dataclass
+class Captured:
+    program: torch.export.ExportedProgram
+    aliases: dict[str, str]            # every state name → canonical (first) name of its tensor
+    extra_kwargs: dict[str, Any]       # kwargs bridge injected at capture (e.g. use_cache=False)
+    strict: bool                       # which export mode succeeded
+    train: bool
+
+
+def state_aliases(module: torch.nn.Module) -> dict[str, str]:
+    """Map every parameter/buffer name, tied duplicates included, to its canonical name."""
+    canonical: dict[int, str] = {}
+    for name, t in list(module.named_parameters()) + list(module.named_buffers()):
+        canonical.setdefault(id(t), name)
+    out = {}
+    for name, t in list(module.named_parameters(remove_duplicate=False)) + list(
+            module.named_buffers(remove_duplicate=False)):
+        out[name] = canonical.get(id(t), name)
+    return out
+
+
+def _hf_kwargs(module: torch.nn.Module, kwargs: dict) -> dict:
+    """Hugging Face models: turn the KV cache off unless the caller chose otherwise."""
+    extra = {}
+    params = inspect.signature(module.forward).parameters
+    if getattr(module, "config", None) is not None and "use_cache" in params and "use_cache" not in kwargs:
+        extra["use_cache"] = False
+    return extra
+
+
+def _dynamic_spec(module, args, kwargs, dynamic: str):
+    if dynamic not in DYNAMIC_PRESETS:
+        raise CaptureError(f"dynamic={dynamic!r} is not one of {sorted(DYNAMIC_PRESETS)}")
+    dims = DYNAMIC_PRESETS[dynamic]
+    bound = inspect.signature(module.forward).bind(*args, **kwargs)
+
+    def spec(name, value):
+        if isinstance(value, torch.Tensor):
+            out = {}
+            for d in dims:
+                if d < value.dim():
+                    if value.shape[d] < 2:
+                        raise CaptureError(
+                            f"dynamic={dynamic!r}: input {name!r} has size {value.shape[d]} in dim {d}; "
+                            "torch.export specializes sizes 0 and 1, use an example with size >= 2")
+                    out[d] = Dim.AUTO
+            return out or None
+        if isinstance(value, (list, tuple)):
+            return type(value)(spec(f"{name}[{i}]", v) for i, v in enumerate(value))
+        if isinstance(value, dict):
+            return {k: spec(f"{name}.{k}", v) for k, v in value.items()}
+        return None
+
+    return {name: spec(name, value) for name, value in bound.arguments.items()}
+
+
+def decomposition_table() -> dict:
+    """torch's default decompositions minus every op we lower directly."""
+    table = torch.export.default_decompositions()
+    for target in registered():
+        if isinstance(target, torch._ops.OpOverload) and target in table:
+            table.pop(target)
+    return table
+
+
+@contextlib.contextmanager
+def _mode(module: torch.nn.Module, train: bool):
+    states = {m: m.training for m in module.modules()}
+    module.train(train)
+    try:
+        yield
+    finally:
+        for m, t in states.items():
+            m.training = t
+
+
+def capture(module: torch.nn.Module, args: tuple = (), kwargs: dict | None = None, *,
+            dynamic_shapes=None, dynamic: str | None = None, train: bool = False,
+            strict: bool | None = None) -> Captured:
+    """torch.export `module` (strict first, non-strict where strict fails) and decompose it."""
+    if not isinstance(args, tuple):
+        args = (args,)
+    kwargs = dict(kwargs or {})
+    extra = _hf_kwargs(module, kwargs)
+    kwargs.update(extra)
+    if dynamic is not None:
+        if dynamic_shapes is not None:
+            raise CaptureError("pass either dynamic= or dynamic_shapes=, not both")
+        dynamic_shapes = _dynamic_spec(module, args, kwargs, dynamic)
+    modes = [True, False] if strict is None else [strict]
+    errors = []
+    with _mode(module, train):
+        for mode in modes:
+            try:
+                ep = torch.export.export(module, args, kwargs, dynamic_shapes=dynamic_shapes, strict=mode)
+                break
+            except Exception as e:  # torch raises many unrelated types here; we report them all
+                errors.append(f"{'strict' if mode else 'non-strict'}: {type(e).__name__}: {e}")
+        else:
+            raise CaptureError(f"torch.export failed for {type(module).__name__}:\n" + "\n".join(errors))
+        ep = ep.run_decompositions(decomposition_table())
+    return Captured(ep, state_aliases(module), extra, mode, train)

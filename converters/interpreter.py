@@ -1,0 +1,178 @@
+"""Walk an ExportedProgram's graph and evaluate each node with its JAX lowering.
+
+`Program` is the converted, torch-free function: `program.run(state, user_leaves, key)`
+takes flat state (canonical torch names → arrays) and the flat user inputs, and returns
+the flat user outputs plus the mutated buffers. It is pure: jit, grad and vmap apply.
+
+Example:
+    >>> prog = Program(capture(model, (x,)))
+    >>> outs, new_buffers = prog.run(state, [x_jax], key=None)
+"""
+from __future__ import annotations
+
+import os
+from collections import Counter, defaultdict
+from typing import Any
+
+import jax
+import torch
+from torch.export.graph_signature import InputKind, OutputKind
+from torch.fx.node import map_arg
+
+from bridge.errors import InputError, LoweringError, MissingRngError, UnsupportedOpsError
+from converters.capture import Captured
+from converters.dtypes import jax_dtype
+from converters.registry import draws_random, lookup, op_name
+from converters.structure import spec_structure
+
+_TORCH_DIR = os.path.dirname(torch.__file__)
+
+
+def source_line(node: torch.fx.Node) -> str:
+    """The innermost frame of the node's stack trace outside torch itself: 'file:line in fn: code'."""
+    trace = node.meta.get("stack_trace") or ""
+    lines = trace.strip().splitlines()
+    picked = None
+    for i, line in enumerate(lines):
+        line = line.strip()
+        if line.startswith('File "'):
+            path = line.split('"')[1]
+            code = lines[i + 1].strip() if i + 1 < len(lines) else ""
+            if not path.startswith(_TORCH_DIR):
+                picked = f"{path}:{line.split('line ')[1].split(',')[0]} in {line.rsplit(' in ', 1)[-1]}: {code}"
+    return picked or f"<graph node {node.name}>"
+
+
+class Program:
+    """A lowered graph plus the maps from its placeholders to state and user inputs."""
+
+    def __init__(self, cap: Captured):
+        ep = cap.program
+        self.captured = cap
+        self.graph = ep.graph
+        sig = ep.graph_signature
+        self.state_inputs: list[tuple[str, str, str]] = []   # (placeholder, kind, canonical name)
+        self.user_inputs: list[tuple[str, Any]] = []          # (placeholder, example meta or constant)
+        self.lifted: dict[str, torch.Tensor] = {}             # constants/non-persistent buffers by name
+        self.param_names: list[str] = []
+        self.buffer_names: list[str] = []
+        for spec in sig.input_specs:
+            name = spec.arg.name
+            if spec.kind == InputKind.USER_INPUT:
+                self.user_inputs.append((name, getattr(spec.arg, "value", None)))
+                continue
+            if spec.kind not in (InputKind.PARAMETER, InputKind.BUFFER, InputKind.CONSTANT_TENSOR):
+                raise UnsupportedOpsError({f"graph input kind {spec.kind.name}": (1, [spec.target])})
+            canon = cap.aliases.get(spec.target, spec.target)
+            kind = "param" if spec.kind == InputKind.PARAMETER else "buffer"
+            self.state_inputs.append((name, kind, canon))
+            names = self.param_names if kind == "param" else self.buffer_names
+            if canon not in names:
+                names.append(canon)
+            if spec.kind == InputKind.CONSTANT_TENSOR or (spec.kind == InputKind.BUFFER and not spec.persistent):
+                self.lifted[canon] = ep.constants[spec.target]
+        self.non_persistent = set(self.lifted)
+        self.mutations: list[str | None] = []  # per graph output: buffer name, or None for user outputs
+        for spec in sig.output_specs:
+            if spec.kind == OutputKind.BUFFER_MUTATION:
+                self.mutations.append(cap.aliases.get(spec.target, spec.target))
+            elif spec.kind == OutputKind.USER_OUTPUT:
+                self.mutations.append(None)
+            else:
+                raise UnsupportedOpsError({f"graph output kind {spec.kind.name}": (1, [str(spec.target)])})
+        self.in_spec = ep.call_spec.in_spec
+        self.out_spec = ep.call_spec.out_spec
+        self.placeholder_meta = {n.name: n.meta.get("val") for n in self.graph.nodes if n.op == "placeholder"}
+        self.nodes = [n for n in self.graph.nodes if n.op == "call_function"]
+        self.random_nodes = {n.name: i for i, n in enumerate(self.nodes) if draws_random(n)}
+        self._check_supported()
+
+    # -- checks ---------------------------------------------------------------------------
+    def _check_supported(self):
+        missing: dict[str, list] = defaultdict(list)
+        for n in self.nodes:
+            if lookup(n.target) is None:
+                missing[op_name(n.target)].append(source_line(n))
+        if missing:
+            raise UnsupportedOpsError({op: (len(srcs), sorted(set(srcs)))
+                                       for op, srcs in missing.items()})
+
+    def op_counts(self) -> Counter:
+        return Counter(op_name(n.target) for n in self.nodes)
+
+    def check_inputs(self, leaves: list) -> None:
+        """Leaves must match the exported inputs in number and in every static dimension."""
+        if len(leaves) != len(self.user_inputs):
+            raise InputError(f"expected {len(self.user_inputs)} input leaves "
+                             f"({[n for n, _ in self.user_inputs]}), got {len(leaves)}")
+        for (name, _), leaf in zip(self.user_inputs, leaves):
+            meta = self.placeholder_meta.get(name)
+            if not isinstance(meta, torch.Tensor):
+                continue
+            shape = getattr(leaf, "shape", None)
+            if shape is None or len(shape) != meta.dim():
+                raise InputError(f"input {name!r}: expected a {meta.dim()}-d array, got shape {shape}")
+            for d, (want, got) in enumerate(zip(meta.shape, shape)):
+                if isinstance(want, int) and want != got:
+                    raise InputError(
+                        f"input {name!r} dim {d}: exported with static size {want}, got {got} "
+                        f"(shape {tuple(shape)}); convert with dynamic='batch' / 'batch+seq' or dynamic_shapes")
+
+    # -- evaluation -----------------------------------------------------------------------
+    def run(self, state: dict[str, jax.Array], leaves: list, key: jax.Array | None = None):
+        """Evaluate the graph. Returns (flat user outputs, {buffer name: new value})."""
+        if self.random_nodes and key is None:
+            ops = sorted({op_name(n.target) for n in self.nodes if n.name in self.random_nodes})
+            raise MissingRngError(f"the program draws random numbers ({', '.join(ops)}); pass rng=jax.random.key(...)")
+        # torch semantics need implicit rank and dtype promotion, whatever the user's global config
+        with jax.numpy_rank_promotion("allow"), jax.numpy_dtype_promotion("standard"):
+            return self._run(state, leaves, key)
+
+    def _run(self, state, leaves, key):
+        env: dict[str, Any] = {}
+        for name, _, canon in self.state_inputs:
+            env[name] = state[canon]
+        for (name, const), leaf in zip(self.user_inputs, leaves):
+            env[name] = leaf if const is None or hasattr(leaf, "shape") else const
+        for node in self.nodes:
+            env[node.name] = self._eval(node, env, key)
+        out_node = next(n for n in reversed(self.graph.nodes) if n.op == "output")
+        results = map_arg(out_node.args[0], lambda n: env[n.name])
+        user, mutated = [], {}
+        for target, value in zip(self.mutations, results):
+            if target is None:
+                user.append(value)
+            else:
+                mutated[target] = value
+        return user, mutated
+
+    def _eval(self, node: torch.fx.Node, env: dict, key):
+        low = lookup(node.target)
+        args = map_arg(node.args, lambda n: env[n.name])
+        kwargs = map_arg(node.kwargs, lambda n: env[n.name])
+        try:
+            if low.random:
+                k = self.random_nodes.get(node.name)
+                out = low.fn(None if k is None else jax.random.fold_in(key, k), *args, **kwargs)
+            else:
+                out = low.fn(*args, **kwargs)
+        except Exception as e:  # re-raised with the op, the user's line and the input shapes
+            if isinstance(e, (LoweringError, MissingRngError)):
+                raise
+            shapes = [getattr(a, "shape", a) for a in args if hasattr(a, "shape")]
+            raise LoweringError(f"{op_name(node.target)} failed at {source_line(node)} "
+                                f"(input shapes {shapes}): {type(e).__name__}: {e}") from e
+        return _match_dtype(out, node.meta.get("val"))
+
+    def output_structure(self, flat_outputs: list):
+        return spec_structure(self.out_spec, flat_outputs)
+
+
+def _match_dtype(out, meta):
+    """Cast each result to the dtype torch gives this node: one place for promotion rules."""
+    if isinstance(meta, torch.Tensor) and hasattr(out, "dtype"):
+        want = jax_dtype(meta.dtype)
+        return out if out.dtype == want else out.astype(want)
+    if isinstance(meta, (list, tuple)) and isinstance(out, (list, tuple)):
+        return type(out)(_match_dtype(o, m) for o, m in zip(out, meta))
+    return out

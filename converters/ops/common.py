@@ -1,0 +1,56 @@
+"""Helpers shared by the op families: ATen overload handles, dims, dtypes, scalars."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax.numpy as jnp
+import torch
+
+from converters.dtypes import jax_dtype
+
+aten = torch.ops.aten
+
+
+def dim_(d: int, ndim: int) -> int:
+    """Normalize a possibly negative dim (torch allows dim 0/-1 on 0-d tensors)."""
+    n = max(ndim, 1)
+    return d % n
+
+
+def dims_(dims, ndim: int) -> tuple[int, ...] | None:
+    """Normalize an int / list of dims; None or [] (reduce all) → None."""
+    if dims is None:
+        return None
+    if isinstance(dims, int):
+        dims = [dims]
+    if len(dims) == 0:
+        return None
+    return tuple(sorted({dim_(d, ndim) for d in dims}))
+
+
+def dt(dtype: torch.dtype | None, default=None):
+    """torch dtype kwarg → JAX dtype (None stays None unless a default is given)."""
+    if dtype is None:
+        return default
+    return jax_dtype(dtype) if isinstance(dtype, torch.dtype) else dtype
+
+
+def default_float():
+    return jax_dtype(torch.get_default_dtype())
+
+
+def as_array(x, like=None):
+    """Python scalars → arrays with torch's default dtypes (float32 / int64 / bool)."""
+    if hasattr(x, "dtype"):
+        return x
+    if isinstance(x, bool):
+        return jnp.asarray(x, dtype=jnp.bool_)
+    if isinstance(x, int):
+        return jnp.asarray(x, dtype=jax_dtype(torch.int64))
+    if isinstance(x, complex):
+        return jnp.asarray(x, dtype=jnp.complex64)
+    return jnp.asarray(x, dtype=default_float())
+
+
+def size_(shape: Sequence) -> tuple[int, ...]:
+    return tuple(int(s) for s in shape)

@@ -1,0 +1,97 @@
+"""Tensor factories: arange, full, *_like, empty, scalar_tensor, eye, linspace."""
+from __future__ import annotations
+
+import jax.numpy as jnp
+import torch
+
+from converters.ops.common import aten, default_float, dt, size_
+from converters.dtypes import jax_dtype
+from converters.registry import lowering
+
+
+def _infer(value, dtype):
+    """torch's default dtype for a factory filled with `value`."""
+    if dtype is not None:
+        return dt(dtype)
+    if isinstance(value, bool):
+        return jnp.bool_
+    if isinstance(value, int):
+        return jax_dtype(torch.int64)
+    if hasattr(value, "dtype"):
+        return value.dtype
+    return default_float()
+
+
+@lowering(aten.arange.default, aten.arange.start, aten.arange.start_step)
+def arange(*args, dtype=None, layout=None, device=None, pin_memory=None):
+    if len(args) == 1:
+        args = (0,) + args
+    values = list(args) + [1] * (3 - len(args))
+    if dtype is None:
+        dtype = torch.int64 if all(isinstance(a, int) for a in values) else torch.get_default_dtype()
+    return jnp.arange(*values, dtype=dt(dtype))
+
+
+@lowering(aten.full.default)
+def full(size, fill_value, *, dtype=None, layout=None, device=None, pin_memory=None):
+    return jnp.full(size_(size), fill_value, dtype=_infer(fill_value, dtype))
+
+
+@lowering(aten.full_like.default)
+def full_like(x, fill_value, *, dtype=None, layout=None, device=None, pin_memory=None, memory_format=None):
+    return jnp.full(x.shape, fill_value, dtype=dt(dtype, x.dtype))
+
+
+@lowering(aten.zeros_like.default, aten.empty_like.default)
+def zeros_like(x, *, dtype=None, layout=None, device=None, pin_memory=None, memory_format=None):
+    return jnp.zeros(x.shape, dtype=dt(dtype, x.dtype))
+
+
+@lowering(aten.ones_like.default)
+def ones_like(x, *, dtype=None, layout=None, device=None, pin_memory=None, memory_format=None):
+    return jnp.ones(x.shape, dtype=dt(dtype, x.dtype))
+
+
+@lowering(aten.zeros.default, aten.empty.memory_format)
+def zeros(size, *, dtype=None, layout=None, device=None, pin_memory=None, memory_format=None):
+    return jnp.zeros(size_(size), dtype=dt(dtype, default_float()))
+
+
+@lowering(aten.ones.default)
+def ones(size, *, dtype=None, layout=None, device=None, pin_memory=None):
+    return jnp.ones(size_(size), dtype=dt(dtype, default_float()))
+
+
+@lowering(aten.empty_strided.default)
+def empty_strided(size, stride, *, dtype=None, layout=None, device=None, pin_memory=None):
+    return jnp.zeros(size_(size), dtype=dt(dtype, default_float()))
+
+
+@lowering(aten.new_zeros.default, aten.new_empty.default)
+def new_zeros(x, size, *, dtype=None, layout=None, device=None, pin_memory=None):
+    return jnp.zeros(size_(size), dtype=dt(dtype, x.dtype))
+
+
+@lowering(aten.new_ones.default)
+def new_ones(x, size, *, dtype=None, layout=None, device=None, pin_memory=None):
+    return jnp.ones(size_(size), dtype=dt(dtype, x.dtype))
+
+
+@lowering(aten.new_full.default)
+def new_full(x, size, fill_value, *, dtype=None, layout=None, device=None, pin_memory=None):
+    return jnp.full(size_(size), fill_value, dtype=dt(dtype, x.dtype))
+
+
+@lowering(aten.scalar_tensor.default)
+def scalar_tensor(s, *, dtype=None, layout=None, device=None, pin_memory=None):
+    return jnp.asarray(s, dtype=dt(dtype, default_float()))
+
+
+@lowering(aten.eye.default, aten.eye.m)
+def eye(n, m=None, *, dtype=None, layout=None, device=None, pin_memory=None):
+    return jnp.eye(n, m, dtype=dt(dtype, default_float()))
+
+
+@lowering(aten.linspace.default)
+def linspace(start, end, steps, *, dtype=None, layout=None, device=None, pin_memory=None):
+    return jnp.linspace(start, end, steps, dtype=dt(dtype, default_float()))

@@ -1,0 +1,161 @@
+"""High-level NN ops kept whole: softmax, layer/group/batch/rms norm, scaled dot-product attention.
+
+Low-precision inputs are computed in fp32 and cast back, as torch's CPU kernels do.
+"""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+from converters.ops.common import aten, dim_
+from converters.registry import lowering
+
+
+def _f32(x):
+    return x.astype(jnp.float32) if x.dtype in (jnp.bfloat16, jnp.float16) else x
+
+
+@lowering(aten._softmax.default)
+def softmax(x, dim, half_to_float=False):
+    return jax.nn.softmax(_f32(x), axis=dim_(dim, x.ndim))
+
+
+@lowering(aten._log_softmax.default)
+def log_softmax(x, dim, half_to_float=False):
+    return jax.nn.log_softmax(_f32(x), axis=dim_(dim, x.ndim))
+
+
+@lowering(aten.native_layer_norm.default)
+def layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5):
+    axes = tuple(range(x.ndim - len(normalized_shape), x.ndim))
+    xf = _f32(x)
+    mean = jnp.mean(xf, axis=axes, keepdims=True)
+    var = jnp.mean(jnp.square(xf - mean), axis=axes, keepdims=True)
+    rstd = jax.lax.rsqrt(var + eps)
+    y = (xf - mean) * rstd
+    if weight is not None:
+        y = y * weight
+    if bias is not None:
+        y = y + bias
+    return y.astype(x.dtype), mean, rstd
+
+
+@lowering(aten.rms_norm.default)
+def rms_norm(x, normalized_shape, weight=None, eps=None):
+    axes = tuple(range(x.ndim - len(normalized_shape), x.ndim))
+    xf = _f32(x)
+    eps = jnp.finfo(xf.dtype).eps if eps is None else eps
+    y = xf * jax.lax.rsqrt(jnp.mean(jnp.square(xf), axis=axes, keepdims=True) + eps)
+    return (y if weight is None else y * weight).astype(x.dtype)
+
+
+@lowering(aten.native_group_norm.default)
+def group_norm(x, weight, bias, N, C, HxW, group, eps):
+    xf = _f32(x).reshape(N, group, -1)
+    mean = jnp.mean(xf, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True)
+    rstd = jax.lax.rsqrt(var + eps)
+    y = ((xf - mean) * rstd).reshape(x.shape)
+    bshape = (1, C) + (1,) * (x.ndim - 2)
+    if weight is not None:
+        y = y * weight.reshape(bshape)
+    if bias is not None:
+        y = y + bias.reshape(bshape)
+    return y.astype(x.dtype), mean.reshape(N, group), rstd.reshape(N, group)
+
+
+def _bn_apply(x, mean, invstd, weight, bias):
+    bshape = (1, -1) + (1,) * (x.ndim - 2)
+    y = (_f32(x) - mean.reshape(bshape)) * invstd.reshape(bshape)
+    if weight is not None:
+        y = y * weight.reshape(bshape)
+    if bias is not None:
+        y = y + bias.reshape(bshape)
+    return y.astype(x.dtype)
+
+
+def _batch_stats(x):
+    axes = (0,) + tuple(range(2, x.ndim))
+    xf = _f32(x)
+    mean = jnp.mean(xf, axis=axes)
+    var = jnp.mean(jnp.square(xf - mean.reshape((1, -1) + (1,) * (x.ndim - 2))), axis=axes)
+    n = x.size // x.shape[1]
+    return mean, var, n
+
+
+@lowering(aten._native_batch_norm_legit_functional.default)
+def batch_norm_train(x, weight, bias, running_mean, running_var, training, momentum, eps):
+    if not training:
+        invstd = jax.lax.rsqrt(running_var + eps)
+        return _bn_apply(x, running_mean, invstd, weight, bias), running_mean, invstd, running_mean, running_var
+    mean, var, n = _batch_stats(x)
+    invstd = jax.lax.rsqrt(var + eps)
+    new_mean = (1 - momentum) * running_mean + momentum * mean
+    new_var = (1 - momentum) * running_var + momentum * var * (n / max(n - 1, 1))
+    return _bn_apply(x, mean, invstd, weight, bias), mean, invstd, new_mean, new_var
+
+
+@lowering(aten._native_batch_norm_legit_no_training.default)
+def batch_norm_eval(x, weight, bias, running_mean, running_var, momentum, eps):
+    invstd = jax.lax.rsqrt(running_var.astype(jnp.float32) + eps)
+    return _bn_apply(x, running_mean, invstd, weight, bias), jnp.zeros((0,)), jnp.zeros((0,))
+
+
+@lowering(aten._native_batch_norm_legit.no_stats)
+def batch_norm_no_stats(x, weight, bias, training, momentum, eps):
+    mean, var, _ = _batch_stats(x)
+    invstd = jax.lax.rsqrt(var + eps)
+    return _bn_apply(x, mean, invstd, weight, bias), mean, invstd
+
+
+def _sdpa_random(node) -> bool:
+    p = node.kwargs.get("dropout_p", node.args[4] if len(node.args) > 4 else 0.0)
+    return bool(p)
+
+
+@lowering(aten.scaled_dot_product_attention.default, random=_sdpa_random)
+def scaled_dot_product_attention(rng, q_BNTH, k_BKSH, v_BKSH, attn_mask=None, dropout_p=0.0, is_causal=False,
+                                 *, scale=None, enable_gqa=False):
+    """torch (B, N, T, H) layout → jax.nn.dot_product_attention's (B, T, N, H); masks are (B, N, T, S) in both."""
+    batch = q_BNTH.shape[:-3]
+    q, k, v = (t.reshape((-1,) + t.shape[-3:]) for t in (q_BNTH, k_BKSH, v_BKSH))
+    mask = bias = None
+    if attn_mask is not None:
+        attn_mask = attn_mask.reshape((1,) * (4 - attn_mask.ndim) + attn_mask.shape) if attn_mask.ndim <= 4 \
+            else attn_mask.reshape((-1,) + attn_mask.shape[-3:])
+        if attn_mask.dtype == jnp.bool_:
+            mask = attn_mask
+        else:
+            bias = attn_mask.astype(q.dtype)
+    if rng is not None:
+        out = _attention_with_dropout(rng, q, k, v, mask, bias, dropout_p, is_causal, scale)
+    else:
+        out = jax.nn.dot_product_attention(
+            q.swapaxes(1, 2), k.swapaxes(1, 2), v.swapaxes(1, 2), bias=bias, mask=mask,
+            scale=scale, is_causal=is_causal).swapaxes(1, 2)
+    if mask is not None:  # torch returns zeros for query rows whose mask admits no key
+        out = jnp.where(jnp.any(mask, axis=-1, keepdims=True), out, jnp.zeros((), out.dtype))
+    return out.reshape(batch + out.shape[-3:])
+
+
+def _attention_with_dropout(key, q, k, v, mask, bias, p, is_causal, scale):
+    n, kh = q.shape[1], k.shape[1]
+    if kh != n:
+        k, v = jnp.repeat(k, n // kh, axis=1), jnp.repeat(v, n // kh, axis=1)
+    scale = 1 / math.sqrt(q.shape[-1]) if scale is None else scale
+    logits = jnp.einsum("bnth,bnsh->bnts", _f32(q), _f32(k)) * scale
+    if bias is not None:
+        logits = logits + bias
+    if mask is not None:
+        logits = jnp.where(mask, logits, -jnp.inf)
+    if is_causal:
+        t, s = logits.shape[-2:]
+        logits = jnp.where(jnp.tril(jnp.ones((t, s), bool)), logits, -jnp.inf)
+    w = jax.nn.softmax(logits, axis=-1)
+    if mask is not None:
+        w = jnp.where(jnp.any(mask, axis=-1, keepdims=True), w, 0)
+    keep = jax.random.bernoulli(key, 1 - p, w.shape)
+    w = jnp.where(keep, w / (1 - p), 0).astype(v.dtype)
+    return jnp.einsum("bnts,bnsh->bnth", w, v)

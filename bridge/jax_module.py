@@ -82,6 +82,9 @@ class JaxModule:
         missing = [n for n in names if n not in kwargs]
         if missing:
             raise InputError(f"missing keyword input(s) {missing}; the model was exported with {names}")
+        n_pos = children(spec)[0].num_children if spec.num_children == 2 else 0
+        if len(args) != n_pos:
+            raise InputError(f"expected {n_pos} positional input(s) as exported, got {len(args)}")
         ordered = {n: kwargs[n] for n in names}
         leaves, got = torch_pytree.tree_flatten((tuple(args), ordered))
         if got != spec:

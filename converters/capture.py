@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import inspect
+import warnings
 from typing import Any
 
 import torch
@@ -115,7 +116,10 @@ def capture(module: torch.nn.Module, args: tuple = (), kwargs: dict | None = Non
         dynamic_shapes = _dynamic_spec(module, args, kwargs, dynamic)
     modes = [True, False] if strict is None else [strict]
     errors = []
-    with _mode(module, train):
+    with _mode(module, train), warnings.catch_warnings():
+        # torch's own deprecation chatter and dynamo's side-effect notes say nothing about the user's model
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", message=".*side effects happened in the model.forward.*")
         for mode in modes:
             try:
                 ep = torch.export.export(module, args, kwargs, dynamic_shapes=dynamic_shapes, strict=mode)

@@ -63,9 +63,11 @@ def to_numpy(t: torch.Tensor) -> np.ndarray:
 
 
 def to_jax(t: torch.Tensor) -> jax.Array:
-    """torch tensor → jax.Array (dtype per the module policy)."""
+    """torch tensor → jax.Array (dtype per the module policy). Never aliases torch's memory:
+    torch may later update the tensor in place (BatchNorm stats, optimizers)."""
     arr = to_numpy(t)
-    return jnp.asarray(arr, dtype=jax.dtypes.canonicalize_dtype(arr.dtype))
+    want = jax.dtypes.canonicalize_dtype(arr.dtype)
+    return jnp.array(arr if want == arr.dtype else arr.astype(want), copy=True)
 
 
 def to_torch(x, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -75,7 +77,7 @@ def to_torch(x, dtype: torch.dtype | None = None) -> torch.Tensor:
     if arr.dtype != numpy_dtype(target):
         arr = arr.astype(numpy_dtype(target))
     if target in _VIEW_AS:
-        return torch.from_numpy(np.ascontiguousarray(arr).view(numpy_dtype(_VIEW_AS[target]))).view(target)
+        return torch.from_numpy(np.array(arr, copy=True).view(numpy_dtype(_VIEW_AS[target]))).view(target)
     return torch.from_numpy(np.array(arr, copy=True))
 
 

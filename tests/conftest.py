@@ -25,8 +25,8 @@ GRAD_TOL = 1e-4
 
 def rel_err(got, ref) -> float:
     """max |got - ref| / max(max |ref|, tiny): the error relative to the output's scale."""
-    got = np.asarray(got, dtype=np.float64)
-    ref = np.asarray(ref.detach().to(torch.float64) if isinstance(ref, torch.Tensor) else ref, dtype=np.float64)
+    got, ref = (np.asarray(a.detach().to(torch.float64) if isinstance(a, torch.Tensor) else a, dtype=np.float64)
+                for a in (got, ref))
     assert got.shape == ref.shape, (got.shape, ref.shape)
     if got.size == 0:
         return 0.0

@@ -1,7 +1,10 @@
 """Helpers shared by the op families: ATen overload handles, dims, dtypes, scalars."""
 from __future__ import annotations
 
+import contextlib
 from typing import Sequence
+
+import jax
 
 import jax.numpy as jnp
 import torch
@@ -54,3 +57,10 @@ def as_array(x, like=None):
 
 def size_(shape: Sequence) -> tuple[int, ...]:
     return tuple(int(s) for s in shape)
+
+
+def dot_precision(*arrays):
+    """Context for dots/convs: fp16 has no 'highest' precision on CPU; its default already accumulates in fp32."""
+    if any(getattr(a, "dtype", None) == jnp.float16 for a in arrays):
+        return jax.default_matmul_precision("default")
+    return contextlib.nullcontext()

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from converters.ops.common import aten
+from converters.ops.common import aten, dot_precision
 from converters.registry import lowering
 
 _SPATIAL = "DHW"
@@ -30,13 +30,19 @@ def convolution(x, w, bias, stride, padding, dilation, transposed, output_paddin
     nd = w.ndim - 2
     stride, padding, dilation = _tuple(stride, nd), _tuple(padding, nd), _tuple(dilation, nd)
     dn = _dimension_numbers(nd)
+    with dot_precision(x, w):
+        y = _conv(x, w, stride, padding, dilation, transposed, output_padding, groups, dn, nd)
+    if bias is not None:
+        y = y + bias.reshape((1, -1) + (1,) * nd)
+    return y
+
+
+def _conv(x, w, stride, padding, dilation, transposed, output_padding, groups, dn, nd):
     if not transposed:
         y = lax.conv_general_dilated(x, w, stride, [(p, p) for p in padding], rhs_dilation=dilation,
                                      dimension_numbers=dn, feature_group_count=groups)
     else:
         y = _conv_transpose(x, w, stride, padding, dilation, _tuple(output_padding, nd), groups, dn)
-    if bias is not None:
-        y = y + bias.reshape((1, -1) + (1,) * nd)
     return y
 
 

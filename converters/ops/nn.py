@@ -9,7 +9,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from converters.ops.common import aten, dim_
+from converters.ops.common import aten, dim_, dot_precision
 from converters.registry import lowering
 
 
@@ -129,18 +129,26 @@ def scaled_dot_product_attention(rng, q_BNTH, k_BKSH, v_BKSH, attn_mask=None, dr
             mask = attn_mask
         else:
             bias = attn_mask.astype(q.dtype)
-    if rng is not None:
-        out = _attention_with_dropout(rng, q, k, v, mask, bias, dropout_p, is_causal, scale)
-    else:
-        out = jax.nn.dot_product_attention(
-            q.swapaxes(1, 2), k.swapaxes(1, 2), v.swapaxes(1, 2), bias=bias, mask=mask,
-            scale=scale, is_causal=is_causal).swapaxes(1, 2)
+    with dot_precision(q):
+        out = _attention(rng, q, k, v, mask, bias, dropout_p, is_causal, scale)
     if mask is not None:  # torch returns zeros for query rows whose mask admits no key
         out = jnp.where(jnp.any(mask, axis=-1, keepdims=True), out, jnp.zeros((), out.dtype))
     return out.reshape(batch + out.shape[-3:])
 
 
-def _attention_with_dropout(key, q, k, v, mask, bias, p, is_causal, scale):
+def _attention(rng, q, k, v, mask, bias, dropout_p, is_causal, scale):
+    # jax.nn.dot_product_attention pins fp16 dots to F16_F16_F32, which CPUs cannot compile
+    if rng is not None or (q.dtype == jnp.float16 and jax.default_backend() == "cpu"):
+        out = _attention_math(rng, q, k, v, mask, bias, dropout_p, is_causal, scale)
+    else:
+        out = jax.nn.dot_product_attention(
+            q.swapaxes(1, 2), k.swapaxes(1, 2), v.swapaxes(1, 2), bias=bias, mask=mask,
+            scale=scale, is_causal=is_causal).swapaxes(1, 2)
+    return out
+
+
+def _attention_math(key, q, k, v, mask, bias, p, is_causal, scale):
+    """Attention written out (fp32 logits and softmax), with dropout on the weights when `key` is set."""
     n, kh = q.shape[1], k.shape[1]
     if kh != n:
         k, v = jnp.repeat(k, n // kh, axis=1), jnp.repeat(v, n // kh, axis=1)
@@ -156,6 +164,7 @@ def _attention_with_dropout(key, q, k, v, mask, bias, p, is_causal, scale):
     w = jax.nn.softmax(logits, axis=-1)
     if mask is not None:
         w = jnp.where(jnp.any(mask, axis=-1, keepdims=True), w, 0)
-    keep = jax.random.bernoulli(key, 1 - p, w.shape)
-    w = jnp.where(keep, w / (1 - p), 0).astype(v.dtype)
+    if key is not None:
+        w = jnp.where(jax.random.bernoulli(key, 1 - p, w.shape), w / (1 - p), 0)
+    w = w.astype(v.dtype)
     return jnp.einsum("bnts,bnsh->bnth", w, v)

@@ -1,0 +1,70 @@
+"""Low-precision models, and dtype fidelity of integer/bool/float results (x64 on and off)."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+import bridge
+from converters.dtypes import jax_dtype, to_jax, to_torch
+from tests.conftest import rel_err, TOL
+from tests.models import MODELS
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("name", ["gpt2", "llama", "bert", "cnn", "mlp"])
+def test_low_precision_forward(name, dtype):
+    torch.manual_seed(0)
+    case = MODELS[name]()
+    module = case.module.eval().to(dtype)
+    args, kwargs = case.inputs(2, 8)
+    args = tuple(a.to(dtype) if a.is_floating_point() else a for a in args)
+    jm = bridge.convert(module, args, kwargs)
+    for leaf in jax.tree.leaves(jm.params):
+        assert leaf.dtype == jax_dtype(dtype)       # no fp32 detour
+    with torch.no_grad():
+        ref = module(*args, **kwargs)
+        ref32 = case.module.float()(*[a.float() if a.is_floating_point() else a for a in args], **kwargs)
+    out = jax.jit(jm.apply)(jm.params, *[to_jax(a) for a in args], **{k: to_jax(v) for k, v in kwargs.items()})
+    pick = (lambda o: o[case.output_key]) if case.output_key else (lambda o: o)
+    got, ref, ref32 = pick(out), pick(ref), pick(ref32)
+    assert got.dtype == jax_dtype(dtype)
+    key = str(dtype).split(".")[-1]
+    # both low-precision results sit within the dtype's tolerance of each other and of fp32
+    assert rel_err(got, ref) <= TOL[key], rel_err(got, ref)
+    assert rel_err(got, ref32) <= max(2 * rel_err(ref, ref32), TOL[key])
+
+
+class IntOps(torch.nn.Module):
+    def forward(self, x, ids):
+        return {
+            "argmax": x.argmax(-1), "mask": x > 0, "count": (x > 0).sum(-1), "ids": ids * 2 + 1,
+            "cumsum": ids.cumsum(-1), "floordiv": ids // 3, "where": torch.where(x > 0, ids, -ids),
+            "float": ids / 2, "half": x.half(), "any": (ids == 3).any(-1), "pos": torch.arange(x.shape[-1]),
+        }
+
+
+@pytest.mark.parametrize("x64", [False, True])
+def test_integer_and_bool_results_keep_torch_dtypes(x64):
+    x, ids = torch.randn(3, 5), torch.randint(-7, 7, (3, 5))
+    with torch.no_grad():
+        ref = IntOps()(x, ids)
+    with jax.enable_x64(x64):
+        jm = bridge.convert(IntOps(), (x, ids))
+        got = jax.jit(jm.apply)(jm.params, to_jax(x), to_jax(ids))
+        for k, r in ref.items():
+            want = np.dtype(jax_dtype(r.dtype))
+            assert got[k].dtype == want, (k, got[k].dtype, want)
+            if x64:  # with x64 every dtype is torch's own
+                assert to_torch(got[k]).dtype == r.dtype, k
+            np.testing.assert_array_equal(np.asarray(got[k]).astype(np.float64), r.double().numpy(), err_msg=k)
+
+
+def test_dtype_mapping_round_trips_bits():
+    for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.int8, torch.uint8, torch.int32, torch.bool):
+        t = (torch.randn(17) * 100).to(dtype)
+        back = to_torch(np.asarray(to_jax(t)), dtype=dtype)
+        assert back.dtype == dtype and torch.equal(back, t), dtype
+    assert jnp.dtype(jax_dtype(torch.int64)) in (jnp.int32, jnp.int64)

@@ -12,6 +12,11 @@ _EXPORTS = {
     "convert": "bridge.conversion",
     "JaxModule": "bridge.jax_module",
     "parity_report": "bridge.parity",
+    "load_weights": "bridge.checkpoint",
+    "iter_weights": "bridge.checkpoint",
+    "to_state_dict": "bridge.state",
+    "export": "bridge.exporter",
+    "empty_weights": "bridge.meta_init",
 }
 __all__ = ["errors", *_EXPORTS]
 

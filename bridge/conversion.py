@@ -6,17 +6,21 @@ Example:
 """
 from __future__ import annotations
 
+import jax
 import torch
+
+from bridge.errors import CheckpointError
 
 from bridge.jax_module import JaxModule, StateMeta
 from bridge.tree import nest
 from converters.capture import capture
-from converters.dtypes import to_jax
+from converters.dtypes import jax_dtype, to_jax
 from converters.interpreter import Program
 
 
 def convert(module: torch.nn.Module, args=(), kwargs: dict | None = None, *, dynamic_shapes=None,
-            dynamic: str | None = None, train: bool = False, strict: bool | None = None) -> JaxModule:
+            dynamic: str | None = None, train: bool = False, strict: bool | None = None,
+            weights=None, weights_dtype=None, shardings=None) -> JaxModule:
     """Capture `module` on example inputs and return the equivalent JAX model.
 
     Args:
@@ -25,6 +29,10 @@ def convert(module: torch.nn.Module, args=(), kwargs: dict | None = None, *, dyn
       dynamic_shapes: torch.export dynamic shape spec; or `dynamic="batch"` / `"batch+seq"`.
       train: capture in train mode (dropout active, BatchNorm updates its buffers).
       strict: torch.export mode; None tries strict and falls back to non-strict.
+      weights: a checkpoint path (or params pytree) to load instead of the module's own tensors; the
+        module may then be built with `bridge.empty_weights()` (parameters on the meta device).
+        Key accounting is strict: missing/unexpected/mismatched keys raise `KeyMismatchError`.
+      weights_dtype, shardings: passed to `bridge.load_weights`.
 
     Example:
       >>> jm = bridge.convert(model, kwargs={"input_ids": ids}, dynamic="batch+seq")
@@ -45,5 +53,23 @@ def convert(module: torch.nn.Module, args=(), kwargs: dict | None = None, *, dyn
         non_persistent=frozenset(n for n in buffers if n not in persistent),
         state_dict_keys=state_keys,
     )
-    return JaxModule(program, nest({n: to_jax(t) for n, t in params.items()}),
-                     nest({n: to_jax(t) for n, t in buffers.items()}), meta)
+    on_meta = [n for n, t in {**params, **buffers}.items() if t.is_meta]
+    if on_meta and weights is None:
+        raise CheckpointError(f"{len(on_meta)} tensors are on the meta device ({', '.join(on_meta[:5])}...); "
+                              "pass weights=<checkpoint> to convert")
+    lost = [n for n in on_meta if n in meta.non_persistent]
+    if lost:
+        raise CheckpointError(f"non-persistent buffers {lost} are on the meta device and no checkpoint holds them; "
+                              "build the module under bridge.empty_weights() so buffers stay real")
+    jm = JaxModule(program, nest({n: _leaf(t) for n, t in params.items()}),
+                   nest({n: _leaf(t) for n, t in buffers.items()}), meta)
+    if weights is not None:
+        jm, _ = jm.load_weights(weights, strict=True, dtype=weights_dtype, shardings=shardings)
+    return jm
+
+
+def _leaf(t: torch.Tensor):
+    """A real tensor's value, or only its shape and dtype for a meta tensor (filled from a checkpoint)."""
+    if t.is_meta:
+        return jax.ShapeDtypeStruct(tuple(t.shape), jax_dtype(t.dtype))
+    return to_jax(t)

@@ -50,3 +50,22 @@ class MissingRngError(BridgeError):
 
 class StateError(BridgeError):
     """params/buffers passed to `apply` miss keys or carry unexpected ones."""
+
+
+class CheckpointError(BridgeError):
+    """A checkpoint file or directory is unreadable, corrupt, unsafe or missing; names the file and fault."""
+
+
+class KeyMismatchError(BridgeError):
+    """Checkpoint keys do not fit the model: lists every missing, unexpected, shape- and dtype-mismatched key.
+
+    `report` is the same `KeyReport` that `strict=False` returns.
+    """
+
+    def __init__(self, report, source: str = ""):
+        self.report = report
+        super().__init__(f"weights from {source or 'the given state'} do not fit the model:\n{report}")
+
+
+class ExportError(BridgeError):
+    """An export could not be written (missing or read-only target, unsupported format); nothing was left behind."""

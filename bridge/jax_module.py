@@ -62,6 +62,18 @@ class JaxModule:
         return JaxModule(self.program, self.params if params is None else params,
                          self.buffers if buffers is None else buffers, self.meta)
 
+    def load_weights(self, source, *, strict: bool = True, dtype=None, shardings=None):
+        """Put checkpoint weights (a path or a params pytree) into a copy of this module.
+
+        Returns (JaxModule, KeyReport). With strict=True a missing, unexpected, shape- or
+        dtype-mismatched key raises `KeyMismatchError` listing all of them.
+
+        Example:
+          >>> jm, report = jm.load_weights("model.safetensors")
+        """
+        from bridge.state import load_into
+        return load_into(self, source, strict=strict, dtype=dtype, shardings=shardings)
+
     # -- calling --------------------------------------------------------------------------
     @property
     def needs_rng(self) -> bool:

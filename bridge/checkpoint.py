@@ -1,0 +1,182 @@
+"""Checkpoint loading: .safetensors (single and sharded with an index), .pt/.pth/.bin (weights only,
+never unpickling code) and Hugging Face directories, streamed tensor by tensor.
+
+Example:
+    >>> params = bridge.load_weights("hf_dir/")                      # nested dict of jax.Arrays
+    >>> params = bridge.load_weights("model.safetensors", shardings=NamedSharding(mesh, P("fsdp")))
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import pickle
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+
+from bridge.errors import CheckpointError
+from bridge.safetensors_io import TensorInfo, read_header, read_slice, read_tensor
+from bridge.tree import flatten, nest
+from converters.dtypes import jax_dtype, to_numpy
+
+HF_CANDIDATES = ("model.safetensors.index.json", "model.safetensors", "pytorch_model.bin.index.json",
+                 "pytorch_model.bin", "model.pt", "model.pth")
+TORCH_SUFFIXES = (".pt", ".pth", ".bin")
+
+
+@dataclasses.dataclass
+class TensorSource:
+    """One tensor of a checkpoint, not yet read."""
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    file: Path
+    _read: Callable[[tuple | None], np.ndarray]
+
+    def read(self, index: tuple | None = None) -> np.ndarray:
+        return self._read(index)
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape)) * torch.empty((), dtype=self.dtype).element_size()
+
+
+def _safetensors_sources(path: Path) -> list[TensorSource]:
+    infos, _ = read_header(path)
+
+    def reader(info: TensorInfo):
+        return lambda index: read_tensor(path, info) if index is None else read_slice(path, info, index)
+
+    return [TensorSource(i.name, i.dtype, i.shape, path, reader(i)) for i in infos.values()]
+
+
+def _torch_sources(path: Path) -> list[TensorSource]:
+    try:
+        try:
+            sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e):
+                raise
+            sd = torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(f"{path}: refused to load: it is not a weights-only checkpoint (it would run "
+                              f"code or build objects while unpickling): {str(e).splitlines()[0]}") from e
+    except Exception as e:  # torch raises RuntimeError/EOFError/ValueError/... for non-checkpoint bytes
+        raise CheckpointError(f"{path}: not a readable torch checkpoint ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else ''})") from e
+    if isinstance(sd, Mapping) and "state_dict" in sd and isinstance(sd["state_dict"], Mapping):
+        sd = sd["state_dict"]
+    if not isinstance(sd, Mapping):
+        raise CheckpointError(f"{path}: holds a {type(sd).__name__}, not a state_dict of tensors")
+    flat = flatten(sd)
+    bad = [k for k, v in flat.items() if not isinstance(v, torch.Tensor)]
+    if bad:
+        raise CheckpointError(f"{path}: entries {bad[:5]} are not tensors")
+
+    def reader(t: torch.Tensor):
+        return lambda index: to_numpy(t if index is None else t[index]).copy()
+
+    return [TensorSource(k, t.dtype, tuple(t.shape), path, reader(t)) for k, t in flat.items()]
+
+
+def _index_sources(path: Path) -> list[TensorSource]:
+    try:
+        weight_map = json.loads(path.read_text())["weight_map"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{path}: not a valid checkpoint index (needs a 'weight_map'): {e}") from e
+    by_file: dict[str, list[str]] = {}
+    for name, fname in weight_map.items():
+        by_file.setdefault(fname, []).append(name)
+    sources = []
+    for fname, names in by_file.items():
+        shard = path.parent / fname
+        if not shard.is_file():
+            raise CheckpointError(f"{path}: index names shard {fname!r} (for {names[0]!r} and {len(names) - 1} "
+                                  "more), which does not exist")
+        found = {s.name: s for s in _file_sources(shard)}
+        missing = [n for n in names if n not in found]
+        if missing:
+            raise CheckpointError(f"{path}: shard {fname!r} lacks tensors the index assigns to it: {missing[:5]}")
+        sources += [found[n] for n in names]
+    return sources
+
+
+def _file_sources(path: Path) -> list[TensorSource]:
+    name = path.name
+    if name.endswith(".index.json"):
+        return _index_sources(path)
+    if name.endswith(".safetensors"):
+        return _safetensors_sources(path)
+    if name.endswith(TORCH_SUFFIXES):
+        return _torch_sources(path)
+    with open(path, "rb") as f:  # unknown suffix: sniff the zip magic of torch.save
+        magic = f.read(4)
+    return _torch_sources(path) if magic.startswith(b"PK") else _safetensors_sources(path)
+
+
+def open_checkpoint(path: str | Path) -> list[TensorSource]:
+    """Every tensor of a checkpoint file, index or Hugging Face directory, unread."""
+    path = Path(path)
+    if path.is_dir():
+        for cand in HF_CANDIDATES:
+            if (path / cand).is_file():
+                return _file_sources(path / cand)
+        singles = sorted(path.glob("*.safetensors"))
+        if len(singles) == 1:
+            return _file_sources(singles[0])
+        raise CheckpointError(f"{path}: no checkpoint found in this directory (looked for "
+                              f"{', '.join(HF_CANDIDATES)}{' or a single *.safetensors' if not singles else ''})")
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file or directory")
+    return _file_sources(path)
+
+
+def _sharding_for(shardings, name: str, shape) -> Any:
+    if shardings is None or isinstance(shardings, jax.sharding.Sharding):
+        return shardings
+    if callable(shardings):
+        return shardings(name, shape)
+    flat = flatten(shardings) if any(isinstance(v, Mapping) for v in shardings.values()) else shardings
+    return flat.get(name)
+
+
+def host_array(src: TensorSource, dtype=None, index: tuple | None = None) -> np.ndarray:
+    """Read (a slice of) a tensor as numpy in the dtype JAX will hold it in."""
+    arr = src.read(index)
+    want = jax_dtype(src.dtype)
+    if dtype is not None and jnp.issubdtype(want, jnp.floating):
+        want = jnp.dtype(dtype)
+    return arr if arr.dtype == want else arr.astype(want)
+
+
+def iter_weights(path: str | Path, *, dtype=None) -> Iterator[tuple[str, np.ndarray, torch.dtype]]:
+    """Stream (name, host array, original torch dtype), one tensor in memory at a time."""
+    for src in open_checkpoint(path):
+        yield src.name, host_array(src, dtype), src.dtype
+
+
+def load_weights(path: str | Path, *, dtype=None, shardings=None) -> dict:
+    """Load a checkpoint into a nested dict of jax.Arrays keyed by the torch names.
+
+    Args:
+      path: .safetensors, *.index.json, .pt/.pth/.bin, or a Hugging Face model directory.
+      dtype: cast floating tensors to this dtype (integer and bool tensors keep theirs).
+      shardings: one `jax.sharding.Sharding`, a (nested or flat) dict name → Sharding, or a callable
+        (name, shape) → Sharding | None. Each device then reads only its own slice.
+
+    Example:
+      >>> params = load_weights("ckpt/", dtype=jnp.bfloat16)
+    """
+    out = {}
+    for src in open_checkpoint(path):
+        sharding = _sharding_for(shardings, src.name, src.shape)
+        if sharding is None:
+            out[src.name] = jnp.asarray(host_array(src, dtype))
+        else:
+            out[src.name] = jax.make_array_from_callback(
+                src.shape, sharding, lambda index, src=src: host_array(src, dtype, index))
+    return nest(out)

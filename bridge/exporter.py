@@ -1,0 +1,157 @@
+"""Export back to PyTorch: .safetensors (HF-style shards + index past `max_shard_size`), .pt, or a
+Hugging Face model directory. Writes are atomic and stream one tensor at a time.
+
+Example:
+    >>> bridge.export(jm, "out/model.safetensors")
+    >>> bridge.export(jm, "out/hf_model", like="path/to/original_hf_dir")   # from_pretrained loads it
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from bridge.atomic import atomic_path, publish, staging_dir
+from bridge.errors import ExportError
+from bridge.safetensors_io import write_file
+from bridge.state import to_state_dict
+from bridge.tree import flatten
+from converters.dtypes import numpy_dtype, torch_dtype
+
+WEIGHT_FILE = re.compile(r".*\.(safetensors|bin|pt|pth|msgpack|h5|ckpt)$|.*\.index\.json$")
+_UNITS = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+
+
+def parse_size(size: int | str) -> int:
+    """'5GB' → 5e9, '500MiB' → 500·2^20, ints pass through."""
+    if isinstance(size, int):
+        return size
+    m = re.fullmatch(r"\s*([\d.]+)\s*([KMGT]I?B)\s*", str(size).upper())
+    if not m:
+        raise ExportError(f"max_shard_size {size!r} is not a size like '5GB' or '500MB'")
+    return int(float(m.group(1)) * _UNITS[m.group(2)])
+
+
+def _entries(obj) -> list[tuple[str, torch.dtype, tuple, Any]]:
+    """(key, torch dtype, shape, producer) for each distinct tensor, in state_dict order."""
+    from bridge.jax_module import JaxModule
+
+    if isinstance(obj, JaxModule):
+        meta, flat = obj.meta, {**flatten(obj.buffers), **flatten(obj.params)}
+        keys, seen, out = meta.state_dict_keys, set(), []
+        for key in keys:
+            canon = meta.aliases.get(key, key)
+            if canon in seen:
+                continue  # tied: written once, under its first name (as transformers does)
+            seen.add(canon)
+            out.append(_entry(key, flat[canon], meta.torch_dtypes.get(canon)))
+        return out
+    return [_entry(k, v, None) for k, v in flatten(obj).items()]
+
+
+def _entry(key, leaf, dtype):
+    dtype = dtype or torch_dtype(leaf.dtype)
+    if not hasattr(leaf, "__array__") or not hasattr(leaf, "shape"):
+        raise ExportError(f"cannot export {key!r}: {type(leaf).__name__} is not an array (weights never loaded?)")
+
+    def produce():  # gathers this one (possibly sharded) array to host
+        arr = np.asarray(leaf)
+        want = numpy_dtype(dtype)
+        return arr if arr.dtype == want else arr.astype(want)
+
+    return key, dtype, tuple(leaf.shape), produce
+
+
+def _nbytes(entry) -> int:
+    return int(np.prod(entry[2])) * numpy_dtype(entry[1]).itemsize
+
+
+def _plan(entries, max_bytes: int) -> list[list]:
+    shards, cur, size = [], [], 0
+    for e in entries:
+        if cur and size + _nbytes(e) > max_bytes:
+            shards.append(cur)
+            cur, size = [], 0
+        cur.append(e)
+        size += _nbytes(e)
+    return shards + [cur] if cur or not shards else shards
+
+
+def _write_safetensors(folder: Path, stem: str, entries, max_bytes: int) -> list[str]:
+    """Write one file or shards + index into `folder`; returns the file names written."""
+    shards = _plan(entries, max_bytes)
+    if len(shards) == 1:
+        write_file(folder / f"{stem}.safetensors", shards[0], metadata={"format": "pt"})
+        return [f"{stem}.safetensors"]
+    names, weight_map = [], {}
+    for i, shard in enumerate(shards, 1):
+        name = f"{stem}-{i:05d}-of-{len(shards):05d}.safetensors"
+        write_file(folder / name, shard, metadata={"format": "pt"})
+        names.append(name)
+        weight_map.update({e[0]: name for e in shard})
+    index = {"metadata": {"total_size": sum(_nbytes(e) for e in entries)}, "weight_map": weight_map}
+    (folder / f"{stem}.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    return names + [f"{stem}.safetensors.index.json"]
+
+
+def _copy_like(like, folder: Path) -> None:
+    if like is None:
+        return
+    if hasattr(like, "save_pretrained") and hasattr(like, "config"):      # a transformers model
+        like.config.save_pretrained(folder)
+        if getattr(like, "generation_config", None) is not None:
+            like.generation_config.save_pretrained(folder)
+        return
+    if hasattr(like, "save_pretrained") and hasattr(like, "to_dict"):      # a config
+        like.save_pretrained(folder)
+        return
+    src = Path(like)
+    if not src.is_dir():
+        raise ExportError(f"like={str(like)!r}: not a Hugging Face directory, model or config")
+    for f in src.iterdir():
+        if f.is_file() and not WEIGHT_FILE.match(f.name):
+            shutil.copy2(f, folder / f.name)
+
+
+def export(obj, path: str | os.PathLike, *, like=None, max_shard_size: int | str = "5GB",
+           format: str | None = None) -> Path:
+    """Write a JaxModule's (or params pytree's) weights for PyTorch.
+
+    Args:
+      path: `*.safetensors` (sharded with an index past max_shard_size), `*.pt`/`*.pth`/`*.bin`, or a
+        directory (a Hugging Face model directory: weights + files copied from `like`).
+      like: a Hugging Face directory, model or config whose config/tokenizer files to copy.
+      format: "safetensors", "pt" or "hf" to override the choice by suffix.
+    Returns the path written (for sharded files: the index).
+
+    Example:
+      >>> bridge.export(jm, "out_dir", like="original_hf_dir")
+    """
+    path = Path(path)
+    fmt = format or ("safetensors" if path.suffix == ".safetensors" else
+                     "pt" if path.suffix in (".pt", ".pth", ".bin") else "hf")
+    max_bytes = parse_size(max_shard_size)
+    if fmt == "pt":
+        sd = to_state_dict(obj)
+        with atomic_path(path) as tmp:
+            torch.save(sd, tmp)
+        return path
+    entries = _entries(obj)
+    if fmt == "hf":
+        with atomic_path(path, directory=True) as tmp:
+            _write_safetensors(tmp, "model", entries, max_bytes)
+            _copy_like(like, tmp)
+        return path
+    if fmt != "safetensors":
+        raise ExportError(f"format={format!r}: expected 'safetensors', 'pt' or 'hf'")
+    stem = path.name[: -len(".safetensors")] if path.name.endswith(".safetensors") else path.name
+    with staging_dir(path) as tmp:
+        names = _write_safetensors(tmp, stem, entries, max_bytes)
+        publish(tmp, names, path.parent)  # shards first, the index (or single file) last
+    return path.parent / names[-1]

@@ -171,12 +171,17 @@ def load_weights(path: str | Path, *, dtype=None, shardings=None) -> dict:
     Example:
       >>> params = load_weights("ckpt/", dtype=jnp.bfloat16)
     """
+    return nest(load_sources(open_checkpoint(path), dtype=dtype, shardings=shardings))
+
+
+def load_sources(sources: list[TensorSource], *, dtype=None, shardings=None) -> dict:
+    """Read the given tensors into jax.Arrays (flat dict), one at a time, sharded where asked."""
     out = {}
-    for src in open_checkpoint(path):
+    for src in sources:
         sharding = _sharding_for(shardings, src.name, src.shape)
         if sharding is None:
             out[src.name] = jnp.asarray(host_array(src, dtype))
         else:
             out[src.name] = jax.make_array_from_callback(
                 src.shape, sharding, lambda index, src=src: host_array(src, dtype, index))
-    return nest(out)
+    return out

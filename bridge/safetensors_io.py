@@ -143,7 +143,7 @@ def write_file(path: str | os.PathLike, tensors: Iterable[tuple[str, torch.dtype
         f.write(struct.pack("<Q", len(raw)))
         f.write(raw)
         for name, dtype, shape, produce in entries:
-            arr = np.ascontiguousarray(produce())
+            arr = np.require(produce(), requirements="C")  # (ascontiguousarray would make 0-d 1-d)
             if arr.shape != tuple(shape) or arr.dtype != numpy_dtype(dtype):
                 raise CheckpointError(f"{path}: tensor {name!r} produced {arr.dtype}{arr.shape}, "
                                       f"header says {numpy_dtype(dtype)}{tuple(shape)}")

@@ -17,7 +17,7 @@ import torch
 
 from bridge.errors import KeyMismatchError
 from bridge.tree import flatten, nest
-from converters.dtypes import to_torch
+from converters.dtypes import jax_dtype, to_torch, torch_dtype
 
 
 @dataclasses.dataclass
@@ -46,46 +46,72 @@ class KeyReport:
         return "\n".join(lines) or f"  all {len(self.loaded)} keys matched"
 
 
-def match_state(expected: Mapping[str, Any], given: Mapping[str, Any], *, aliases: Mapping[str, str] = (),
-                optional: frozenset = frozenset()) -> tuple[dict, KeyReport]:
-    """Match flat `given` tensors to `expected` leaves (anything with .shape/.dtype).
+def match_state(expected: Mapping[str, tuple], given: Mapping[str, tuple], *, aliases: Mapping[str, str] = (),
+                optional: frozenset = frozenset()) -> tuple[dict[str, str], KeyReport]:
+    """Match `given` keys to `expected` ones, both name → (shape, torch dtype), before reading any data.
 
-    Tied aliases in `given` fill their canonical key; `optional` keys (non-persistent buffers) may be absent.
+    Tied aliases in `given` fill their canonical key; `optional` keys (non-persistent buffers) may be
+    absent. Returns ({canonical key: given key to read}, report).
     """
     aliases = dict(aliases)
-    report, out = KeyReport(), {}
-    for key, value in given.items():
+    report, take = KeyReport(), {}
+    for key, (shape, dtype) in given.items():
         canon = aliases.get(key, key)
         if canon not in expected:
             report.unexpected.append(key)
             continue
-        if canon in out and canon != key:
+        if canon in take and canon != key:
             continue  # a tied duplicate of a key already taken
-        want = expected[canon]
-        if tuple(value.shape) != tuple(want.shape):
-            report.shape_mismatch.append((key, tuple(want.shape), tuple(value.shape)))
-        elif jnp.dtype(value.dtype) != jnp.dtype(want.dtype):
-            report.dtype_mismatch.append((key, str(jnp.dtype(want.dtype)), str(jnp.dtype(value.dtype))))
+        want_shape, want_dtype = expected[canon]
+        if tuple(shape) != tuple(want_shape):
+            report.shape_mismatch.append((key, tuple(want_shape), tuple(shape)))
+        elif dtype != want_dtype:
+            report.dtype_mismatch.append((key, str(want_dtype).replace("torch.", ""),
+                                          str(dtype).replace("torch.", "")))
         else:
-            out[canon] = value
+            take[canon] = key
             report.loaded.append(key)
-    taken = set(out) | {aliases.get(k, k) for k, *_ in report.shape_mismatch + report.dtype_mismatch}
-    report.missing = [k for k in expected if k not in taken and k not in optional]
-    return out, report
+    seen = set(take) | {aliases.get(k, k) for k, *_ in report.shape_mismatch + report.dtype_mismatch}
+    report.missing = [k for k in expected if k not in seen and k not in optional]
+    return take, report
+
+
+def _expected(jm) -> dict[str, tuple]:
+    """name → (shape, torch dtype) of the module's current state (the recorded torch dtype where it fits)."""
+    out = {}
+    for k, leaf in {**flatten(jm.params), **flatten(jm.buffers)}.items():
+        recorded = jm.meta.torch_dtypes.get(k)
+        fits = recorded is not None and jax_dtype(recorded) == jnp.dtype(leaf.dtype)
+        out[k] = (tuple(leaf.shape), recorded if fits else torch_dtype(leaf.dtype))
+    return out
 
 
 def load_into(jm, source, *, strict: bool = True, dtype=None, shardings=None):
-    """(new JaxModule with the weights of `source`, KeyReport). `source`: a path or a params pytree."""
-    from bridge.checkpoint import load_weights
+    """(new JaxModule with the weights of `source`, KeyReport). `source`: a path or a params pytree.
 
-    label = str(source) if not isinstance(source, Mapping) else "the given pytree"
-    given = flatten(load_weights(source, dtype=dtype, shardings=shardings)
-                    if not isinstance(source, Mapping) else source)
-    params, buffers = flatten(jm.params), flatten(jm.buffers)
-    expected = {**params, **buffers}
-    got, report = match_state(expected, given, aliases=jm.meta.aliases, optional=jm.meta.non_persistent)
+    Keys are matched before any tensor is read, so a strict failure costs no I/O.
+    """
+    from bridge.checkpoint import load_sources, open_checkpoint
+
+    cast = None if dtype is None else torch_dtype(jnp.dtype(dtype))
+    if isinstance(source, Mapping):
+        given_arrays = flatten(source)
+        given = {k: (tuple(v.shape), torch_dtype(v.dtype)) for k, v in given_arrays.items()}
+        label = "the given pytree"
+    else:
+        sources = {s.name: s for s in open_checkpoint(source)}
+        given = {k: (s.shape, cast if cast is not None and s.dtype.is_floating_point else s.dtype)
+                 for k, s in sources.items()}
+        label = str(source)
+    take, report = match_state(_expected(jm), given, aliases=jm.meta.aliases, optional=jm.meta.non_persistent)
     if strict and not report.clean:
         raise KeyMismatchError(report, label)
+    if isinstance(source, Mapping):
+        got = {canon: given_arrays[key] for canon, key in take.items()}
+    else:
+        loaded = load_sources([sources[key] for key in take.values()], dtype=dtype, shardings=shardings)
+        got = {canon: loaded[key] for canon, key in take.items()}
+    params, buffers = flatten(jm.params), flatten(jm.buffers)
     new_params = {k: got.get(k, v) for k, v in params.items()}
     new_buffers = {k: got.get(k, v) for k, v in buffers.items()}
     return jm.replace(params=nest(new_params), buffers=nest(new_buffers)), report

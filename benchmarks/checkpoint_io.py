@@ -1,0 +1,239 @@
+"""Checkpoint I/O benchmark: streaming load and export of a synthetic sharded bf16 safetensors
+checkpoint, side by side with a plain raw read of the same bytes, with peak RSS per measurement.
+
+Run:
+    .venv/bin/python -m benchmarks.checkpoint_io [--size-gb 2.0] [--out benchmarks/results] [--workdir /tmp]
+
+A transformer-like checkpoint (HF-style ~500 MB shards + index) is written tensor by tensor into a
+temp dir. The raw read runs once to warm the page cache, then raw read, load_weights, iter_weights
+and export each run in a fresh subprocess, so all numbers are warm-cache and peak RSS is per
+measurement (the high-water mark is reset after imports via /proc/self/clear_refs). GB = 1e9 bytes.
+Results go to <out>/checkpoint_io.json and <out>/checkpoint_io.md; the table is printed.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.metadata as md
+import json
+import os
+import platform
+import re
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+GB, MB = 10**9, 10**6
+CHUNK = 64 * 2**20
+SHARD_BYTES = 500 * MB
+MARK = "@@RESULT "
+HIDDEN, INTER, VOCAB, KV = 2048, 5632, 32000, 256
+
+
+# ---- memory accounting (Linux) -------------------------------------------------------------
+def rss_bytes() -> int:
+    return int(re.search(r"VmRSS:\s+(\d+)", Path("/proc/self/status").read_text()).group(1)) * 1024
+
+
+def reset_peak() -> bool:
+    """Reset this process's RSS high-water mark (so ru_maxrss measures only what follows)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+
+
+# ---- synthetic checkpoint ------------------------------------------------------------------
+def layout(size_bytes: int) -> list[tuple[str, tuple[int, ...]]]:
+    """Llama-like names/shapes (GQA attention, SwiGLU MLP), layer count chosen to hit size_bytes in bf16."""
+    per_layer = [("self_attn.q_proj.weight", (HIDDEN, HIDDEN)), ("self_attn.k_proj.weight", (KV, HIDDEN)),
+                 ("self_attn.v_proj.weight", (KV, HIDDEN)), ("self_attn.o_proj.weight", (HIDDEN, HIDDEN)),
+                 ("mlp.gate_proj.weight", (INTER, HIDDEN)), ("mlp.up_proj.weight", (INTER, HIDDEN)),
+                 ("mlp.down_proj.weight", (HIDDEN, INTER)), ("input_layernorm.weight", (HIDDEN,)),
+                 ("post_attention_layernorm.weight", (HIDDEN,))]
+    layer_bytes = sum(2 * _numel(s) for _, s in per_layer)
+    fixed = 2 * (2 * VOCAB * HIDDEN + HIDDEN)
+    n_layers = max(1, round((size_bytes - fixed) / layer_bytes))
+    out = [("model.embed_tokens.weight", (VOCAB, HIDDEN))]
+    out += [(f"model.layers.{i}.{n}", s) for i in range(n_layers) for n, s in per_layer]
+    return out + [("model.norm.weight", (HIDDEN,)), ("lm_head.weight", (VOCAB, HIDDEN))]
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def make_checkpoint(folder: Path, size_gb: float) -> dict:
+    """Write HF-style shards + index, generating one tensor at a time; returns sizes."""
+    import ml_dtypes
+    import numpy as np
+    import torch
+    from bridge.safetensors_io import write_file
+
+    rng = np.random.default_rng(0)
+    tensors, shards, cur, cur_bytes = layout(int(size_gb * GB)), [], [], 0
+    for name, shape in tensors:
+        if cur and cur_bytes + 2 * _numel(shape) > SHARD_BYTES:
+            shards, cur, cur_bytes = shards + [cur], [], 0
+        cur.append((name, shape))
+        cur_bytes += 2 * _numel(shape)
+    shards.append(cur)
+
+    def producer(shape):
+        return lambda: (rng.standard_normal(shape, dtype=np.float32) * 0.02).astype(ml_dtypes.bfloat16)
+
+    weight_map = {}
+    for k, shard in enumerate(shards, 1):
+        fname = f"model-{k:05d}-of-{len(shards):05d}.safetensors"
+        write_file(folder / fname, [(n, torch.bfloat16, s, producer(s)) for n, s in shard], {"format": "pt"})
+        weight_map.update({n: fname for n, _ in shard})
+    total = sum(2 * _numel(s) for _, s in tensors)
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    return {"tensor_bytes": total, "file_bytes": sum(p.stat().st_size for p in folder.glob("*.safetensors")),
+            "largest_tensor_bytes": max(2 * _numel(s) for _, s in tensors), "tensors": len(tensors),
+            "shards": len(shards)}
+
+
+# ---- measurements, each run in a fresh child process ----------------------------------------
+def child(what: str, index: Path) -> dict:
+    if what == "make":
+        return make_checkpoint(index.parent, float(os.environ["BENCH_SIZE_GB"]))
+    import jax
+    import numpy as np
+    from bridge.checkpoint import iter_weights, load_weights
+    from bridge.exporter import export
+
+    baseline, reset = rss_bytes(), reset_peak()
+    t0, res = time.perf_counter(), {"baseline_rss_bytes": baseline, "peak_reset": reset}
+    if what == "raw":
+        buf, nbytes = bytearray(CHUNK), 0
+        for shard in sorted(index.parent.glob("*.safetensors")):
+            with open(shard, "rb", buffering=0) as f:
+                while n := f.readinto(buf):
+                    nbytes += n
+        res.update(bytes=nbytes, overhead_bytes=peak_bytes() - baseline)
+    elif what == "load":
+        leaves = jax.tree_util.tree_leaves(load_weights(index))
+        jax.block_until_ready(leaves)
+        nbytes = sum(x.nbytes for x in leaves)
+        res.update(bytes=nbytes, overhead_bytes=peak_bytes() - baseline - nbytes)
+    elif what == "stream":
+        nbytes, check = 0, 0
+        for _, arr, _ in iter_weights(index):
+            check += int(arr.view(np.uint16).reshape(-1)[::4096].sum())  # touch it, then drop it
+            nbytes += arr.nbytes
+            del arr
+        res.update(bytes=nbytes, overhead_bytes=peak_bytes() - baseline, checksum=check)
+    elif what == "export":
+        params = load_weights(index)
+        jax.block_until_ready(params)
+        before, load_s = rss_bytes(), time.perf_counter() - t0
+        (index.parent / "export").mkdir(exist_ok=True)
+        reset_peak()
+        t0 = time.perf_counter()
+        out = export(params, index.parent / "export" / "model.safetensors", max_shard_size="500MB")
+        nbytes = sum(x.nbytes for x in jax.tree_util.tree_leaves(params))
+        res.update(bytes=nbytes, overhead_bytes=peak_bytes() - before, rss_before_export_bytes=before,
+                   load_seconds=load_s, exported_files=len(list(out.parent.glob("*.safetensors"))))
+    else:
+        raise SystemExit(f"unknown child {what!r}")
+    res["seconds"] = time.perf_counter() - t0
+    res["gbps"] = res["bytes"] / GB / res["seconds"]
+    res["peak_rss_bytes"] = peak_bytes()
+    return res
+
+
+def run_child(what: str, index: Path, size_gb: float = 0.0) -> dict:
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "BENCH_SIZE_GB": str(size_gb)}
+    cmd = [sys.executable, "-m", "benchmarks.checkpoint_io", "--child", what, "--index", str(index)]
+    proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, text=True,
+                          cwd=Path(__file__).resolve().parent.parent)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(MARK)]
+    if proc.returncode or not lines:
+        raise SystemExit(f"child {what!r} failed (exit {proc.returncode}):\n{proc.stdout}")
+    return json.loads(lines[-1][len(MARK):])
+
+
+# ---- report ---------------------------------------------------------------------------------
+def markdown(res: dict) -> str:
+    raw, budget = res["measurements"]["raw"]["gbps"], res["goals"]["rss_budget_bytes"]
+    goals = {"raw": ("—", None), "load": ("≥ 50% of raw GB/s", res["goals"]["load_throughput"]),
+             "stream": (f"overhead ≤ {budget / MB:.0f} MB", res["goals"]["stream_rss"]),
+             "export": (f"overhead ≤ {budget / MB:.0f} MB", res["goals"]["export_rss"])}
+    names = {"raw": "raw read (64 MiB chunks)", "load": "load_weights → jax (CPU)",
+             "stream": "iter_weights streaming pass", "export": "export (500MB shards, fsync)"}
+    rows = ["| measurement | GB/s | vs raw | peak RSS overhead MB | goal | pass |", "|---|---|---|---|---|---|"]
+    for key, m in res["measurements"].items():
+        goal, ok = goals[key]
+        rows.append(f"| {names[key]} | {m['gbps']:.2f} | {m['gbps'] / raw:.0%} | {m['overhead_bytes'] / MB:.0f} "
+                    f"| {goal} | {'—' if ok is None else 'PASS' if ok else 'FAIL'} |")
+    s = res["checkpoint"]
+    return "\n".join(rows) + (
+        f"\n\nWarm page cache. Checkpoint: {s['tensor_bytes'] / GB:.2f} GB bf16, {s['tensors']} tensors in "
+        f"{s['shards']} shards, largest tensor {s['largest_tensor_bytes'] / MB:.0f} MB. "
+        f"{res['machine']['cpu_count']} CPUs, {res['machine']['platform']}.\n")
+
+
+def write_atomic(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--size-gb", type=float, default=2.0)
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    ap.add_argument("--workdir", type=Path, default=None, help="where to create the temp checkpoint")
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    ap.add_argument("--index", type=Path, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.child:
+        print(MARK + json.dumps(child(args.child, args.index)), flush=True)
+        return
+    start, tmp = time.perf_counter(), Path(tempfile.mkdtemp(prefix="ckpt_io_bench.", dir=args.workdir))
+    try:
+        index = tmp / "model.safetensors.index.json"
+        ckpt = run_child("make", index, args.size_gb)
+        print(f"checkpoint: {ckpt['tensor_bytes'] / GB:.2f} GB in {ckpt['shards']} shards "
+              f"({time.perf_counter() - start:.0f} s); warming the page cache", file=sys.stderr)
+        run_child("raw", index)
+        meas = {}
+        for what in ("raw", "load", "stream", "export"):
+            meas[what] = run_child(what, index)
+            shutil.rmtree(tmp / "export", ignore_errors=True)
+            print(f"{what}: {meas[what]['gbps']:.2f} GB/s", file=sys.stderr)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    budget = ckpt["largest_tensor_bytes"] + 0.1 * ckpt["tensor_bytes"]
+    res = {"machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(),
+                       "python": platform.python_version(),
+                       **{f"{p}_version": md.version(p) for p in ("jax", "jaxlib", "torch", "numpy")}},
+           "size_gb_requested": args.size_gb, "checkpoint": ckpt, "cache": "warm", "measurements": meas,
+           "goals": {"rss_budget_bytes": budget,
+                     "load_throughput": meas["load"]["gbps"] >= 0.5 * meas["raw"]["gbps"],
+                     "stream_rss": meas["stream"]["overhead_bytes"] <= budget,
+                     "export_rss": meas["export"]["overhead_bytes"] <= budget},
+           "total_seconds": time.perf_counter() - start}
+    table = markdown(res)
+    args.out.mkdir(parents=True, exist_ok=True)
+    write_atomic(args.out / "checkpoint_io.json", json.dumps(res, indent=2) + "\n")
+    write_atomic(args.out / "checkpoint_io.md", "# Checkpoint I/O benchmark\n\n" + table)
+    print(table + f"Total runtime: {res['total_seconds']:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,127 @@
+"""Loading checkpoints: formats, streaming dtypes, sharded placement, meta-device models, key accounting."""
+from __future__ import annotations
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import safetensors.torch
+import torch
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+import bridge
+import bridge.safetensors_io as sio
+from bridge.errors import KeyMismatchError
+from bridge.tree import flatten
+from converters.dtypes import jax_dtype, to_jax
+from tests.conftest import assert_close
+from tests.models import MODELS
+
+TENSORS = {
+    "emb.weight": torch.randn(64, 16).bfloat16(), "lin.weight": torch.randn(16, 16).half(),
+    "lin.bias": torch.randn(16), "pos": torch.arange(64, dtype=torch.int64), "flag": torch.tensor(True),
+}
+
+
+def _check(params, ref=TENSORS):
+    flat = flatten(params)
+    assert set(flat) == set(ref)
+    for k, t in ref.items():
+        assert flat[k].dtype == jax_dtype(t.dtype), k          # bf16/fp16/int stay as they are
+        np.testing.assert_array_equal(np.asarray(flat[k]).astype(np.float64), t.double().numpy(), err_msg=k)
+
+
+def test_single_safetensors(tmp_path):
+    safetensors.torch.save_file(TENSORS, tmp_path / "m.safetensors")
+    _check(bridge.load_weights(tmp_path / "m.safetensors"))
+
+
+def test_sharded_safetensors_with_index_and_hf_dir(tmp_path):
+    names = list(TENSORS)
+    safetensors.torch.save_file({k: TENSORS[k] for k in names[:2]}, tmp_path / "model-00001-of-00002.safetensors")
+    safetensors.torch.save_file({k: TENSORS[k] for k in names[2:]}, tmp_path / "model-00002-of-00002.safetensors")
+    wm = {k: f"model-0000{1 if i < 2 else 2}-of-00002.safetensors" for i, k in enumerate(names)}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": wm}))
+    _check(bridge.load_weights(tmp_path / "model.safetensors.index.json"))
+    _check(bridge.load_weights(tmp_path))                     # a Hugging Face directory
+
+
+@pytest.mark.parametrize("name", ["m.pt", "pytorch_model.bin", "m.pth"])
+def test_torch_files_weights_only(tmp_path, name):
+    torch.save(TENSORS, tmp_path / name)
+    _check(bridge.load_weights(tmp_path / name))
+
+
+def test_dtype_casts_floats_only(tmp_path):
+    safetensors.torch.save_file(TENSORS, tmp_path / "m.safetensors")
+    flat = flatten(bridge.load_weights(tmp_path / "m.safetensors", dtype=jnp.float32))
+    assert flat["emb.weight"].dtype == jnp.float32 and flat["lin.weight"].dtype == jnp.float32
+    assert flat["pos"].dtype == jax_dtype(torch.int64) and flat["flag"].dtype == jnp.bool_
+
+
+def test_sharded_placement_reads_only_each_devices_slice(tmp_path, monkeypatch):
+    big = {"w": torch.arange(64 * 24, dtype=torch.float32).reshape(64, 24), "b": torch.arange(24.0)}
+    safetensors.torch.save_file(big, tmp_path / "m.safetensors")
+    reads, full = [], []
+    real_slice, real_full = sio.read_slice, sio.read_tensor
+    monkeypatch.setattr("bridge.checkpoint.read_slice", lambda p, i, idx: reads.append((i.name, idx)) or
+                        real_slice(p, i, idx))
+    monkeypatch.setattr("bridge.checkpoint.read_tensor", lambda p, i: full.append(i.name) or real_full(p, i))
+    mesh = Mesh(np.array(jax.devices()).reshape(8), ("fsdp",))
+    shard = {"w": NamedSharding(mesh, P("fsdp", None)), "b": NamedSharding(mesh, P())}
+    params = bridge.load_weights(tmp_path / "m.safetensors", shardings=shard)
+    assert params["w"].sharding == shard["w"] and params["b"].sharding == shard["b"]
+    np.testing.assert_array_equal(np.asarray(params["w"]), big["w"].numpy())
+    w_reads = [idx for name, idx in reads if name == "w"]
+    assert len(w_reads) == 8 and "w" not in full
+    assert sorted(idx[0].start for idx in w_reads) == list(range(0, 64, 8))   # 8 rows each
+    assert all(idx[0].stop - idx[0].start == 8 for idx in w_reads)
+
+
+def test_meta_device_model_gets_weights_from_checkpoint(tmp_path):
+    case = MODELS["gpt2"]()
+    model = case.module.eval()
+    args, kwargs = case.inputs(2, 8)
+    bridge.export(bridge.convert(model, args, kwargs), tmp_path / "hf", like=model)
+    with bridge.empty_weights():
+        empty = type(model)(model.config)
+    assert all(p.is_meta for p in empty.parameters())
+    jm = bridge.convert(empty, args, kwargs, weights=tmp_path / "hf")
+    with torch.no_grad():
+        ref = model(*args, **kwargs).logits
+    assert_close(jm(**{k: to_jax(v) for k, v in kwargs.items()})["logits"], ref, what="meta + checkpoint")
+
+
+def test_key_accounting_strict_and_report(tmp_path):
+    case = MODELS["mlp"]()
+    jm = bridge.convert(case.module, (torch.randn(2, 32),))
+    sd = {k: v.clone() for k, v in case.module.state_dict().items()}
+    del sd["net.0.bias"]                                       # missing
+    sd["net.9.weight"] = torch.zeros(3)                        # unexpected
+    sd["net.3.weight"] = torch.zeros(5, 5)                     # shape mismatch
+    sd["net.5.bias"] = sd["net.5.bias"].double()               # dtype mismatch
+    safetensors.torch.save_file(sd, tmp_path / "bad.safetensors")
+    with pytest.raises(KeyMismatchError) as info:
+        jm.load_weights(tmp_path / "bad.safetensors")
+    r = info.value.report
+    assert r.missing == ["net.0.bias"] and r.unexpected == ["net.9.weight"]
+    assert r.shape_mismatch == [("net.3.weight", (64, 64), (5, 5))]
+    assert [k for k, *_ in r.dtype_mismatch] == ["net.5.bias"]
+    msg = str(info.value)
+    assert all(k in msg for k in ("net.0.bias", "net.9.weight", "net.3.weight", "net.5.bias", "bad.safetensors"))
+    jm2, report = jm.load_weights(tmp_path / "bad.safetensors", strict=False)
+    assert report.missing == r.missing and not report.clean
+    np.testing.assert_array_equal(jm2.params["net"]["0"]["bias"], jm.params["net"]["0"]["bias"])  # kept
+
+
+def test_tied_alias_in_checkpoint_fills_the_canonical_leaf(tmp_path):
+    case = MODELS["gpt2"]()
+    args, kwargs = case.inputs(2, 8)
+    jm = bridge.convert(case.module, args, kwargs)
+    sd = {k: v.clone() * 2 for k, v in case.module.state_dict().items() if k != "transformer.wte.weight"}
+    torch.save(sd, tmp_path / "only_lm_head.pt")               # the tied weight stored under its other name
+    jm2, report = jm.load_weights(tmp_path / "only_lm_head.pt")
+    assert report.clean
+    np.testing.assert_array_equal(jm2.params["transformer"]["wte"]["weight"], sd["lm_head.weight"].numpy())

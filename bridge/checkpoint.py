@@ -180,7 +180,7 @@ def load_sources(sources: list[TensorSource], *, dtype=None, shardings=None) -> 
     for src in sources:
         sharding = _sharding_for(shardings, src.name, src.shape)
         if sharding is None:
-            out[src.name] = jnp.asarray(host_array(src, dtype))
+            out[src.name] = jax.device_put(host_array(src, dtype))  # adopts the aligned host buffer on CPU
         else:
             out[src.name] = jax.make_array_from_callback(
                 src.shape, sharding, lambda index, src=src: host_array(src, dtype, index))

@@ -69,3 +69,7 @@ class KeyMismatchError(BridgeError):
 
 class ExportError(BridgeError):
     """An export could not be written (missing or read-only target, unsupported format); nothing was left behind."""
+
+
+class NonFiniteLossError(BridgeError):
+    """Training produced a NaN/Inf loss; names the step and the last good checkpoint."""

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import mmap
 import os
 import struct
 from pathlib import Path
@@ -96,9 +97,10 @@ def read_header(path: str | os.PathLike) -> tuple[dict[str, TensorInfo], dict]:
 
 
 def read_tensor(path: str | os.PathLike, info: TensorInfo) -> np.ndarray:
-    """The whole tensor as a fresh numpy array (exact dtype, bf16 included)."""
+    """The whole tensor as a fresh numpy array (exact dtype, bf16 included), page-aligned so that
+    `jax.device_put` on CPU adopts the buffer instead of copying it."""
     dtype = numpy_dtype(info.dtype)
-    out = np.empty(info.shape, dtype)
+    out = aligned_empty(info.shape, dtype)
     with open(path, "rb", buffering=0) as f:
         f.seek(info.start)
         view = memoryview(out.reshape(-1).view(np.uint8))
@@ -109,6 +111,14 @@ def read_tensor(path: str | os.PathLike, info: TensorInfo) -> np.ndarray:
                 raise CheckpointError(f"{path}: truncated while reading tensor {info.name!r}")
             got += n
     return out
+
+
+def aligned_empty(shape, dtype) -> np.ndarray:
+    """An uninitialised array in fresh anonymous pages (page-aligned, no transparent-huge-page stalls)."""
+    nbytes = math.prod(shape) * np.dtype(dtype).itemsize
+    if nbytes < (1 << 20):
+        return np.empty(shape, dtype)
+    return np.frombuffer(mmap.mmap(-1, nbytes), np.uint8).view(dtype).reshape(shape)
 
 
 def read_slice(path: str | os.PathLike, info: TensorInfo, index: tuple) -> np.ndarray:

@@ -119,16 +119,18 @@ class Program:
                         f"(shape {tuple(shape)}); convert with dynamic='batch' / 'batch+seq' or dynamic_shapes")
 
     # -- evaluation -----------------------------------------------------------------------
-    def run(self, state: dict[str, jax.Array], leaves: list, key: jax.Array | None = None):
-        """Evaluate the graph. Returns (flat user outputs, {buffer name: new value})."""
+    def run(self, state: dict[str, jax.Array], leaves: list, key: jax.Array | None = None, *,
+            intermediates: bool = False):
+        """Evaluate the graph. Returns (flat user outputs, {buffer name: new value}); with
+        intermediates=True also {node name: array} for every tensor-valued node (layer-by-layer checks)."""
         if self.random_nodes and key is None:
             ops = sorted({op_name(n.target) for n in self.nodes if n.name in self.random_nodes})
             raise MissingRngError(f"the program draws random numbers ({', '.join(ops)}); pass rng=jax.random.key(...)")
         # torch semantics need implicit rank and dtype promotion, whatever the user's global config
         with jax.numpy_rank_promotion("allow"), jax.numpy_dtype_promotion("standard"):
-            return self._run(state, leaves, key)
+            return self._run(state, leaves, key, intermediates)
 
-    def _run(self, state, leaves, key):
+    def _run(self, state, leaves, key, intermediates=False):
         env: dict[str, Any] = {}
         for name, _, canon in self.state_inputs:
             env[name] = state[canon]
@@ -144,6 +146,8 @@ class Program:
                 user.append(value)
             else:
                 mutated[target] = value
+        if intermediates:
+            return user, mutated, {n.name: env[n.name] for n in self.nodes if hasattr(env[n.name], "shape")}
         return user, mutated
 
     def _eval(self, node: torch.fx.Node, env: dict, key):

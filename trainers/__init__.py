@@ -1,1 +1,16 @@
-"""Functional, sharded trainer for converted models (see the trainer issue); importable on its own."""
+"""Functional, sharded trainer for converted models; importable on its own.
+
+Example:
+    >>> from trainers import Trainer, TrainConfig, adamw, token_cross_entropy
+"""
+from trainers.config import TrainConfig
+from trainers.losses import classification_cross_entropy, model_loss, mse, token_cross_entropy
+from trainers.optim import adamw, decay_mask
+from trainers.sharding import TENSOR_RULES, make_mesh, param_shardings, param_specs, replication_report
+from trainers.state import TrainState
+from trainers.step import make_eval_step, make_forward, make_train_step
+from trainers.trainer import Trainer
+
+__all__ = ["TrainConfig", "Trainer", "TrainState", "adamw", "decay_mask", "model_loss", "token_cross_entropy",
+           "classification_cross_entropy", "mse", "TENSOR_RULES", "make_mesh", "param_shardings", "param_specs",
+           "replication_report", "make_train_step", "make_eval_step", "make_forward"]

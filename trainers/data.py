@@ -1,0 +1,85 @@
+"""Host data → global sharded batches, prefetched in a background thread.
+
+Any iterable of batches works: dicts or tuples of numpy arrays or torch tensors (a DataLoader too).
+Each process passes its local rows; `jax.make_array_from_process_local_data` assembles the global batch.
+"""
+from __future__ import annotations
+
+import queue
+import threading
+from typing import Any, Iterable, Iterator
+
+import jax
+import numpy as np
+import torch
+
+from converters.dtypes import to_numpy
+
+
+def to_host(batch) -> Any:
+    """torch tensors → numpy (exact dtypes), recursively; int64 narrowed as JAX will hold it."""
+    def leaf(x):
+        arr = to_numpy(x) if isinstance(x, torch.Tensor) else np.asarray(x)
+        want = jax.dtypes.canonicalize_dtype(arr.dtype)
+        return arr if arr.dtype == want else arr.astype(want)
+
+    if isinstance(batch, dict):
+        return {k: leaf(v) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return tuple(leaf(v) for v in batch)
+    return leaf(batch)
+
+
+def local_rows(batch, process_index: int, process_count: int):
+    """This process's share of a global host batch (used when every process reads the same stream)."""
+    def take(x):
+        n = x.shape[0] // process_count
+        return x[process_index * n:(process_index + 1) * n]
+    return jax.tree.map(take, batch)
+
+
+def place(batch, sharding) -> Any:
+    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), batch)
+
+
+class Prefetcher:
+    """Iterates `place(to_host(b))` for b in batches, `size` ahead, in a daemon thread."""
+
+    _END = object()
+
+    def __init__(self, batches: Iterable, convert, size: int = 2):
+        self._q: queue.Queue = queue.Queue(maxsize=max(size, 1))
+        self._convert = convert
+        self._thread = threading.Thread(target=self._run, args=(iter(batches),), daemon=True)
+        self._stop = threading.Event()
+        self._thread.start()
+
+    def _run(self, it: Iterator):
+        try:
+            for b in it:
+                if self._stop.is_set():
+                    return
+                self._q.put(self._convert(b))
+        except BaseException as e:  # surfaced to the consumer on the next __next__
+            self._q.put(e)
+            return
+        self._q.put(self._END)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        item = self._q.get()
+        if item is self._END:
+            raise StopIteration
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def close(self):
+        self._stop.set()
+        try:
+            while True:
+                self._q.get_nowait()
+        except queue.Empty:
+            pass

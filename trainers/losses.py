@@ -1,0 +1,56 @@
+"""Losses written in JAX, `loss_fn(outputs, batch) -> scalar` (fp32).
+
+Example:
+    >>> Trainer(jm, opt, loss_fn=token_cross_entropy())          # causal LM on batch["labels"]
+"""
+from __future__ import annotations
+
+import jax.numpy as jnp
+import optax
+
+
+def _first(outputs, key="logits"):
+    if isinstance(outputs, dict):
+        return outputs[key] if key in outputs else next(iter(outputs.values()))
+    if isinstance(outputs, (tuple, list)):
+        return outputs[0]
+    return outputs
+
+
+def model_loss(outputs, batch):
+    """The loss the model computes itself (e.g. Hugging Face models given `labels`)."""
+    if not isinstance(outputs, dict) or "loss" not in outputs:
+        raise KeyError("the model returned no 'loss'; pass labels in the batch or give Trainer a loss_fn")
+    return outputs["loss"].astype(jnp.float32)
+
+
+def token_cross_entropy(labels_key: str = "labels", ignore_index: int = -100, shift: bool = True):
+    """Next-token cross-entropy over `batch[labels_key]`, ignoring `ignore_index`, as HF computes it."""
+
+    def loss_fn(outputs, batch):
+        logits, labels = _first(outputs).astype(jnp.float32), batch[labels_key]
+        if shift:
+            logits, labels = logits[:, :-1], labels[:, 1:]
+        valid = labels != ignore_index
+        ce = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.where(valid, labels, 0))
+        return jnp.sum(ce * valid) / jnp.maximum(jnp.sum(valid), 1)
+
+    return loss_fn
+
+
+def classification_cross_entropy(labels_key: str | int = "labels"):
+    """Cross-entropy of (B, C) logits against integer labels (batch[labels_key] or batch[1] for tuples)."""
+
+    def loss_fn(outputs, batch):
+        logits = _first(outputs).astype(jnp.float32)
+        return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, batch[labels_key]))
+
+    return loss_fn
+
+
+def mse(target_key: str | int = "target"):
+    def loss_fn(outputs, batch):
+        pred = _first(outputs).astype(jnp.float32)
+        return jnp.mean(jnp.square(pred - batch[target_key].astype(jnp.float32)))
+
+    return loss_fn

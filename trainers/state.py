@@ -1,0 +1,30 @@
+"""TrainState: everything a step reads and writes, as one pytree.
+
+Example:
+    >>> state = TrainState.create(params, buffers, optimizer, seed=0)
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import struct
+
+
+@struct.dataclass
+class TrainState:
+    step: jax.Array           # int32 scalar: optimizer updates done
+    params: Any               # fp32 master weights, nested by torch names
+    buffers: Any              # BatchNorm stats, constants
+    opt_state: Any
+    rng: jax.Array            # raw uint32 key data (checkpoints as a plain array)
+
+    @classmethod
+    def create(cls, params, buffers, optimizer: optax.GradientTransformation, seed: int = 0) -> "TrainState":
+        return cls(step=jnp.zeros((), jnp.int32), params=params, buffers=buffers,
+                   opt_state=optimizer.init(params), rng=jax.random.key_data(jax.random.key(seed)))
+
+    def key(self) -> jax.Array:
+        return jax.random.wrap_key_data(self.rng)

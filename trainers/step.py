@@ -1,0 +1,102 @@
+"""The pure train and eval steps. Built once per Trainer and jitted with explicit shardings.
+
+`train_step(state, batch) -> (state, metrics)`: forward (optionally in bf16 from fp32 master
+weights, optionally rematerialised), gradient accumulation over micro-batches with `lax.scan`,
+global-norm metric, optimizer update, and NaN/Inf handling ("stop" reports it, "skip" keeps the old state).
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from trainers.state import TrainState
+
+REMAT_POLICIES = {
+    "full": None,                                                  # recompute everything
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep matmul outputs only
+}
+
+
+def default_inputs(jm) -> Callable:
+    """Map a batch to the model's exported inputs: dict batches by name, tuple batches by position."""
+    prog = jm.program
+    spec_children = prog.in_spec.children() if hasattr(prog.in_spec, "children") else prog.in_spec.children_specs
+    n_pos = spec_children[0].num_children
+    kw_names = [k for k in spec_children[1].context if k not in prog.captured.extra_kwargs]
+    pos_names = [name for name, _ in prog.user_inputs[:n_pos]]
+
+    def inputs(batch):
+        if isinstance(batch, dict):
+            args = tuple(batch[n] for n in pos_names)
+            return args, {k: batch[k] for k in kw_names if k in batch}
+        return tuple(batch[:n_pos]), {}
+
+    return inputs
+
+
+def _cast_floats(tree, dtype):
+    return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+
+
+def make_forward(jm, loss_fn, inputs_fn, *, compute_dtype=None, remat: str | None = None):
+    """(params, buffers, batch, key) -> (loss, new_buffers)."""
+
+    def forward(params, buffers, batch, key):
+        if compute_dtype is not None:
+            params = _cast_floats(params, compute_dtype)
+        args, kwargs = inputs_fn(batch)
+        out, new_buffers = jm.apply(params, *args, buffers=buffers, rng=key if jm.needs_rng else None,
+                                    return_buffers=True, **kwargs)
+        return loss_fn(out, batch).astype(jnp.float32), new_buffers
+
+    if remat is not None:
+        forward = jax.checkpoint(forward, policy=REMAT_POLICIES[remat])
+    return forward
+
+
+def make_train_step(forward, optimizer: optax.GradientTransformation, *, accum: int = 1, nan_policy: str = "stop"):
+    grad_fn = jax.value_and_grad(forward, has_aux=True)
+
+    def micro_grads(params, buffers, batch, key):
+        if accum == 1:
+            (loss, buffers), grads = grad_fn(params, buffers, batch, key)
+            return loss, grads, buffers
+        micro = jax.tree.map(lambda x: x.reshape((accum, x.shape[0] // accum) + x.shape[1:]), batch)
+
+        def body(carry, xs):
+            loss_sum, grad_sum, bufs = carry
+            mb, i = xs
+            (loss, bufs), grads = grad_fn(params, bufs, mb, jax.random.fold_in(key, i))
+            return (loss_sum + loss, jax.tree.map(jnp.add, grad_sum, grads), bufs), None
+
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        (loss, grads, buffers), _ = jax.lax.scan(body, (jnp.zeros((), jnp.float32), zeros, buffers),
+                                                 (micro, jnp.arange(accum)))
+        return loss / accum, jax.tree.map(lambda g: g / accum, grads), buffers
+
+    def train_step(state: TrainState, batch):
+        key = jax.random.fold_in(state.key(), state.step)
+        loss, grads, buffers = micro_grads(state.params, state.buffers, batch, key)
+        grad_norm = optax.global_norm(grads)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        if nan_policy == "skip":
+            keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
+            params, opt_state, buffers = (keep(params, state.params), keep(opt_state, state.opt_state),
+                                          keep(buffers, state.buffers))
+        new = state.replace(step=state.step + 1, params=params, buffers=buffers, opt_state=opt_state)
+        return new, {"loss": loss, "grad_norm": grad_norm, "finite": finite}
+
+    return train_step
+
+
+def make_eval_step(forward):
+    def eval_step(state: TrainState, batch):
+        loss, _ = forward(state.params, state.buffers, batch, jax.random.fold_in(state.key(), -1))
+        return {"loss": loss}
+
+    return eval_step

@@ -1,0 +1,169 @@
+"""`Trainer`: a thin host loop around a pure, sharded, jitted train step.
+
+Example:
+    >>> from trainers import Trainer, TrainConfig, adamw
+    >>> trainer = Trainer(jm, adamw(3e-4, total_steps=100), config=TrainConfig(steps=100, mesh={"fsdp": 8}))
+    >>> state = trainer.fit(batches)
+    >>> bridge.export(trainer.export_model(state), "out/", like=hf_dir)
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import signal
+import time
+from pathlib import Path
+from typing import Callable, Iterable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from bridge.errors import NonFiniteLossError
+from trainers import data as data_lib
+from trainers.checkpoints import Checkpointer, abstract
+from trainers.config import TrainConfig
+from trainers.distributed import maybe_initialize
+from trainers.losses import model_loss
+from trainers.report import plot_losses, progress_bar, throughput_unit
+from trainers.sharding import batch_sharding, format_report, make_mesh, param_specs, replication_report
+from trainers.state import TrainState
+from trainers.step import default_inputs, make_eval_step, make_forward, make_train_step
+
+
+class Trainer:
+    def __init__(self, jm, optimizer: optax.GradientTransformation, *, loss_fn: Callable | None = None,
+                 config: TrainConfig = TrainConfig(), rules=None, inputs_fn: Callable | None = None,
+                 eval_model=None):
+        maybe_initialize(config)
+        self.jm, self.optimizer, self.config = jm, optimizer, config
+        self.loss_fn = loss_fn or model_loss
+        self.mesh = make_mesh(config.mesh, jax.devices()[: config.num_devices] if config.num_devices else None)
+        self.run_dir = Path(config.run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        inputs_fn = inputs_fn or default_inputs(jm)
+        compute = jnp.dtype(config.compute_dtype) if config.compute_dtype else None
+        forward = make_forward(jm, self.loss_fn, inputs_fn, compute_dtype=compute, remat=config.remat)
+        eval_forward = make_forward(eval_model or jm, self.loss_fn, inputs_fn, compute_dtype=compute)
+        self._step_fn = make_train_step(forward, optimizer, accum=config.grad_accum, nan_policy=config.nan_policy)
+        self._eval_fn = make_eval_step(eval_forward)
+        master = jax.tree.map(lambda x: x.astype(config.param_dtype)
+                              if jnp.issubdtype(x.dtype, jnp.floating) else x, jm.params)
+        self._params0 = master
+        self.specs = param_specs(master, self.mesh, rules)
+        self.report = replication_report(master, self.specs)
+        self.batch_sharding = batch_sharding(self.mesh)
+        self.state_shardings = self._state_shardings()
+        self.train_step = jax.jit(self._step_fn, in_shardings=(self.state_shardings, self.batch_sharding),
+                                  out_shardings=(self.state_shardings, None), donate_argnums=0)
+        self.eval_step = jax.jit(self._eval_fn, in_shardings=(self.state_shardings, self.batch_sharding))
+        self.checkpointer = Checkpointer(self.run_dir / "checkpoints", every=config.checkpoint_every,
+                                         keep=config.keep_checkpoints, async_=config.async_checkpoints)
+        self._stop_requested = False
+
+    # -- state ----------------------------------------------------------------------------
+    def _state_shardings(self) -> TrainState:
+        rep = NamedSharding(self.mesh, P())
+        param_sh = jax.tree.map(lambda s: NamedSharding(self.mesh, s), self.specs, is_leaf=lambda x: isinstance(x, P))
+        shapes = jax.eval_shape(lambda p, b: TrainState.create(p, b, self.optimizer, self.config.seed),
+                                self._params0, self.jm.buffers)
+        opt_sh = optax.tree_map_params(self.optimizer, lambda _, s: s, shapes.opt_state, param_sh,
+                                       transform_non_params=lambda _: rep)
+        return TrainState(step=rep, params=param_sh, buffers=jax.tree.map(lambda _: rep, self.jm.buffers),
+                          opt_state=opt_sh, rng=rep)
+
+    def init_state(self) -> TrainState:
+        """Initialise directly into the shardings (eval_shape → shardings → jit(init, out_shardings))."""
+        create = jax.jit(lambda p, b: TrainState.create(p, b, self.optimizer, self.config.seed),
+                         out_shardings=self.state_shardings)
+        return create(self._params0, self.jm.buffers)
+
+    def restore_or_init(self) -> tuple[TrainState, int]:
+        latest = self.checkpointer.latest()
+        if latest is None:
+            return self.init_state(), 0
+        shapes = jax.eval_shape(lambda p, b: TrainState.create(p, b, self.optimizer, self.config.seed),
+                                self._params0, self.jm.buffers)
+        return self.checkpointer.restore(latest, abstract(shapes, self.state_shardings))
+
+    def export_model(self, state: TrainState):
+        """The JaxModule with the trained params/buffers (in the model's own dtypes), ready for bridge.export."""
+        cast = jax.tree.map(lambda new, old: new.astype(old.dtype), state.params, self.jm.params)
+        return self.jm.replace(params=cast, buffers=state.buffers)
+
+    # -- loop -----------------------------------------------------------------------------
+    def _convert(self, batch):
+        host = data_lib.to_host(batch)
+        return data_lib.place(host, self.batch_sharding)
+
+    def evaluate(self, state: TrainState, batches: Iterable) -> float:
+        losses = [float(self.eval_step(state, self._convert(b))["loss"])
+                  for b in itertools.islice(batches, self.config.eval_batches)]
+        return float(np.mean(losses)) if losses else float("nan")
+
+    def fit(self, batches: Iterable, *, eval_batches: Callable[[], Iterable] | None = None) -> TrainState:
+        """Train for config.steps (resuming from the run directory's latest checkpoint)."""
+        cfg = self.config
+        state, position = self.restore_or_init()
+        start = int(state.step)
+        it = data_lib.Prefetcher(itertools.islice(batches, position, None), self._convert, cfg.prefetch)
+        metrics_path = self.run_dir / "metrics.jsonl"
+        previous = signal.signal(signal.SIGTERM, self._on_sigterm) if _main_thread() else None
+        bar = progress_bar(cfg, start)
+        last_good = self.checkpointer.latest()
+        try:
+            with open(metrics_path, "a") as log:
+                for step in range(start, cfg.steps):
+                    try:
+                        batch = next(it)
+                    except StopIteration:
+                        break
+                    t0 = time.perf_counter()
+                    state, metrics = self.train_step(state, batch)
+                    loss, gnorm = float(metrics["loss"]), float(metrics["grad_norm"])
+                    dt = time.perf_counter() - t0
+                    done = step + 1
+                    if not np.isfinite(loss) and cfg.nan_policy == "stop":
+                        raise NonFiniteLossError(
+                            f"loss is {loss} at step {done}; last good checkpoint: "
+                            f"{self.checkpointer.directory / str(last_good) if last_good else 'none (no checkpoint yet)'}")
+                    record = {"step": done, "loss": loss, "grad_norm": gnorm, "step_time_s": dt,
+                              "skipped": not bool(metrics["finite"])}
+                    n, unit = throughput_unit(batch)
+                    record[f"{unit}_per_s"] = n / dt
+                    if cfg.eval_every and eval_batches is not None and done % cfg.eval_every == 0:
+                        record["eval_loss"] = self.evaluate(state, eval_batches())
+                    if done % cfg.log_every == 0 or done == cfg.steps:
+                        log.write(json.dumps(record) + "\n")
+                        log.flush()
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{loss:.4f}", step_s=f"{dt:.3f}", **{unit + "/s": f"{n / dt:,.0f}"})
+                    if self.checkpointer.due(done) or self._stop_requested:
+                        self.checkpointer.save(done, state, done)
+                        last_good = done
+                    if self._stop_requested:
+                        break
+            final = int(state.step)
+            self.checkpointer.save(final, state, final, force=True)
+            self.checkpointer.wait()
+        finally:
+            it.close()
+            bar.close()
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
+        if cfg.plot and jax.process_index() == 0:
+            plot_losses(metrics_path, self.run_dir / "loss.png")
+        return state
+
+    def _on_sigterm(self, signum, frame):
+        self._stop_requested = True
+
+    def close(self):
+        self.checkpointer.close()
+
+
+def _main_thread() -> bool:
+    import threading
+    return threading.current_thread() is threading.main_thread()

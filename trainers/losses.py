@@ -33,7 +33,8 @@ def token_cross_entropy(labels_key: str = "labels", ignore_index: int = -100, sh
             logits, labels = logits[:, :-1], labels[:, 1:]
         valid = labels != ignore_index
         ce = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.where(valid, labels, 0))
-        return jnp.sum(ce * valid) / jnp.maximum(jnp.sum(valid), 1)
+        weight = valid.astype(jnp.float32)
+        return jnp.sum(ce * weight) / jnp.maximum(jnp.sum(weight), 1.0)
 
     return loss_fn
 

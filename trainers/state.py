@@ -23,8 +23,10 @@ class TrainState:
 
     @classmethod
     def create(cls, params, buffers, optimizer: optax.GradientTransformation, seed: int = 0) -> "TrainState":
+        with jax.numpy_dtype_promotion("standard"):  # optax's internals rely on implicit promotion
+            opt_state = optimizer.init(params)
         return cls(step=jnp.zeros((), jnp.int32), params=params, buffers=buffers,
-                   opt_state=optimizer.init(params), rng=jax.random.key_data(jax.random.key(seed)))
+                   opt_state=opt_state, rng=jax.random.key_data(jax.random.key(seed)))
 
     def key(self) -> jax.Array:
         return jax.random.wrap_key_data(self.rng)

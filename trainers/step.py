@@ -81,7 +81,8 @@ def make_train_step(forward, optimizer: optax.GradientTransformation, *, accum: 
         key = jax.random.fold_in(state.key(), state.step)
         loss, grads, buffers = micro_grads(state.params, state.buffers, batch, key)
         grad_norm = optax.global_norm(grads)
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        with jax.numpy_dtype_promotion("standard"):  # optax's internals rely on implicit promotion
+            updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         if nan_policy == "skip":
@@ -96,7 +97,7 @@ def make_train_step(forward, optimizer: optax.GradientTransformation, *, accum: 
 
 def make_eval_step(forward):
     def eval_step(state: TrainState, batch):
-        loss, _ = forward(state.params, state.buffers, batch, jax.random.fold_in(state.key(), -1))
+        loss, _ = forward(state.params, state.buffers, batch, jax.random.fold_in(state.key(), 2**31 - 1))
         return {"loss": loss}
 
     return eval_step

@@ -1,0 +1,166 @@
+"""The trainer: compile-once step, sharded vs single-device losses, accumulation, mixed precision,
+remat, NaN guards, data sources, metrics and plots."""
+from __future__ import annotations
+
+import functools
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+import bridge
+from bridge.errors import NonFiniteLossError
+from trainers import TrainConfig, Trainer, adamw, classification_cross_entropy, decay_mask, token_cross_entropy
+from trainers.sharding import make_mesh, param_specs
+from tests.models import MODELS
+
+STEPS = 20
+
+
+@functools.lru_cache(maxsize=None)
+def _lm(name: str, train: bool):
+    torch.manual_seed(0)
+    case = MODELS[name]()
+    ids = torch.randint(0, 128, (8, 16))
+    return bridge.convert(case.module, kwargs={"input_ids": ids, "labels": ids}, train=train, dynamic="batch")
+
+
+def _lm_batches(n=STEPS, batch=8):
+    rng = np.random.default_rng(0)
+    out = []
+    for _ in range(n):
+        ids = (rng.integers(0, 128, (batch, 1)) + 3 * np.arange(16)) % 128   # learnable: arithmetic runs
+        out.append({"input_ids": ids, "labels": ids})
+    return out
+
+
+def _losses(run_dir):
+    return [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _fit(jm, tmp_path, name, batches=None, **cfg):
+    cfg = {"steps": STEPS, "run_dir": str(tmp_path / name), "progress": False, "plot": False, **cfg}
+    trainer = Trainer(jm, adamw(3e-3, total_steps=cfg["steps"], warmup_steps=2), config=TrainConfig(**cfg))
+    state = trainer.fit(batches if batches is not None else _lm_batches(cfg["steps"]))
+    return trainer, state, np.array(_losses(tmp_path / name))
+
+
+def test_second_step_does_not_recompile(tmp_path):
+    trainer, _, losses = _fit(_lm("gpt2", True), tmp_path, "r", steps=3)
+    assert len(losses) == 3 and trainer.train_step._cache_size() == 1
+
+
+@pytest.mark.parametrize("model", ["gpt2", "llama"])
+@pytest.mark.parametrize("mesh", [{"data": 8}, {"fsdp": 8}, {"data": 2, "fsdp": 2, "tensor": 2}])
+def test_sharded_losses_match_one_device(tmp_path, model, mesh):
+    jm = _lm(model, True)                                   # dropout on: the rng must not depend on sharding
+    _, _, ref = _fit(jm, tmp_path, "one", num_devices=1)
+    trainer, state, got = _fit(jm, tmp_path, "many", mesh=mesh)
+    assert np.max(np.abs(got - ref) / np.abs(ref)) <= 1e-5, np.abs(got - ref).max()
+    assert ref[-1] < ref[0]
+    if mesh.get("fsdp", 1) > 1:                              # FSDP really shards the matrices
+        w = jax.tree.leaves(state.params)
+        assert any(len(x.sharding.device_set) == 8 and not x.sharding.is_fully_replicated for x in w)
+        assert trainer.report["replicated_share"] < 0.05
+
+
+def test_tensor_rules_cover_hf_attention_and_mlp():
+    mesh = make_mesh({"tensor": 2, "fsdp": 4})
+    for name, picks in {"gpt2": ["attn.c_attn.weight", "mlp.c_proj.weight"],
+                        "llama": ["self_attn.q_proj.weight", "mlp.down_proj.weight"],
+                        "bert": ["attention.self.query.weight", "intermediate.dense.weight"]}.items():
+        case = MODELS[name]()
+        specs = bridge.tree.flatten(param_specs(bridge.tree.nest({k: v for k, v in case.module.state_dict().items()}),
+                                                mesh))
+        for pick in picks:
+            spec = next(s for k, s in specs.items() if k.endswith(pick))
+            assert any("tensor" in (a if isinstance(a, tuple) else (a,)) for a in spec if a), (name, pick, spec)
+
+
+def test_grad_accumulation_equals_the_full_batch(tmp_path):
+    jm = _lm("gpt2", False)
+    _, _, full = _fit(jm, tmp_path, "full", steps=5)
+    _, _, accum = _fit(jm, tmp_path, "acc", steps=5, grad_accum=4)
+    np.testing.assert_allclose(accum, full, rtol=1e-5)
+
+
+def test_mixed_precision_keeps_fp32_master_weights(tmp_path):
+    jm = _lm("gpt2", False)
+    _, _, ref = _fit(jm, tmp_path, "fp32", steps=5)
+    _, state, bf16 = _fit(jm, tmp_path, "bf16", steps=5, compute_dtype="bfloat16")
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state.params))
+    np.testing.assert_allclose(bf16, ref, rtol=2e-2)
+
+
+@pytest.mark.parametrize("remat", ["full", "dots"])
+def test_remat_changes_nothing_numerically(tmp_path, remat):
+    jm = _lm("gpt2", False)
+    _, _, ref = _fit(jm, tmp_path, "plain", steps=3)
+    _, _, got = _fit(jm, tmp_path, remat, steps=3, remat=remat)
+    np.testing.assert_allclose(got, ref, rtol=1e-6)
+
+
+def _poisoned(n, bad_step):
+    out = _lm_batches(n)
+    out[bad_step - 1] = {**out[bad_step - 1], "poison": np.ones(8, np.float32)}
+    return [{**b, "poison": b.get("poison", np.zeros(8, np.float32))} for b in out]
+
+
+def _poison_loss(outputs, batch):
+    return outputs["loss"] + jnp.where(batch["poison"][0] > 0, jnp.nan, 0.0)
+
+
+def test_nan_loss_stops_with_step_and_last_checkpoint(tmp_path):
+    jm = _lm("gpt2", False)
+    cfg = TrainConfig(steps=8, run_dir=str(tmp_path / "nan"), checkpoint_every=2, progress=False, plot=False)
+    trainer = Trainer(jm, adamw(1e-3, total_steps=8), loss_fn=_poison_loss, config=cfg)
+    with pytest.raises(NonFiniteLossError, match=r"at step 5; last good checkpoint: .*checkpoints/4"):
+        trainer.fit(_poisoned(8, 5))
+
+
+def test_nan_loss_skip_policy_keeps_the_previous_update(tmp_path):
+    jm = _lm("gpt2", False)
+    cfg = TrainConfig(steps=6, run_dir=str(tmp_path / "skip"), nan_policy="skip", progress=False, plot=False)
+    trainer = Trainer(jm, adamw(1e-3, total_steps=6), loss_fn=_poison_loss, config=cfg)
+    state = trainer.fit(_poisoned(6, 3))
+    rows = [json.loads(line) for line in (tmp_path / "skip" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["skipped"] for r in rows] == [False, False, True, False, False, False]
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state.params))
+    assert all("grad_norm" in r for r in rows)
+
+
+def test_dataloader_of_torch_tensors_and_outputs(tmp_path):
+    torch.manual_seed(0)
+    case = MODELS["cnn"]()
+    x = torch.randn(64, 3, 16, 16)
+    y = (x.mean(dim=(1, 2, 3)) > 0).long()
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=16, shuffle=False)
+    jm = bridge.convert(case.module, (x[:16],), train=True, dynamic="batch")
+    cfg = TrainConfig(steps=4, run_dir=str(tmp_path / "cnn"), progress=False, eval_every=2, eval_batches=2)
+    trainer = Trainer(jm, adamw(1e-2, total_steps=4), loss_fn=classification_cross_entropy(1), config=cfg)
+    state = trainer.fit(loader, eval_batches=lambda: iter(loader))
+    rows = [json.loads(line) for line in (tmp_path / "cnn" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4] and "eval_loss" in rows[1]
+    assert "examples_per_s" in rows[0]
+    assert (tmp_path / "cnn" / "loss.png").stat().st_size > 1000
+    assert int(bridge.tree.flatten(state.buffers)["features.1.num_batches_tracked"]) == 4   # BN stats trained
+
+
+def test_decay_mask_skips_biases_and_norms():
+    params = bridge.tree.nest({k: v for k, v in MODELS["gpt2"]().module.state_dict().items()
+                               if not k.startswith("lm_head")})
+    mask = bridge.tree.flatten(decay_mask(params))
+    assert mask["transformer.h.0.attn.c_attn.weight"] and mask["transformer.wte.weight"]
+    assert not mask["transformer.h.0.attn.c_attn.bias"] and not mask["transformer.h.0.ln_1.weight"]
+
+
+def test_token_cross_entropy_matches_hf_loss():
+    jm = _lm("gpt2", False)
+    b = _lm_batches(1)[0]
+    b["labels"] = b["labels"].copy()
+    b["labels"][:, :3] = -100
+    out = jm(input_ids=b["input_ids"], labels=b["labels"])
+    np.testing.assert_allclose(token_cross_entropy()(out, b), out["loss"], rtol=1e-5)

@@ -5,9 +5,13 @@ Example:
     >>> trainer = Trainer(jm, adamw(3e-4, total_steps=100), config=TrainConfig(steps=100, mesh={"fsdp": 8}))
     >>> state = trainer.fit(batches)
     >>> bridge.export(trainer.export_model(state), "out/", like=hf_dir)
+
+Multi-host: call `trainers.initialize_distributed(config)` before `bridge.convert` (converting
+places weights on a device, which starts the JAX runtime); every process passes its local rows.
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import signal
@@ -19,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from bridge.errors import NonFiniteLossError
@@ -113,8 +118,9 @@ class Trainer:
         previous = signal.signal(signal.SIGTERM, self._on_sigterm) if _main_thread() else None
         bar = progress_bar(cfg, start)
         last_good = self.checkpointer.latest()
+        is_main = jax.process_index() == 0
         try:
-            with open(metrics_path, "a") as log:
+            with open(metrics_path, "a") if is_main else contextlib.nullcontext() as log:
                 for step in range(start, cfg.steps):
                     try:
                         batch = next(it)
@@ -135,15 +141,16 @@ class Trainer:
                     record[f"{unit}_per_s"] = n / dt
                     if cfg.eval_every and eval_batches is not None and done % cfg.eval_every == 0:
                         record["eval_loss"] = self.evaluate(state, eval_batches())
-                    if done % cfg.log_every == 0 or done == cfg.steps:
+                    if is_main and (done % cfg.log_every == 0 or done == cfg.steps):
                         log.write(json.dumps(record) + "\n")
                         log.flush()
                     bar.update(1)
                     bar.set_postfix(loss=f"{loss:.4f}", step_s=f"{dt:.3f}", **{unit + "/s": f"{n / dt:,.0f}"})
-                    if self.checkpointer.due(done) or self._stop_requested:
+                    stop = self._agreed_stop()
+                    if self.checkpointer.due(done) or stop:
                         self.checkpointer.save(done, state, done)
                         last_good = done
-                    if self._stop_requested:
+                    if stop:
                         break
             final = int(state.step)
             self.checkpointer.save(final, state, final, force=True)
@@ -159,6 +166,13 @@ class Trainer:
 
     def _on_sigterm(self, signum, frame):
         self._stop_requested = True
+
+    def _agreed_stop(self) -> bool:
+        """Every process stops (and saves) together if any of them was asked to."""
+        if jax.process_count() == 1:
+            return self._stop_requested
+        flags = multihost_utils.process_allgather(np.array(self._stop_requested))
+        return bool(np.asarray(flags).any())
 
     def close(self):
         self.checkpointer.close()

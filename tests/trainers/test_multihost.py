@@ -112,8 +112,8 @@ def _losses_by_step(report: dict, who: str, num_processes: int, tails: str) -> l
         by_step.setdefault(r["step"], []).append(r["loss"])
     assert sorted(by_step) == list(range(1, STEPS + 1)), f"{who}: metrics steps {sorted(by_step)}\n{tails}"
     for step, values in by_step.items():
-        # Trainer.fit appends a record in every process, so a shared run dir holds one per process.
-        assert len(values) in (1, num_processes), f"{who}: step {step} logged {len(values)} times\n{tails}"
+        # only process 0 writes metrics, so a shared run dir holds exactly one record per step
+        assert len(values) == 1, f"{who}: step {step} logged {len(values)} times\n{tails}"
         assert len(set(values)) == 1, f"{who}: step {step} logged different losses {values}\n{tails}"
     return [by_step[s][0] for s in range(1, STEPS + 1)]
 

@@ -164,3 +164,19 @@ def test_token_cross_entropy_matches_hf_loss():
     b["labels"][:, :3] = -100
     out = jm(input_ids=b["input_ids"], labels=b["labels"])
     np.testing.assert_allclose(token_cross_entropy()(out, b), out["loss"], rtol=1e-5)
+
+
+def test_weights_load_straight_into_trainer_shardings(tmp_path):
+    from trainers import param_shardings
+    jm = _lm("gpt2", False)
+    bridge.export(jm, tmp_path / "w.safetensors")
+    mesh = make_mesh({"fsdp": 8})
+    jm_sharded, report = jm.load_weights(tmp_path / "w.safetensors", shardings=param_shardings(jm.params, mesh))
+    assert report.clean
+    wte = jm_sharded.params["transformer"]["wte"]["weight"]
+    assert not wte.sharding.is_fully_replicated and len(wte.addressable_shards) == 8
+    assert wte.addressable_shards[0].data.shape[0] == wte.shape[0] // 8      # each device holds its slice only
+    cfg = TrainConfig(steps=2, run_dir=str(tmp_path / "run"), mesh={"fsdp": 8}, progress=False, plot=False)
+    trainer = Trainer(jm_sharded, adamw(1e-3, total_steps=2), config=cfg)
+    state = trainer.init_state()
+    assert state.params["transformer"]["wte"]["weight"].sharding.spec == wte.sharding.spec

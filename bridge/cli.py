@@ -1,7 +1,11 @@
-"""The `bridge` command line.
+"""The `bridge` command line: inspect, convert, verify, train, export, demo.
+
+Exit codes: 0 success, 1 a check failed (parity), 2 bad input or usage.
+Errors print one line without a traceback unless --debug.
 
 Example:
-    $ bridge demo
+    $ bridge inspect model.safetensors
+    $ bridge verify path/to/hf_dir
 """
 from __future__ import annotations
 
@@ -9,21 +13,52 @@ import argparse
 import sys
 
 
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="bridge", description="PyTorch models into JAX, trained, and back.")
+    p.add_argument("--debug", action="store_true", help="show full tracebacks")
+    sub = p.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("inspect", help="tensors, dtypes, shapes, parameter count and bytes of a checkpoint")
+    s.add_argument("path", help=".safetensors, *.index.json, .pt/.bin, or a Hugging Face directory")
+    s = sub.add_parser("convert", help="convert a model, write its weights and a parity report")
+    s.add_argument("model", help="a Hugging Face directory or package.module:factory")
+    s.add_argument("--out", required=True, help="output directory")
+    s.add_argument("--dynamic", choices=["batch", "batch+seq"], default=None)
+    s = sub.add_parser("verify", help="compare torch and JAX outputs; name the first diverging layer")
+    s.add_argument("model", help="a Hugging Face directory or package.module:factory")
+    s.add_argument("--rtol", type=float, default=1e-5, help="relative tolerance (default 1e-5)")
+    s = sub.add_parser("train", help="train from a TOML config (model, data, optimizer, mesh, steps, checkpoints)")
+    s.add_argument("config", help="path to the TOML file")
+    s = sub.add_parser("export", help="re-export a checkpoint or trainer run to safetensors/.pt/HF dir")
+    s.add_argument("ckpt", help="checkpoint file/dir, or a trainer run directory")
+    s.add_argument("--to", required=True, help="target: *.safetensors, *.pt, or a directory (HF)")
+    s.add_argument("--like", default=None, help="Hugging Face directory to copy config/tokenizer from")
+    s.add_argument("--max-shard-size", default="5GB")
+    sub.add_parser("demo", help="the end-to-end demo on the real all-MiniLM-L6-v2")
+    return p
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="bridge", description="PyTorch models into JAX and back.")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks")
-    sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("demo", help="convert a small GPT-2 and print its parity report")
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
+    from bridge import commands
     from bridge.errors import BridgeError
     try:
+        if args.command == "inspect":
+            return commands.inspect(args.path)
+        if args.command == "convert":
+            return commands.convert(args.model, args.out, args.dynamic)
+        if args.command == "verify":
+            return commands.verify(args.model, args.rtol)
+        if args.command == "train":
+            return commands.train(args.config)
+        if args.command == "export":
+            return commands.export(args.ckpt, args.to, args.like, args.max_shard_size)
         if args.command == "demo":
             from bridge.demo import main as demo
             return demo()
-    except BridgeError as e:
+    except (BridgeError, OSError, ValueError, KeyError) as e:
         if args.debug:
             raise
-        print(f"bridge: error: {e}", file=sys.stderr)
+        print(f"bridge {args.command}: error: {e}", file=sys.stderr)
         return 2
     return 0
 

@@ -100,3 +100,9 @@ def mlp() -> Case:
 
 
 MODELS = {"gpt2": gpt2, "gpt2_masked": gpt2_masked, "llama": llama, "bert": bert, "cnn": cnn, "mlp": mlp}
+
+
+def mlp_factory():
+    """`package.module:factory` form for the CLI: (module, example args)."""
+    torch.manual_seed(0)
+    return MLP().eval(), (torch.randn(2, 32),)

@@ -1,0 +1,53 @@
+"""Resolve a MODEL argument: a Hugging Face directory, or `package.module:factory`.
+
+A factory returns a module, `(module, args)`, `(module, args, kwargs)` or a dict with those keys.
+Hugging Face directories get sample inputs from their tokenizer (or random token ids).
+
+Example:
+    >>> module, args, kwargs = resolve_model("path/to/hf_dir")
+"""
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+import torch
+
+from bridge.errors import BridgeError
+
+SAMPLE_TEXT = ["bridge moves PyTorch models into JAX.", "The weights come back unchanged."]
+
+
+def resolve_model(spec: str, *, batch: int = 2, seq: int = 16):
+    path = Path(spec)
+    if path.is_dir():
+        return _hf_dir(path, batch, seq)
+    if ":" not in spec:
+        raise BridgeError(f"{spec!r}: not a Hugging Face directory nor a 'package.module:factory'")
+    mod_name, fn_name = spec.split(":", 1)
+    try:
+        factory = getattr(importlib.import_module(mod_name), fn_name)
+    except (ImportError, AttributeError) as e:
+        raise BridgeError(f"{spec!r}: cannot import the factory ({e})") from e
+    out = factory()
+    if isinstance(out, torch.nn.Module):
+        raise BridgeError(f"{spec!r} returned only a module; return (module, args[, kwargs]) with example inputs")
+    if isinstance(out, dict):
+        return out["module"], tuple(out.get("args", ())), dict(out.get("kwargs", {}))
+    module, args, *rest = out
+    return module, tuple(args), dict(rest[0]) if rest else {}
+
+
+def _hf_dir(path: Path, batch: int, seq: int):
+    import transformers
+
+    if not (path / "config.json").exists():
+        raise BridgeError(f"{path}: no config.json; not a Hugging Face model directory")
+    model = transformers.AutoModel.from_pretrained(path).eval()
+    try:
+        tok = transformers.AutoTokenizer.from_pretrained(path)
+        kwargs = dict(tok(SAMPLE_TEXT[:batch], padding="max_length", max_length=seq, truncation=True,
+                          return_tensors="pt"))
+    except (OSError, ValueError):
+        kwargs = {"input_ids": torch.randint(0, model.config.vocab_size, (batch, seq))}
+    return model, (), kwargs

@@ -92,17 +92,22 @@ class Timed:
     """A step function plus its per-call wall times (seconds). `first` holds the first call's."""
 
     def __init__(self, name: str, fn):
-        self.name, self.fn, self.first, self.times = name, fn, None, []
+        self.name, self.fn, self.first, self.times, self.cpu = name, fn, None, [], 0.0
 
     def call(self, record=True):
-        t0 = time.perf_counter()
+        c0, t0 = time.process_time(), time.perf_counter()
         out = self.fn()
         dt = time.perf_counter() - t0
         if self.first is None:
             self.first = dt
         elif record:
             self.times.append(dt)
+            self.cpu += time.process_time() - c0
         return out
+
+    def cpu_per_wall(self):
+        """Process CPU seconds per wall second over the timed steps: ~cores kept busy (threading check)."""
+        return self.cpu / sum(self.times) if self.times else None
 
     def median_ms(self):
         return 1e3 * statistics.median(self.times) if self.times else None
@@ -231,6 +236,8 @@ def bench_model(key: str, case, *, warmup: int, rounds: int, steps: int, run_dir
     fwd_e, fwd_b = torch_forward_variant(model, batch), bridge_forward_variant(jm_eval, batch_j)
 
     variants = [eager, compiled, brg, trn, fwd_e, fwd_b]
+    counters = torch._dynamo.utils.counters
+    counters.clear()
     # warmup: first call (compile) + a few more, not recorded
     for v in variants:
         try:
@@ -251,10 +258,18 @@ def bench_model(key: str, case, *, warmup: int, rounds: int, steps: int, run_dir
             for _ in range(warmup):
                 compiled.call(record=False)
         print(f"  {key} {v.name}: first call {v.first:.2f} s", file=sys.stderr)
+    res["torch_compile_graphs"] = {"unique_graphs": counters["stats"].get("unique_graphs", 0),
+                                   "graph_breaks": sum(counters["graph_break"].values()),
+                                   "graph_break_reasons": sorted(counters["graph_break"])[:10]}
+    busy0, own0, wall0 = cpu_busy_s(), time.process_time(), time.perf_counter()
     for _ in range(rounds):
         for v in variants:
             for _ in range(steps):
                 v.call()
+    wall = time.perf_counter() - wall0
+    # share of the machine's CPU used by *other* processes while we measured (shared-machine check)
+    res["other_processes_cpu_share"] = max(0.0, (cpu_busy_s() - busy0) - (time.process_time() - own0)) / (
+        wall * os.cpu_count())
     trainer.close()
     try:  # size of the optimized XLA program of the plain step (after timing: compiling here could warm caches)
         hlo = lowered().compile().as_text()
@@ -267,11 +282,14 @@ def bench_model(key: str, case, *, warmup: int, rounds: int, steps: int, run_dir
     ms = {v.name: v.median_ms() for v in variants}
     res["median_ms"] = ms
     res["steps_ms"] = {v.name: [1e3 * t for t in v.times] for v in variants}
+    res["cpu_per_wall"] = {v.name: v.cpu_per_wall() for v in variants}
     res["first_call_s"] = {v.name: v.first for v in variants}
     res["jax_compile_s"] = {n: res["first_call_s"][n] - ms[n] / 1e3 for n in ("bridge", "trainer", "fwd_bridge")}
     res["torch_compile_s"] = res["first_call_s"]["torch_compile"] - ms["torch_compile"] / 1e3
     res["first_loss"] = {"torch_eager": eager_losses[0], "torch_compile": comp_losses[0],
                          "bridge": brg_losses[0], "trainer": trn_losses[0]}
+    ref = eager_losses[0]
+    res["first_loss_max_rel_diff"] = max(abs(v - ref) / abs(ref) for v in res["first_loss"].values())
     res["ratios"] = {"bridge/torch_eager": ms["bridge"] / ms["torch_eager"],
                      "bridge/torch_compile": ms["bridge"] / ms["torch_compile"],
                      "trainer/bridge": ms["trainer"] / ms["bridge"],
@@ -297,6 +315,8 @@ def markdown(res: dict) -> str:
                      f"| {m['fwd_eager']:.1f} | {m['fwd_bridge']:.1f} | {r['jax_compile_s']['bridge']:.1f} "
                      f"| {r['convert_s']:.1f} |")
     mach = res["machine"]
+    shared = any(r["other_processes_cpu_share"] > 0.1 for r in res["models"].values())
+    others = ", ".join(f"{k} {r['other_processes_cpu_share']:.0%}" for k, r in res["models"].items())
     notes = [f"Targets: bridge ≤ {TARGET_EAGER}× torch eager and ≤ {TARGET_COMPILE}× torch.compile "
              "(train step, lower is better)."]
     for key, r in res["models"].items():
@@ -308,8 +328,22 @@ def markdown(res: dict) -> str:
                  f"variant after {res['settings']['warmup']} warmup calls; fp32, AdamW. compile s = JAX "
                  f"first call − median step of the bridge train step; convert s = `bridge.convert` wall time. "
                  f"{mach['cpu_count']} CPUs ({mach['processor']}), {mach['platform']}, jax {mach['jax_version']}, "
-                 f"torch {mach['torch_version']}, {mach['date']}.\n")
+                 f"torch {mach['torch_version']}, {mach['date']}. Other processes used "
+                 f"{others} "
+                 "of the machine's CPU during the timed steps"
+                 f"{' (shared machine: absolute times are inflated; rows were interleaved, compare within a row)' if shared else ''}."
+                 "\n")
     return "\n".join(lines) + "\n\n" + "\n".join(notes)
+
+
+def cpu_busy_s() -> float:
+    """Machine-wide busy CPU seconds so far (all cores, all processes), from /proc/stat; 0 elsewhere."""
+    try:
+        f = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except (OSError, ValueError):
+        return 0.0
+    idle = f[3] + (f[4] if len(f) > 4 else 0)  # idle + iowait
+    return (sum(f[:8]) - idle) / os.sysconf("SC_CLK_TCK")
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -344,7 +378,7 @@ def main(argv=None) -> None:
     steps = args.steps or (2 if args.quick else 3)
     warmup = 1 if args.quick else 2
     torch.set_num_threads(os.cpu_count())
-    start = time.perf_counter()
+    start, load_start = time.perf_counter(), os.getloadavg()
     cases = {"gpt2": lambda: gpt2_case(args.gpt2_vocab), "llama": lambda: llama_case(args.llama_vocab),
              "cnn": cnn_case}
     run_dir = Path(tempfile.mkdtemp(prefix="train_step_bench."))
@@ -363,6 +397,7 @@ def main(argv=None) -> None:
     res = {"machine": {"platform": platform.platform(), "processor": cpu_name(), "cpu_count": os.cpu_count(),
                        "python": platform.python_version(), "jax_backend": jax.default_backend(),
                        "torch_threads": torch.get_num_threads(),
+                       "loadavg_1_5_15_start": load_start, "loadavg_1_5_15_end": os.getloadavg(),
                        **{f"{p}_version": md.version(p) for p in ("jax", "jaxlib", "torch", "transformers", "optax")},
                        "date": datetime.now(timezone.utc).isoformat(timespec="seconds")},
            "settings": {"quick": args.quick, "warmup": warmup, "rounds": rounds, "steps": steps, "lr": LR,

@@ -22,6 +22,7 @@ devices are used.
 
 Run:
     PYTHONPATH=. .venv/bin/python examples/hf_causal_lm_fsdp.py                      # GPT-2, 300 steps
+        (0.86M parameters; about 6 minutes on a 2-core CPU with 8 simulated devices, loss 5.56 -> ~2.1)
     PYTHONPATH=. .venv/bin/python examples/hf_causal_lm_fsdp.py --model llama --steps 100
     PYTHONPATH=. .venv/bin/python examples/hf_causal_lm_fsdp.py --steps 10 --seq 32 --quiet   # smoke test
 
@@ -136,6 +137,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--sample", type=int, default=80, help="bytes to generate from the reloaded model (0: none)")
+    p.add_argument("--prompt", default="A compiler is a program that", help="prompt for the sample")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p.parse_args(argv)
 
@@ -191,10 +193,11 @@ def main(argv=None) -> dict:
     logits_err = rel_err(got, ref)
 
     sample = ""
-    if args.sample:
-        prompt = torch.from_numpy(data[:32][None])
+    if args.sample and args.prompt:
+        prompt = torch.tensor([list(args.prompt.encode("utf-8"))[: max_len - 1]])
+        new_tokens = min(args.sample, max_len - prompt.shape[1])  # stay within the position table
         with torch.no_grad():
-            out = reloaded.generate(prompt, max_new_tokens=args.sample, do_sample=False, pad_token_id=0)
+            out = reloaded.generate(prompt, max_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
         sample = bytes(out[0, prompt.shape[1]:].tolist()).decode("utf-8", errors="replace")
 
     result = {

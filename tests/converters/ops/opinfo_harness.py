@@ -1,0 +1,758 @@
+"""OpInfo sweep shared by tests/converters/ops/test_opinfo.py and scripts/op_coverage.py.
+
+For one OpInfo entry (`op.name` + `.variant_test_name`, e.g. "max.reduction_with_dim"):
+
+* forward: the first samples (`MAX_SAMPLES`, or all with BRIDGE_OPINFO_ALL=1) in the op's primary
+  dtype (float32; integer/complex only where the op has no float32 kernel on CPU) and in bfloat16
+  where the op supports it are wrapped in one `torch.nn.Module` whose forward takes every sample's
+  tensors (sample.input + tensor args/kwargs, flattened with torch's pytree; the rest is closed over),
+  exported once per dtype with `bridge.convert(module, tensors, strict=False)`, run under
+  `jax.jit(jm.apply)` and compared with torch eager per sample and per output:
+  values (rtol/atol 1e-5 fp32, 2e-2 bf16, exact for integer/bool) and dtype
+  (`converters.dtypes.jax_dtype(torch_out.dtype)`).
+* grad: d/dx sum(out * w) (fixed random w per floating output) for every floating input of the
+  float32 samples, `jax.jit(jax.grad(...))` against torch autograd (scale-relative error <= 1e-4,
+  conftest's GRAD_TOL). A float64 torch reference is accepted as an alternative when the float32 one
+  disagrees (torch's own float32 result is then the inaccurate one).
+
+Exporting every sample of an op as one program keeps the sweep fast (export costs ~0.25 s however
+small the graph). Only when that combined export fails are the samples exported one by one, so each
+sample is still classified on its own: "export-fail" (torch.export cannot capture it), "unsupported"
+(`UnsupportedOpsError`: missing ATen ops), "lowering-error", "mismatch", "pass". Random ops (RANDOM_OPS,
+uninitialized-memory ops, and any program that draws random numbers) are checked for shape and dtype.
+
+An op "passes" a kind when every captured sample passes; an op none of whose samples torch.export can
+capture is "export-fail" and does not count in the denominators.
+"""
+from __future__ import annotations
+
+import collections
+import contextlib
+import dataclasses
+import functools
+import itertools
+import os
+import time
+import traceback
+import warnings
+import zlib
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+import torch.utils._pytree as pytree
+
+import bridge
+from bridge.errors import CaptureError, UnsupportedOpsError
+from converters.dtypes import jax_dtype, to_jax
+from converters.registry import registered
+
+ALL_SAMPLES = os.environ.get("BRIDGE_OPINFO_ALL") == "1" or os.environ.get("BRIDGE_TEST_FULL") == "1"
+MAX_SAMPLES = 3              # per op and dtype in the default (CI) mode
+EXPORT_STRICT = False        # torch.export's own default; strict (dynamo) capture is 2x slower here
+
+FWD_TOL = {"float32": (1e-5, 1e-5), "bfloat16": (2e-2, 2e-2)}   # (rtol, atol), elementwise
+GRAD_TOL = 1e-4                                                  # max|got-ref| / max|ref| per input
+
+# Ops whose values come from a RNG (or from uninitialized memory): compared on shape and dtype only.
+RANDOM_OPS = frozenset({
+    "bernoulli", "cauchy", "exponential", "geometric", "log_normal", "normal", "normal.in_place",
+    "normal.number_mean", "uniform", "multinomial", "rand_like", "randint", "randint_like", "randn",
+    "randn_like", "nn.functional.dropout", "nn.functional.dropout2d", "nn.functional.dropout3d",
+    "nn.functional.alpha_dropout", "nn.functional.feature_alpha_dropout.with_train", "nn.functional.rrelu",
+    "nn.functional.fractional_max_pool2d", "nn.functional.fractional_max_pool3d", "svd_lowrank", "pca_lowrank",
+})
+UNINITIALIZED_OPS = frozenset({
+    "empty", "empty_like", "new_empty", "new_empty_strided", "empty_strided", "empty_permuted",
+})
+
+# Per-op tolerances, each with its reason: {op: {"fwd": (rtol, atol), "grad": rel, "why": "..."}}.
+# Add an entry only with the numbers that justify it; everything else uses FWD_TOL / GRAD_TOL.
+TOLERANCES: dict[str, dict[str, Any]] = {}
+
+STATUSES = ("pass", "mismatch", "lowering-error", "unsupported", "export-fail", "n/a")
+_RANK = {"unsupported": 4, "lowering-error": 3, "mismatch": 2, "pass": 1, "export-fail": 0, "n/a": -1}
+
+
+# ------------------------------------------------------------------------------------------ ops
+def op_key(op) -> str:
+    return op.name + (f".{op.variant_test_name}" if op.variant_test_name else "")
+
+
+@functools.lru_cache(maxsize=None)
+def op_list() -> tuple:
+    from torch.testing._internal.common_methods_invocations import op_db
+    return tuple(op_db)
+
+
+@functools.lru_cache(maxsize=None)
+def op_by_key() -> dict:
+    return {op_key(op): op for op in op_list()}
+
+
+def primary_dtype(op) -> torch.dtype | None:
+    """float32, or the op's most common CPU dtype where it has no float32 kernel (bitwise, gcd, ...)."""
+    supported = op.supported_dtypes("cpu")
+    for d in (torch.float32, torch.int64, torch.int32, torch.bool, torch.complex64):
+        if d in supported:
+            return d
+    return None
+
+
+def forward_dtypes(op) -> list[torch.dtype]:
+    prim = primary_dtype(op)
+    if prim is None:
+        return []
+    out = [prim]
+    if prim == torch.float32 and torch.bfloat16 in op.supported_dtypes("cpu"):
+        out.append(torch.bfloat16)
+    return out
+
+
+def is_differentiable(op) -> bool:
+    return bool(op.supports_autograd) and primary_dtype(op) == torch.float32
+
+
+def is_random(op) -> bool:
+    key = op_key(op)
+    return key in RANDOM_OPS or key in UNINITIALIZED_OPS or bool(getattr(op, "nondeterministic_seeded", False))
+
+
+def tolerance(key: str, kind: str, dtype: str = "float32"):
+    entry = TOLERANCES.get(key, {})
+    if kind == "grad":
+        return entry.get("grad", GRAD_TOL)
+    if dtype == "float32" and "fwd" in entry:
+        return entry["fwd"]
+    if dtype == "bfloat16" and "bf16" in entry:
+        return entry["bf16"]
+    return FWD_TOL.get(dtype, FWD_TOL["float32"])
+
+
+def _dname(d) -> str:
+    return str(d).replace("torch.", "")
+
+
+# -------------------------------------------------------------------------------------- samples
+@dataclasses.dataclass
+class Prepared:
+    """One sample: its pytree with the tensor leaves cut out, and the tensors themselves."""
+    index: int
+    spec: Any
+    consts: list                 # leaves with tensors replaced by None
+    tensor_pos: list[int]        # where the tensors go back
+    tensors: list[torch.Tensor]  # detached inputs
+    process: Callable            # sample.output_process_fn_grad (identity for most samples)
+    fn: Callable
+
+    def call(self, tensors):
+        leaves = list(self.consts)
+        for pos, t in zip(self.tensor_pos, tensors):
+            leaves[pos] = t
+        inp, args, kwargs = pytree.tree_unflatten(leaves, self.spec)
+        return self.process(self.fn(inp, *args, **kwargs))
+
+
+def _prepare(op, index: int, sample) -> Prepared:
+    leaves, spec = pytree.tree_flatten((sample.input, tuple(sample.args), dict(sample.kwargs)))
+    pos = [i for i, leaf in enumerate(leaves) if isinstance(leaf, torch.Tensor)]
+    consts = [None if i in pos else leaf for i, leaf in enumerate(leaves)]
+    tensors = [leaves[i].detach() for i in pos]
+    process = getattr(sample, "output_process_fn_grad", None) or (lambda x: x)
+    return Prepared(index, spec, consts, pos, tensors, process, op.op)
+
+
+def samples(op, dtype: torch.dtype, requires_grad: bool, limit: int | None) -> list[Prepared]:
+    torch.manual_seed(zlib.crc32(op_key(op).encode()))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        gen = op.sample_inputs("cpu", dtype, requires_grad=requires_grad)
+        try:
+            return [_prepare(op, i, s) for i, s in enumerate(itertools.islice(gen, limit))]
+        finally:  # finish the generator now, not when it is collected in the middle of an export
+            close = getattr(gen, "close", None)
+            if close is not None:
+                close()
+
+
+def _clone(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().clone()
+
+
+def _run_eager(p: Prepared, cast: torch.dtype | None = None):
+    tensors = [_clone(t) for t in p.tensors]
+    if cast is not None:
+        tensors = [t.to(cast) if t.is_floating_point() else t for t in tensors]
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = p.call(tensors)
+    return [(_clone(x) if isinstance(x, torch.Tensor) else x) for x in pytree.tree_leaves(out)]
+
+
+# ----------------------------------------------------------------------------------- the module
+class SampleBatch(torch.nn.Module):
+    """forward(*all tensors of all samples) -> tuple of each sample's output."""
+
+    def __init__(self, prepared: list[Prepared]):
+        super().__init__()
+        self._prepared = prepared
+        self._counts = [len(p.tensors) for p in prepared]
+
+    def forward(self, *tensors):
+        outs, i = [], 0
+        for p, n in zip(self._prepared, self._counts):
+            outs.append(p.call(tensors[i:i + n]))
+            i += n
+        return tuple(outs)
+
+
+def _signature(prepared: list[Prepared]):
+    """Hashable description of what the export depends on: shapes/dtypes and the constants."""
+    parts = []
+    for p in prepared:
+        metas = tuple((tuple(t.shape), t.dtype, t.stride()) for t in p.tensors)
+        try:
+            consts = repr(p.consts)
+        except Exception:  # a constant without a repr: never share
+            consts = object()
+        parts.append((str(p.spec), consts, metas))
+    return tuple(parts)
+
+
+class _ExportCache:
+    """Small LRU of conversions keyed by (op, dtype, signature): forward and grad tests of one op share
+    their float32 export, and samples with equal shapes and constants are exported once."""
+
+    def __init__(self, size: int = 8):
+        self.size = size
+        self.data: collections.OrderedDict = collections.OrderedDict()
+        self.hits = self.misses = 0
+
+    def convert(self, key: str, prepared: list[Prepared]):
+        sig = (key, _signature(prepared))
+        try:
+            hit = sig in self.data
+        except TypeError:
+            hit = False
+        if hit:
+            self.hits += 1
+            self.data.move_to_end(sig)
+            res = self.data[sig]
+        else:
+            self.misses += 1
+            res = _convert(prepared)
+            try:
+                self.data[sig] = res
+                if len(self.data) > self.size:
+                    self.data.popitem(last=False)
+            except TypeError:
+                pass
+        if isinstance(res, BaseException):
+            raise res
+        return res
+
+
+@contextlib.contextmanager
+def fast_decompositions():
+    """Memoize two pure, per-call setup costs of an export (~0.6 s of its ~0.8 s for a small graph) while
+    the sweep converts: torch's walk over every CompositeImplicitAutograd op (twice per
+    run_decompositions) and bridge's decomposition table. Both only change when ops or lowerings are
+    registered, which the key of the table memo tracks and the sweep never does for the CIA walk.
+    Scoped to the sweep's own conversions; every other caller sees torch and bridge unchanged."""
+    import torch._export.utils as export_utils
+    import torch.export.decomp_utils as decomp_utils
+    import torch.export.exported_program as exported_program
+    from converters import capture as capture_mod
+
+    orig_cia = export_utils._collect_all_valid_cia_ops
+    orig_table = capture_mod.decomposition_table
+
+    def cia_ops():
+        if "cia" not in _MEMO:
+            _MEMO["cia"] = frozenset(orig_cia())
+        return set(_MEMO["cia"])
+
+    def table():
+        key = frozenset(registered())
+        if _MEMO.get("table_key") != key:
+            _MEMO["table"], _MEMO["table_key"] = dict(orig_table()), key
+        return dict(_MEMO["table"])
+
+    patched = [(exported_program, "_collect_all_valid_cia_ops", cia_ops),
+               (decomp_utils, "_collect_all_valid_cia_ops", cia_ops),
+               (capture_mod, "decomposition_table", table)]
+    saved = [(mod, name, getattr(mod, name)) for mod, name, _ in patched]
+    for mod, name, fn in patched:
+        setattr(mod, name, fn)
+    try:
+        yield
+    finally:
+        for mod, name, fn in saved:
+            setattr(mod, name, fn)
+
+
+_MEMO: dict = {}
+
+
+def _convert(prepared: list[Prepared]):
+    tensors = tuple(t for p in prepared for t in p.tensors)
+    try:
+        with warnings.catch_warnings(), fast_decompositions():
+            warnings.simplefilter("ignore")
+            return bridge.convert(SampleBatch(prepared), tensors, strict=EXPORT_STRICT)
+    except Exception as e:  # cached as well: a failing export fails the same way for the grad test
+        e.__traceback__ = None
+        return e
+
+
+CACHE = _ExportCache()
+
+
+# ---------------------------------------------------------------------------------- comparison
+def _short(e: BaseException, n: int = 300) -> str:
+    msg = f"{type(e).__name__}: {e}".replace("\n", " ")
+    return msg if len(msg) <= n else msg[:n] + "..."
+
+
+def _fmt(v) -> str:
+    return f"{v:.6g}" if isinstance(v, (float, np.floating)) else str(v)
+
+
+def compare_values(got, ref, rtol: float, atol: float, *, check_dtype: bool = True) -> str | None:
+    """None if `got` (JAX) matches `ref` (torch tensor / Python scalar), else what differs."""
+    got = np.asarray(got)
+    if isinstance(ref, torch.Tensor):
+        if check_dtype and got.dtype != jax_dtype(ref.dtype):
+            return f"dtype {got.dtype} != {jax_dtype(ref.dtype)} (torch {_dname(ref.dtype)})"
+        if tuple(got.shape) != tuple(ref.shape):
+            return f"shape {tuple(got.shape)} != {tuple(ref.shape)}"
+        r = ref.detach().resolve_conj().resolve_neg()
+        exact = not (r.is_floating_point() or r.is_complex())
+        r = r.to(torch.complex128 if r.is_complex() else (torch.float64 if not exact else r.dtype)).numpy()
+    else:
+        r = np.asarray(ref)
+        exact = not np.issubdtype(r.dtype, np.inexact)
+        if got.shape != r.shape:
+            got = got.reshape(r.shape) if got.size == r.size else got
+    if exact:
+        g = (got.astype(r.dtype) if got.dtype != r.dtype else got).reshape(-1)
+        bad = g != r.reshape(-1)
+        if not bad.any():
+            return None
+        i = int(np.argmax(bad))
+        where = tuple(int(x) for x in np.unravel_index(i, r.shape)) if r.shape else ()
+        return f"{int(bad.sum())}/{bad.size} elements differ, e.g. at {where}: got {g[i]} vs {r.reshape(-1)[i]}"
+    shape = r.shape
+    g = got.astype(np.complex128 if np.iscomplexobj(got) or np.iscomplexobj(r) else np.float64).reshape(-1)
+    r = r.astype(g.dtype).reshape(-1)
+
+    def at(flat_i):
+        return tuple(int(x) for x in np.unravel_index(int(flat_i), shape)) if shape else ()
+
+    gn, rn = np.isnan(g), np.isnan(r)
+    if (gn != rn).any():
+        i = int(np.argmax(gn != rn))
+        return f"NaN pattern differs ({int((gn != rn).sum())} elements), e.g. at {at(i)}: got {g[i]} vs {r[i]}"
+    gi, ri = np.isinf(g), np.isinf(r)
+    bad = (gi != ri) | (ri & (g != r))
+    if bad.any():
+        i = int(np.argmax(bad))
+        return f"inf pattern differs ({int(bad.sum())} elements), e.g. at {at(i)}: got {g[i]} vs {r[i]}"
+    fin = ~(rn | ri)
+    if not fin.any():
+        return None
+    diff = np.where(fin, np.abs(g - r), 0.0)
+    lim = atol + rtol * np.abs(r)
+    bad = fin & (diff > lim)
+    if not bad.any():
+        return None
+    i = int(np.argmax(np.where(fin, diff - lim, -np.inf)))
+    rel = np.max(diff[fin] / np.maximum(np.abs(r[fin]), 1e-30))
+    return (f"{int(bad.sum())}/{bad.size} elements off; max abs err {_fmt(np.max(diff))}, max rel err {_fmt(rel)}; "
+            f"worst at {at(i)}: got {_fmt(g[i])} vs {_fmt(r[i])}")
+
+
+def rel_err(got, ref) -> tuple[float, str | None]:
+    """conftest's scale-relative error max|got-ref| / max|ref| (finite entries) + NaN/inf pattern check."""
+    g = np.asarray(got, np.float64)
+    r = ref.detach().to(torch.float64).numpy() if isinstance(ref, torch.Tensor) else np.asarray(ref, np.float64)
+    if g.shape != r.shape:
+        return np.inf, f"shape {g.shape} != {r.shape}"
+    g, r = g.reshape(-1), r.reshape(-1)
+    if g.size == 0:
+        return 0.0, None
+    gf, rf = np.isfinite(g), np.isfinite(r)
+    bad = (gf != rf) | (~rf & ~((np.isnan(g) & np.isnan(r)) | (g == r)))
+    if bad.any():
+        i = int(np.argmax(bad))
+        return np.inf, f"non-finite pattern differs ({int(bad.sum())} elements), e.g. flat {i}: got {g[i]} vs {r[i]}"
+    if not rf.any():
+        return 0.0, None
+    d = np.abs(g - r)[rf]
+    scale = max(float(np.max(np.abs(r[rf]))), 1e-12)
+    return float(np.max(d) / scale), None
+
+
+# ------------------------------------------------------------------------------------ outcomes
+@dataclasses.dataclass
+class SampleOutcome:
+    index: int
+    dtype: str
+    status: str
+    detail: str = ""
+    missing: tuple = ()
+
+
+@dataclasses.dataclass
+class Outcome:
+    op: str
+    kind: str                       # "forward" | "grad"
+    status: str                     # one of STATUSES (+ "skipped"/"crash"/"timeout" from the script)
+    detail: str = ""
+    missing: list = dataclasses.field(default_factory=list)
+    dtypes: list = dataclasses.field(default_factory=list)
+    samples: list = dataclasses.field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def exportable(self) -> bool:
+        return self.status not in ("export-fail", "n/a")
+
+    def as_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["samples"] = [dataclasses.asdict(s) for s in self.samples]
+        return d
+
+
+def summarize(op: str, kind: str, samples: list[SampleOutcome], dtypes: list[str], t0: float,
+              empty_reason: str = "no samples") -> Outcome:
+    if not samples:
+        return Outcome(op, kind, "n/a", empty_reason, dtypes=dtypes, seconds=time.perf_counter() - t0)
+    captured = [s for s in samples if s.status not in ("export-fail", "n/a")]
+    missing = sorted({m for s in samples for m in s.missing})
+    if not captured:
+        if all(s.status == "n/a" for s in samples):
+            status, first = "n/a", samples[0]
+        else:
+            status, first = "export-fail", next(s for s in samples if s.status == "export-fail")
+    else:
+        first = max(captured, key=lambda s: _RANK[s.status])
+        status = first.status
+    detail = "" if status == "pass" else f"[{first.dtype} sample {first.index}] {first.detail}"
+    tested = sorted({s.dtype for s in captured}, key=dtypes.index) if captured else []
+    return Outcome(op, kind, status, detail, missing, tested, samples, time.perf_counter() - t0)
+
+
+def _classify_convert_error(e: BaseException) -> tuple[str, str, tuple]:
+    if isinstance(e, CaptureError):
+        lines = [ln for ln in str(e).splitlines()[1:] if ln.strip()]
+        return "export-fail", (lines[0] if lines else str(e))[:300], ()
+    if isinstance(e, UnsupportedOpsError):
+        return "unsupported", "missing lowerings: " + ", ".join(sorted(e.missing)), tuple(sorted(e.missing))
+    return "lowering-error", "conversion: " + _short(e), ()
+
+
+def _convert_groups(key: str, prepared: list[Prepared], split: bool = False):
+    """[(group, jm or None, (status, detail, missing) or None)]: one combined group, or one per sample
+    when torch.export cannot capture them together (or `split`)."""
+    if not split:
+        try:
+            return [(prepared, CACHE.convert(key, prepared), None)]
+        except Exception as e:
+            status, detail, missing = _classify_convert_error(e)
+            if status != "export-fail" or len(prepared) == 1:
+                return [(prepared, None, (status, detail, missing))]
+    out = []
+    for p in prepared:
+        try:
+            out.append(([p], CACHE.convert(key, [p]), None))
+        except Exception as e:
+            out.append(([p], None, _classify_convert_error(e)))
+    return out
+
+
+def _jax_inputs(group: list[Prepared]):
+    return [to_jax(t) for p in group for t in p.tensors]
+
+
+def _rng_kwargs(jm):
+    return {"rng": jax.random.key(0)} if jm.needs_rng else {}
+
+
+# ------------------------------------------------------------------------------------- forward
+def run_forward(op, all_samples: bool = ALL_SAMPLES, detailed: bool = False) -> Outcome:
+    t0 = time.perf_counter()
+    key = op_key(op)
+    dtypes = forward_dtypes(op)
+    if not dtypes:
+        return Outcome(key, "forward", "n/a", "no CPU dtype among float32/int64/int32/bool/complex64")
+    limit = None if all_samples else MAX_SAMPLES
+    results: list[SampleOutcome] = []
+    for dtype in dtypes:
+        dn = _dname(dtype)
+        rg = dtype == torch.float32 and is_differentiable(op)   # same samples as the grad test: shared export
+        try:
+            prepared = samples(op, dtype, rg, limit)
+        except Exception as e:
+            results.append(SampleOutcome(-1, dn, "n/a", "sample_inputs failed: " + _short(e)))
+            continue
+        refs, ok = {}, []
+        for p in prepared:
+            try:
+                refs[p.index] = _run_eager(p)
+                ok.append(p)
+            except Exception as e:
+                results.append(SampleOutcome(p.index, dn, "n/a", "torch eager failed: " + _short(e)))
+        if not ok:
+            continue
+        for group, jm, err in _convert_groups(f"{key}/{dn}/{rg}", ok):
+            if err is not None:
+                results.extend(SampleOutcome(p.index, dn, err[0], err[1], err[2]) for p in group)
+                continue
+            res = _check_forward_group(key, op, dn, group, jm, refs)
+            if detailed and len(group) > 1 and any(r.status == "lowering-error" for r in res):
+                res = []   # attribute the failure: one program per sample
+                for g1, jm1, err1 in _convert_groups(f"{key}/{dn}/{rg}", group, split=True):
+                    res.extend(_check_forward_group(key, op, dn, g1, jm1, refs) if err1 is None else
+                               [SampleOutcome(g1[0].index, dn, err1[0], err1[1], err1[2])])
+            results.extend(res)
+    return summarize(key, "forward", results, [_dname(d) for d in dtypes], t0)
+
+
+def _check_forward_group(key, op, dn, group, jm, refs) -> list[SampleOutcome]:
+    try:
+        fn = jax.jit(jm.apply)
+        outs = fn(jm.params, *_jax_inputs(group), **_rng_kwargs(jm))
+        outs = jax.device_get(outs)
+    except Exception as e:
+        return [SampleOutcome(p.index, dn, "lowering-error", _short(e)) for p in group]
+    shape_only = is_random(op) or jm.needs_rng
+    rtol, atol = tolerance(key, "forward", dn)
+    res = []
+    for p, out in zip(group, outs):
+        got = jax.tree.leaves(out)
+        ref = refs[p.index]
+        if len(got) != len(ref):
+            res.append(SampleOutcome(p.index, dn, "lowering-error",
+                                     f"{len(got)} outputs, torch gives {len(ref)}"))
+            continue
+        problem = None
+        for j, (g, r) in enumerate(zip(got, ref)):
+            if shape_only:
+                problem = _check_meta(g, r)
+            else:
+                problem = compare_values(g, r, rtol, atol)
+                if problem and dn == "float32" and not problem.startswith(("dtype", "shape")):
+                    problem = _retry_float64(op, p, j, g, rtol, atol, problem)
+            if problem:
+                problem = f"output {j}: {problem}"
+                break
+        res.append(SampleOutcome(p.index, dn, "mismatch" if problem else "pass", problem or ""))
+    return res
+
+
+def _check_meta(g, r) -> str | None:
+    g = np.asarray(g)
+    if isinstance(r, torch.Tensor):
+        if g.dtype != jax_dtype(r.dtype):
+            return f"dtype {g.dtype} != {jax_dtype(r.dtype)}"
+        if tuple(g.shape) != tuple(r.shape):
+            return f"shape {tuple(g.shape)} != {tuple(r.shape)}"
+    return None
+
+
+def _supports_f64(op) -> bool:
+    return torch.float64 in op.supported_dtypes("cpu")
+
+
+def _retry_float64(op, p, j, g, rtol, atol, problem):
+    """Accept a float32 result that matches torch's float64 result where torch's float32 one disagrees."""
+    if not _supports_f64(op):
+        return problem
+    try:
+        ref64 = _run_eager(p, torch.float64)[j]
+    except Exception:
+        return problem
+    if compare_values(g, ref64, rtol, atol, check_dtype=False) is None:
+        return None
+    return problem
+
+
+# ---------------------------------------------------------------------------------------- grad
+def _weights(key: str, index: int, outs: list) -> list:
+    """Fixed random weights per floating output leaf (None for the others)."""
+    g = torch.Generator().manual_seed(zlib.crc32(f"{key}/{index}".encode()))
+    ws = []
+    for o in outs:
+        if isinstance(o, torch.Tensor) and o.is_floating_point():
+            ws.append(torch.randn(o.shape, generator=g, dtype=torch.float32))
+        elif isinstance(o, torch.Tensor) and o.is_complex():
+            ws.append(torch.randn(tuple(o.shape) + (2,), generator=g, dtype=torch.float32))
+        else:
+            ws.append(None)
+    return ws
+
+
+def _torch_loss(outs, ws):
+    total = 0
+    for o, w in zip(outs, ws):
+        if w is None or not isinstance(o, torch.Tensor):
+            continue
+        if o.is_complex():
+            o = torch.view_as_real(o.resolve_conj())
+        total = total + (o * w.to(o.dtype)).sum()
+    return total
+
+
+def _torch_grads(p: Prepared, idx: list[int], ws, cast=None):
+    """Gradients of sum(out * w) w.r.t. tensors `idx` of the sample (zeros where unused)."""
+    tensors = [_clone(t) for t in p.tensors]
+    if cast is not None:
+        tensors = [t.to(cast) if t.is_floating_point() else t for t in tensors]
+    for i in idx:
+        tensors[i].requires_grad_(True)
+    with torch.enable_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        outs = pytree.tree_leaves(p.call(tensors))
+        loss = _torch_loss(outs, ws)
+        if not isinstance(loss, torch.Tensor) or not loss.requires_grad:
+            return None
+        grads = torch.autograd.grad(loss, [tensors[i] for i in idx], allow_unused=True)
+    return [torch.zeros_like(tensors[i]) if gr is None else gr.detach() for i, gr in zip(idx, grads)]
+
+
+def run_grad(op, all_samples: bool = ALL_SAMPLES, detailed: bool = False) -> Outcome:
+    t0 = time.perf_counter()
+    key = op_key(op)
+    if not is_differentiable(op):
+        return Outcome(key, "grad", "n/a", "not differentiable in float32")
+    limit = None if all_samples else MAX_SAMPLES
+    dn = "float32"
+    try:
+        prepared = samples(op, torch.float32, True, limit)
+    except Exception as e:
+        return Outcome(key, "grad", "n/a", "sample_inputs failed: " + _short(e))
+    results: list[SampleOutcome] = []
+    plan = {}   # sample index -> (input positions, weights, torch grads)
+    ok = []
+    for p in prepared:
+        try:
+            outs = _run_eager(p)
+        except Exception as e:
+            results.append(SampleOutcome(p.index, dn, "n/a", "torch eager failed: " + _short(e)))
+            continue
+        ws = _weights(key, p.index, outs)
+        floats = [i for i, t in enumerate(p.tensors) if t.is_floating_point()]
+        grads, idx = None, floats
+        for idx in (floats, [i for i in floats if p.tensors[i].requires_grad]):
+            if not idx:
+                continue
+            try:
+                grads = _torch_grads(p, idx, ws)
+                break
+            except Exception:
+                grads = None
+        if not grads:
+            results.append(SampleOutcome(p.index, dn, "n/a", "no differentiable floating input/output"))
+            continue
+        plan[p.index] = (idx, ws, grads)
+        ok.append(p)
+    if not ok:
+        return summarize(key, "grad", results, [dn], t0, "no differentiable samples")
+    for group, jm, err in _convert_groups(f"{key}/{dn}/True", ok):
+        if err is not None:
+            results.extend(SampleOutcome(p.index, dn, err[0], err[1], err[2]) for p in group)
+            continue
+        res = _check_grad_group(key, op, group, jm, plan)
+        if detailed and len(group) > 1 and any(r.status == "lowering-error" for r in res):
+            res = []
+            for g1, jm1, err1 in _convert_groups(f"{key}/{dn}/True", group, split=True):
+                res.extend(_check_grad_group(key, op, g1, jm1, plan) if err1 is None else
+                           [SampleOutcome(g1[0].index, dn, err1[0], err1[1], err1[2])])
+        results.extend(res)
+    return summarize(key, "grad", results, [dn], t0, "no differentiable samples")
+
+
+def _check_grad_group(key, op, group, jm, plan) -> list[SampleOutcome]:
+    dn = "float32"
+    inputs = _jax_inputs(group)
+    offsets, o = [], 0
+    for p in group:
+        offsets.append(o)
+        o += len(p.tensors)
+    wrt = [offsets[g] + i for g, p in enumerate(group) for i in plan[p.index][0]]
+    jws = [[None if w is None else to_jax(w) for w in plan[p.index][1]] for p in group]
+    rng = _rng_kwargs(jm)
+
+    def loss(diff):
+        xs = list(inputs)
+        for pos, x in zip(wrt, diff):
+            xs[pos] = x
+        outs = jm.apply(jm.params, *xs, **rng)
+        total = jnp.zeros((), jnp.float32)
+        for out, ws in zip(outs, jws):
+            for leaf, w in zip(jax.tree.leaves(out), ws):
+                if w is None:
+                    continue
+                if jnp.iscomplexobj(leaf):
+                    leaf = jnp.stack([jnp.real(leaf), jnp.imag(leaf)], axis=-1)
+                total = total + jnp.sum(leaf.astype(jnp.float32) * w)
+        return total
+
+    try:
+        grads = jax.device_get(jax.jit(jax.grad(loss))([inputs[i] for i in wrt]))
+    except Exception as e:
+        return [SampleOutcome(p.index, dn, "lowering-error", "jax.grad: " + _short(e)) for p in group]
+    shape_only = is_random(op) or jm.needs_rng
+    tol = tolerance(key, "grad")
+    res, k = [], 0
+    for p in group:
+        idx, ws, ref = plan[p.index]
+        got = grads[k:k + len(idx)]
+        k += len(idx)
+        problem = None
+        for i, g, r in zip(idx, got, ref):
+            if shape_only:
+                problem = _check_meta(g, r)
+            else:
+                err, pattern = rel_err(g, r)
+                if pattern or err > tol:
+                    problem = _grad_retry_float64(op, p, idx, ws, i, g, tol, pattern or f"rel err {err:.3g} > {tol}")
+            if problem:
+                problem = f"grad of input {i} {tuple(p.tensors[i].shape)}: {problem}"
+                break
+        res.append(SampleOutcome(p.index, dn, "mismatch" if problem else "pass", problem or ""))
+    return res
+
+
+def _grad_retry_float64(op, p, idx, ws, i, g, tol, problem):
+    if not _supports_f64(op):
+        return problem
+    try:
+        ref64 = _torch_grads(p, idx, ws, torch.float64)[idx.index(i)]
+    except Exception:
+        return problem
+    err, pattern = rel_err(g, ref64)
+    if not pattern and err <= tol:
+        return None
+    return problem + (f" (vs float64 torch: {pattern or f'{err:.3g}'})")
+
+
+# ------------------------------------------------------------------------------------- helpers
+def run(op, kind: str, all_samples: bool = ALL_SAMPLES, detailed: bool = False) -> Outcome:
+    fn = run_forward if kind == "forward" else run_grad
+    try:
+        return fn(op, all_samples, detailed)
+    except Exception as e:  # a harness bug must not hide the rest of the sweep
+        return Outcome(op_key(op), kind, "lowering-error", "harness: " + _short(e) + " " +
+                       traceback.format_exc(limit=-2).replace("\n", " | ")[:300])
+
+
+def configure_jax():
+    """Outside pytest: the same numerics as tests/conftest.py."""
+    jax.config.update("jax_default_matmul_precision", "highest")
+    jax.config.update("jax_numpy_rank_promotion", "raise")
+    jax.config.update("jax_numpy_dtype_promotion", "strict")
+    torch.set_num_threads(int(os.environ.get("BRIDGE_TORCH_THREADS", "1")))

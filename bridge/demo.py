@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"parity before training        max |JAX - PyTorch| = {parity:.2e}")
     print(f"pair loss                     {rows[0]['loss']:.3f} -> {rows[-1]['loss']:.3f} ({args.steps} steps, "
           f"{train_s:.0f}s)")
-    print(f"held-out cosine, paired vs unpaired (gap):")
+    print("held-out cosine, paired vs unpaired (gap):")
     print(f"  before (JAX)                {before[0]:.3f} vs {before[1]:.3f} ({before[0] - before[1]:.3f})")
     print(f"  after  (JAX)                {after[0]:.3f} vs {after[1]:.3f} ({after[0] - after[1]:.3f})")
     print(f"  after  (PyTorch, reloaded)  {torch_after[0]:.3f} vs {torch_after[1]:.3f} "

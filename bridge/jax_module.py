@@ -8,7 +8,6 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 
 import jax
 import numpy as np

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections import OrderedDict
-from typing import Any, Mapping
+from typing import Mapping
 
 import jax
 import jax.numpy as jnp

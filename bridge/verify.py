@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from torch.fx.node import map_arg
 
 from bridge.tree import flatten
-from converters.dtypes import to_jax
 from converters.interpreter import source_line
 from converters.registry import op_name
 

@@ -90,6 +90,17 @@ def decomposition_table() -> dict:
     return table
 
 
+def _row_major(t: torch.Tensor) -> torch.Tensor:
+    """`t`, or a copy with torch's default row-major strides where its strides differ."""
+    strides, acc = [], 1
+    for n in reversed(t.shape):
+        strides.append(acc)
+        acc *= max(int(n), 1)
+    if t.stride() == tuple(reversed(strides)):
+        return t
+    return t.clone(memory_format=torch.contiguous_format)
+
+
 @contextlib.contextmanager
 def _mode(module: torch.nn.Module, train: bool):
     states = {m: m.training for m in module.modules()}
@@ -108,6 +119,8 @@ def capture(module: torch.nn.Module, args: tuple = (), kwargs: dict | None = Non
     if not isinstance(args, tuple):
         args = (args,)
     kwargs = dict(kwargs or {})
+    # torch.export traces the examples' strides (size-1 dims included); JAX arrays have none
+    args, kwargs = torch.utils._pytree.tree_map_only(torch.Tensor, _row_major, (args, kwargs))
     extra = _hf_kwargs(module, kwargs)
     kwargs.update(extra)
     if dynamic is not None:

@@ -33,7 +33,7 @@ from trainers.config import TrainConfig
 from trainers.distributed import maybe_initialize
 from trainers.losses import model_loss
 from trainers.report import plot_losses, progress_bar, throughput_unit
-from trainers.sharding import batch_sharding, format_report, make_mesh, param_specs, replication_report
+from trainers.sharding import batch_sharding, make_mesh, param_specs, replication_report
 from trainers.state import TrainState
 from trainers.step import default_inputs, make_eval_step, make_forward, make_train_step
 

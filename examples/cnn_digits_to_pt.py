@@ -25,7 +25,6 @@ Outputs under --out: run/ (metrics.jsonl, loss.png, checkpoints; the same --out 
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
@@ -37,7 +36,9 @@ from sklearn.model_selection import train_test_split
 
 import bridge
 import trainers
+from bridge.parity import rel_err
 from trainers import TrainConfig, Trainer
+from trainers.report import read_losses
 
 
 class DigitsCNN(torch.nn.Module):
@@ -84,15 +85,6 @@ def batches(x: np.ndarray, y: np.ndarray, steps: int, batch: int, seed: int):
             done += 1
 
 
-def read_losses(metrics_path: Path) -> list[float]:
-    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
-    by_step = {r["step"]: r["loss"] for r in rows}
-    return [by_step[s] for s in sorted(by_step)]
-
-
-def rel_err(got, ref) -> float:
-    got, ref = np.asarray(got, np.float64), np.asarray(ref, np.float64)
-    return float(np.max(np.abs(got - ref)) / max(float(np.max(np.abs(ref))), 1e-12))
 
 
 # -- the script ----------------------------------------------------------------------------------

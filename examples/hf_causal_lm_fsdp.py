@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import os
 import sys
 import time
@@ -67,6 +66,8 @@ import transformers  # noqa: E402
 
 import bridge  # noqa: E402
 import trainers  # noqa: E402
+from bridge.parity import rel_err  # noqa: E402
+from trainers.report import read_losses  # noqa: E402
 from trainers import TrainConfig, Trainer  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -108,17 +109,6 @@ def batches(data: np.ndarray, n: int, batch: int, seq: int, seed: int):
         yield {"input_ids": ids, "labels": ids}
 
 
-def read_losses(metrics_path: Path) -> list[float]:
-    """Loss per step from the Trainer's metrics.jsonl (a resumed run rewrites steps after its checkpoint)."""
-    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
-    by_step = {r["step"]: r["loss"] for r in rows}
-    return [by_step[s] for s in sorted(by_step)]
-
-
-def rel_err(got, ref) -> float:
-    """max |got - ref| / max |ref|: the error relative to the output's scale."""
-    got, ref = np.asarray(got, np.float64), np.asarray(ref, np.float64)
-    return float(np.max(np.abs(got - ref)) / max(float(np.max(np.abs(ref))), 1e-12))
 
 
 # -- the script ----------------------------------------------------------------------------------

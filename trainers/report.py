@@ -21,16 +21,25 @@ def throughput_unit(batch) -> tuple[int, str]:
     return int(first.shape[0]), "examples"
 
 
+def read_metrics(metrics_path: Path) -> list[dict]:
+    """Rows of a run's metrics.jsonl, one per step (a resumed run rewrites the steps after its checkpoint)."""
+    rows = [json.loads(line) for line in Path(metrics_path).read_text().splitlines() if line.strip()]
+    return [r for _, r in sorted({r["step"]: r for r in rows}.items())]
+
+
+def read_losses(metrics_path: Path) -> list[float]:
+    return [r["loss"] for r in read_metrics(metrics_path)]
+
+
 def plot_losses(metrics_path: Path, out: Path) -> Path | None:
     """Loss (and eval loss) per step from the JSONL metrics, written atomically as a PNG."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [json.loads(line) for line in Path(metrics_path).read_text().splitlines() if line.strip()]
-    if not rows:
+    by_step = {r["step"]: r for r in read_metrics(metrics_path)}
+    if not by_step:
         return None
-    by_step = {r["step"]: r for r in rows}  # a resumed run rewrites the steps after its checkpoint
     steps = sorted(by_step)
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=110)
     ax.plot(steps, [by_step[s]["loss"] for s in steps], label="train loss")

@@ -35,10 +35,10 @@ class TensorSource:
     dtype: torch.dtype
     shape: tuple[int, ...]
     file: Path
-    _read: Callable[[tuple | None], np.ndarray]
+    _read: Callable[[tuple | None, bool], np.ndarray]
 
-    def read(self, index: tuple | None = None) -> np.ndarray:
-        return self._read(index)
+    def read(self, index: tuple | None = None, aligned: bool = True) -> np.ndarray:
+        return self._read(index, aligned)
 
     @property
     def nbytes(self) -> int:
@@ -49,7 +49,8 @@ def _safetensors_sources(path: Path) -> list[TensorSource]:
     infos, _ = read_header(path)
 
     def reader(info: TensorInfo):
-        return lambda index: read_tensor(path, info) if index is None else read_slice(path, info, index)
+        return lambda index, aligned: (read_tensor(path, info, aligned=aligned) if index is None
+                                       else read_slice(path, info, index))
 
     return [TensorSource(i.name, i.dtype, i.shape, path, reader(i)) for i in infos.values()]
 
@@ -78,7 +79,7 @@ def _torch_sources(path: Path) -> list[TensorSource]:
         raise CheckpointError(f"{path}: entries {bad[:5]} are not tensors")
 
     def reader(t: torch.Tensor):
-        return lambda index: to_numpy(t if index is None else t[index]).copy()
+        return lambda index, aligned: to_numpy(t if index is None else t[index]).copy()
 
     return [TensorSource(k, t.dtype, tuple(t.shape), path, reader(t)) for k, t in flat.items()]
 
@@ -144,9 +145,9 @@ def _sharding_for(shardings, name: str, shape) -> Any:
     return flat.get(name)
 
 
-def host_array(src: TensorSource, dtype=None, index: tuple | None = None) -> np.ndarray:
+def host_array(src: TensorSource, dtype=None, index: tuple | None = None, aligned: bool = True) -> np.ndarray:
     """Read (a slice of) a tensor as numpy in the dtype JAX will hold it in."""
-    arr = src.read(index)
+    arr = src.read(index, aligned)
     want = jax_dtype(src.dtype)
     if dtype is not None and jnp.issubdtype(want, jnp.floating):
         want = jnp.dtype(dtype)
@@ -156,7 +157,7 @@ def host_array(src: TensorSource, dtype=None, index: tuple | None = None) -> np.
 def iter_weights(path: str | Path, *, dtype=None) -> Iterator[tuple[str, np.ndarray, torch.dtype]]:
     """Stream (name, host array, original torch dtype), one tensor in memory at a time."""
     for src in open_checkpoint(path):
-        yield src.name, host_array(src, dtype), src.dtype
+        yield src.name, host_array(src, dtype, aligned=False), src.dtype
 
 
 def load_weights(path: str | Path, *, dtype=None, shardings=None) -> dict:

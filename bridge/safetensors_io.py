@@ -96,11 +96,12 @@ def read_header(path: str | os.PathLike) -> tuple[dict[str, TensorInfo], dict]:
     return infos, metadata
 
 
-def read_tensor(path: str | os.PathLike, info: TensorInfo) -> np.ndarray:
-    """The whole tensor as a fresh numpy array (exact dtype, bf16 included), page-aligned so that
-    `jax.device_put` on CPU adopts the buffer instead of copying it."""
+def read_tensor(path: str | os.PathLike, info: TensorInfo, *, aligned: bool = True) -> np.ndarray:
+    """The whole tensor as a fresh numpy array (exact dtype, bf16 included). `aligned`: in fresh
+    page-aligned memory, so `jax.device_put` on CPU adopts the buffer instead of copying it; a
+    streaming reader that drops each tensor is faster reusing heap memory (aligned=False)."""
     dtype = numpy_dtype(info.dtype)
-    out = aligned_empty(info.shape, dtype)
+    out = aligned_empty(info.shape, dtype) if aligned else np.empty(info.shape, dtype)
     with open(path, "rb", buffering=0) as f:
         f.seek(info.start)
         view = memoryview(out.reshape(-1).view(np.uint8))

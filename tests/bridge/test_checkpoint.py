@@ -68,7 +68,7 @@ def test_sharded_placement_reads_only_each_devices_slice(tmp_path, monkeypatch):
     real_slice, real_full = sio.read_slice, sio.read_tensor
     monkeypatch.setattr("bridge.checkpoint.read_slice", lambda p, i, idx: reads.append((i.name, idx)) or
                         real_slice(p, i, idx))
-    monkeypatch.setattr("bridge.checkpoint.read_tensor", lambda p, i: full.append(i.name) or real_full(p, i))
+    monkeypatch.setattr("bridge.checkpoint.read_tensor", lambda p, i, **kw: full.append(i.name) or real_full(p, i, **kw))
     mesh = Mesh(np.array(jax.devices()).reshape(8), ("fsdp",))
     shard = {"w": NamedSharding(mesh, P("fsdp", None)), "b": NamedSharding(mesh, P())}
     params = bridge.load_weights(tmp_path / "m.safetensors", shardings=shard)

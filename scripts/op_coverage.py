@@ -42,8 +42,14 @@ def _worker(tasks, results, all_samples: bool):
     from tests.converters.ops import opinfo_harness as H
     H.configure_jax()
     ops = H.op_by_key()
+    parent = os.getppid()
     while True:
-        key = tasks.get()
+        try:
+            key = tasks.get(timeout=10)
+        except queue.Empty:
+            if os.getppid() != parent:   # the sweep was killed: do not linger
+                return
+            continue
         if key is None:
             return
         results.put(("start", key, os.getpid()))
@@ -278,6 +284,7 @@ def main(argv=None):
     ap.add_argument("--out", default=os.path.join(ROOT, "docs", "op_coverage.md"))
     ap.add_argument("--json", default="", help="also write the raw per-sample results here")
     ap.add_argument("--write-skips", action="store_true", help="regenerate converters/ops/skips.py")
+    ap.add_argument("--from-json", default="", help="report from a --json file of an earlier sweep instead of running")
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args(argv)
 
@@ -290,23 +297,30 @@ def main(argv=None):
         if unknown:
             ap.error(f"unknown OpInfo names: {unknown}")
         keys = [k for k in keys if k in want]
-    t0 = time.perf_counter()
-    log = (lambda *_: None) if args.quiet else (lambda s: print(s, flush=True))
-    results = sweep(keys, args.jobs, args.all, args.timeout, log)
-    seconds = time.perf_counter() - t0
-    results = {k: results[k] for k in keys}
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(results, fh, indent=1)
+    import jax
+    import torch
+    if args.from_json:
+        with open(args.from_json) as fh:
+            saved = json.load(fh)
+        results, meta = saved["results"], saved["meta"]
+        results = {k: results[k] for k in keys if k in results}
+        seconds, args.jobs = meta["seconds"], meta["jobs"]
+    else:
+        t0 = time.perf_counter()
+        log = (lambda *_: None) if args.quiet else (lambda s: print(s, flush=True))
+        results = sweep(keys, args.jobs, args.all, args.timeout, log)
+        seconds = time.perf_counter() - t0
+        results = {k: results[k] for k in keys}
+        meta = {"mode": "all samples" if args.all else f"CI mode, at most {H.MAX_SAMPLES} samples per op and dtype",
+                "date": datetime.date.today().isoformat(), "seconds": seconds, "jobs": args.jobs,
+                "torch": torch.__version__, "jax": jax.__version__}
+        if args.json:
+            with open(args.json, "w") as fh:
+                json.dump({"meta": meta, "results": results}, fh, indent=1)
     if args.write_skips:
         write_skips(os.path.join(ROOT, "converters", "ops", "skips.py"), results)
     apply_skips(results)
     core, core_missing = core_aten_without_lowering()
-    import jax
-    import torch
-    meta = {"mode": "all samples" if args.all else f"CI mode, at most {H.MAX_SAMPLES} samples per op and dtype",
-            "date": datetime.date.today().isoformat(), "seconds": seconds, "jobs": args.jobs,
-            "torch": torch.__version__, "jax": jax.__version__}
     write_markdown(args.out, results, core, core_missing, meta)
     fp, fn, gp, gn = rates(results)
     print(f"\nforward {fp}/{fn} = {100 * fp / max(fn, 1):.1f}% of exportable OpInfo ops; "

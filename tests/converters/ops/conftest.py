@@ -16,3 +16,12 @@ def pytest_collection_modifyitems(session, config, items):
                     key=lambda it: (order[it.callspec.params["key"]], kinds.get(it.originalname, 2)))
     for slot, item in zip(mine, ranked):
         items[slot] = item
+
+
+# The OpInfo sweep joins `make test` once converters/ops/skips.py carries the xfail lists of a full
+# sweep (scripts/op_coverage.py --all --write-skips); until then it runs on request: BRIDGE_OPINFO=1.
+import os  # noqa: E402
+
+from converters.ops import skips as _skips  # noqa: E402
+
+collect_ignore = [] if (os.environ.get("BRIDGE_OPINFO") == "1" or _skips.XFAIL_FORWARD) else ["test_opinfo.py"]

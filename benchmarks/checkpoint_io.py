@@ -32,6 +32,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmarks.common import write_results
+
 GB, MB = 10**9, 10**6
 CHUNK = 64 * 2**20
 SHARD_BYTES = 500 * MB
@@ -203,13 +205,6 @@ def markdown(res: dict) -> str:
         f"{res['machine']['cpu_count']} CPUs, {res['machine']['platform']}.\n")
 
 
-def write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
-
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -252,11 +247,7 @@ def main(argv=None) -> None:
                      "stream_rss": meas["stream"]["overhead_bytes"] <= budget,
                      "export_rss": meas["export"]["overhead_bytes"] <= budget},
            "total_seconds": time.perf_counter() - start}
-    table = markdown(res)
-    args.out.mkdir(parents=True, exist_ok=True)
-    write_atomic(args.out / "checkpoint_io.json", json.dumps(res, indent=2) + "\n")
-    write_atomic(args.out / "checkpoint_io.md", "# Checkpoint I/O benchmark\n\n" + table)
-    print(table + f"Total runtime: {res['total_seconds']:.0f} s")
+    write_results(args.out, "checkpoint_io", "Checkpoint I/O benchmark", res, markdown(res))
 
 
 if __name__ == "__main__":

@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import copy
 import importlib.metadata as md
-import json
 import os
 import platform
 import shutil
@@ -38,6 +37,8 @@ import time
 import traceback
 from datetime import datetime, timezone
 from pathlib import Path
+
+from benchmarks.common import write_results
 
 import jax
 import jax.numpy as jnp
@@ -358,13 +359,6 @@ def cpu_busy_s() -> float:
     return (sum(f[:8]) - idle) / os.sysconf("SC_CLK_TCK")
 
 
-def write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
-
 
 def cpu_name() -> str:
     try:
@@ -419,11 +413,7 @@ def main(argv=None) -> None:
                         "jax_default_matmul_precision": jax.config.jax_default_matmul_precision},
            "targets": {"bridge/torch_eager": TARGET_EAGER, "bridge/torch_compile": TARGET_COMPILE},
            "models": models, "total_seconds": time.perf_counter() - start}
-    table = markdown(res)
-    args.out.mkdir(parents=True, exist_ok=True)
-    write_atomic(args.out / "train_step.json", json.dumps(res, indent=2) + "\n")
-    write_atomic(args.out / "train_step.md", "# Train-step benchmark\n\n" + table)
-    print(table + f"Total runtime: {res['total_seconds']:.0f} s")
+    write_results(args.out, "train_step", "Train-step benchmark", res, markdown(res))
 
 
 if __name__ == "__main__":

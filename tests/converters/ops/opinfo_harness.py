@@ -213,7 +213,8 @@ def _signature(prepared: list[Prepared]):
     """Hashable description of what the export depends on: shapes/dtypes and the constants."""
     parts = []
     for p in prepared:
-        metas = tuple((tuple(t.shape), t.dtype, t.stride()) for t in p.tensors)
+        metas = tuple((tuple(t.shape), t.dtype, t.layout, t.stride() if t.layout == torch.strided else None)
+                      for t in p.tensors)
         try:
             consts = repr(p.consts)
         except Exception:  # a constant without a repr: never share
@@ -457,13 +458,15 @@ def _classify_convert_error(e: BaseException) -> tuple[str, str, tuple]:
 
 def _convert_groups(key: str, prepared: list[Prepared], split: bool = False):
     """[(group, jm or None, (status, detail, missing) or None)]: one combined group, or one per sample
-    when torch.export cannot capture them together (or `split`)."""
+    when they cannot be converted together (or `split`)."""
     if not split:
         try:
             return [(prepared, CACHE.convert(key, prepared), None)]
         except Exception as e:
             status, detail, missing = _classify_convert_error(e)
-            if status != "export-fail" or len(prepared) == 1:
+            # missing lowerings are the op's own; any other failure may come from putting the samples
+            # together (torch asserts on some combined input mutations): look at each sample alone
+            if status == "unsupported" or len(prepared) == 1:
                 return [(prepared, None, (status, detail, missing))]
     out = []
     for p in prepared:

@@ -17,6 +17,8 @@ _EXPORTS = {
     "to_state_dict": "bridge.state",
     "export": "bridge.exporter",
     "empty_weights": "bridge.meta_init",
+    "to_flax": "converters.nnx",
+    "from_flax": "converters.nnx",
 }
 __all__ = ["errors", *_EXPORTS]
 

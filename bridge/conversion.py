@@ -6,6 +6,8 @@ Example:
 """
 from __future__ import annotations
 
+import copy
+
 import jax
 import torch
 
@@ -20,7 +22,7 @@ from converters.interpreter import Program
 
 def convert(module: torch.nn.Module, args=(), kwargs: dict | None = None, *, dynamic_shapes=None,
             dynamic: str | None = None, train: bool = False, strict: bool | None = None,
-            weights=None, weights_dtype=None, shardings=None) -> JaxModule:
+            weights=None, weights_dtype=None, shardings=None, compute_dtype=None) -> JaxModule:
     """Capture `module` on example inputs and return the equivalent JAX model.
 
     Args:
@@ -33,12 +35,20 @@ def convert(module: torch.nn.Module, args=(), kwargs: dict | None = None, *, dyn
         module may then be built with `bridge.empty_weights()` (parameters on the meta device).
         Key accounting is strict: missing/unexpected/mismatched keys raise `KeyMismatchError`.
       weights_dtype, shardings: passed to `bridge.load_weights`.
+      compute_dtype: e.g. `torch.bfloat16`: capture the graph as torch runs the module cast to that dtype
+        (HF's own fp32 upcasts included) while `jm.params` keep the module's dtypes: `apply` casts them
+        on the way in, so fp32 master weights train a bf16 program (mixed precision).
 
     Example:
       >>> jm = bridge.convert(model, kwargs={"input_ids": ids}, dynamic="batch+seq")
       >>> logits = jax.jit(jm.apply)(jm.params, input_ids=ids_jax)["logits"]
     """
-    cap = capture(module, args, kwargs, dynamic_shapes=dynamic_shapes, dynamic=dynamic,
+    captured = module
+    if compute_dtype is not None:   # the module and its floating example inputs, as torch would run them
+        captured = _cast_copy(module, compute_dtype)
+        cast = lambda t: t.to(compute_dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t  # noqa: E731
+        args, kwargs = torch.utils._pytree.tree_map(cast, (tuple(args), dict(kwargs or {})))
+    cap = capture(captured, args, kwargs, dynamic_shapes=dynamic_shapes, dynamic=dynamic,
                   train=train, strict=strict)
     program = Program(cap)
     params = dict(module.named_parameters())
@@ -66,6 +76,24 @@ def convert(module: torch.nn.Module, args=(), kwargs: dict | None = None, *, dyn
     if weights is not None:
         jm, _ = jm.load_weights(weights, strict=True, dtype=weights_dtype, shardings=shardings)
     return jm
+
+
+def _cast_copy(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """A copy of `module` whose floating parameters and buffers are cast to `dtype`; every other tensor
+    is shared, not copied (only the cast copies take memory; tied weights stay tied)."""
+    if not dtype.is_floating_point:
+        raise ValueError(f"compute_dtype must be a floating dtype, got {dtype}")
+    memo = {}
+    for t in list(module.parameters()) + list(module.buffers()):
+        if id(t) in memo:
+            continue
+        if not t.is_floating_point() or t.dtype == dtype:
+            memo[id(t)] = t
+            continue
+        cast = t.detach().to(dtype)
+        memo[id(t)] = torch.nn.Parameter(cast, requires_grad=t.requires_grad) \
+            if isinstance(t, torch.nn.Parameter) else cast
+    return copy.deepcopy(module, memo)
 
 
 def _leaf(t: torch.Tensor):

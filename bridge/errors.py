@@ -73,3 +73,15 @@ class ExportError(BridgeError):
 
 class NonFiniteLossError(BridgeError):
     """Training produced a NaN/Inf loss; names the step and the last good checkpoint."""
+
+
+class UnsupportedModuleError(BridgeError):
+    """The structural (NNX) path has no rule for a module, or for one of its settings.
+
+    Names the module type, its dotted path in the model and why; `to_flax(..., fallback="graph")`
+    converts such modules through the graph path instead.
+    """
+
+    def __init__(self, module_type: str, path: str, reason: str = "no structural rule for this module type"):
+        self.module_type, self.path, self.reason = module_type, path, reason
+        super().__init__(f"{module_type} at '{path or '<root>'}': {reason}")

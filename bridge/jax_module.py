@@ -80,7 +80,7 @@ class JaxModule:
 
     @property
     def mutates_buffers(self) -> bool:
-        return any(m is not None for m in self.program.mutations)
+        return any(isinstance(m, str) for m in self.program.mutations)
 
     def user_leaves(self, args: tuple, kwargs: dict) -> list:
         """Flatten (args, kwargs) in the exported order, converting torch/numpy arrays."""

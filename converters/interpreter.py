@@ -43,6 +43,9 @@ def source_line(node: torch.fx.Node) -> str:
     return picked or f"<graph node {node.name}>"
 
 
+_DROPPED = object()   # marks graph outputs that are not results: effect tokens, input mutations
+
+
 class Program:
     """A lowered graph plus the maps from its placeholders to state and user inputs."""
 
@@ -55,11 +58,15 @@ class Program:
         self.user_inputs: list[tuple[str, Any]] = []          # (placeholder, example meta or constant)
         self.lifted: dict[str, torch.Tensor] = {}             # constants/non-persistent buffers by name
         self.param_names: list[str] = []
+        self.tokens: list[str] = []
         self.buffer_names: list[str] = []
         for spec in sig.input_specs:
             name = spec.arg.name
             if spec.kind == InputKind.USER_INPUT:
                 self.user_inputs.append((name, getattr(spec.arg, "value", None)))
+                continue
+            if spec.kind == InputKind.TOKEN:      # effect tokens order side effects; JAX programs are pure
+                self.tokens.append(name)
                 continue
             if spec.kind not in (InputKind.PARAMETER, InputKind.BUFFER, InputKind.CONSTANT_TENSOR):
                 raise UnsupportedOpsError({f"graph input kind {spec.kind.name}": (1, [spec.target])})
@@ -78,6 +85,10 @@ class Program:
                 self.mutations.append(cap.aliases.get(spec.target, spec.target))
             elif spec.kind == OutputKind.USER_OUTPUT:
                 self.mutations.append(None)
+            elif spec.kind in (OutputKind.TOKEN, OutputKind.USER_INPUT_MUTATION):
+                # in-place updates of the caller's inputs: JAX arrays are immutable, so they are dropped
+                # (the function's outputs, which already read the updated values, are exact)
+                self.mutations.append(_DROPPED)
             else:
                 raise UnsupportedOpsError({f"graph output kind {spec.kind.name}": (1, [str(spec.target)])})
         self.in_spec = ep.call_spec.in_spec
@@ -91,8 +102,9 @@ class Program:
     def _check_supported(self):
         missing: dict[str, list] = defaultdict(list)
         for n in self.nodes:
-            if lookup(n.target) is None:
-                missing[op_name(n.target)].append(source_line(n))
+            target = n.args[1] if n.target is torch.ops.higher_order.with_effects else n.target
+            if lookup(n.target) is None or lookup(target) is None:
+                missing[op_name(target)].append(source_line(n))
         if missing:
             raise UnsupportedOpsError({op: (len(srcs), sorted(set(srcs)))
                                        for op, srcs in missing.items()})
@@ -133,9 +145,11 @@ class Program:
     def _run(self, state, leaves, key, intermediates=False):
         env: dict[str, Any] = {}
         for name, _, canon in self.state_inputs:
-            env[name] = state[canon]
+            env[name] = self._as_captured(name, state[canon])
         for (name, const), leaf in zip(self.user_inputs, leaves):
-            env[name] = leaf if const is None or hasattr(leaf, "shape") else const
+            env[name] = self._as_captured(name, leaf) if const is None or hasattr(leaf, "shape") else const
+        for name in self.tokens:
+            env[name] = None
         for node in self.nodes:
             env[node.name] = self._eval(node, env, key)
         out_node = next(n for n in reversed(self.graph.nodes) if n.op == "output")
@@ -144,11 +158,32 @@ class Program:
         for target, value in zip(self.mutations, results):
             if target is None:
                 user.append(value)
-            else:
+            elif target is not _DROPPED:
                 mutated[target] = value
         if intermediates:
             return user, mutated, {n.name: env[n.name] for n in self.nodes if hasattr(env[n.name], "shape")}
         return user, mutated
+
+    def _as_captured(self, name: str, x):
+        """A floating input in another float dtype than the graph was captured with (fp32 master weights
+        for a program captured in bf16, fp32 images for a bf16 model) is cast to the captured dtype, so
+        every op runs in the dtype torch would use; gradients flow back through the cast."""
+        meta = self.placeholder_meta.get(name)
+        if not isinstance(meta, torch.Tensor) or not meta.dtype.is_floating_point or not hasattr(x, "dtype"):
+            return x
+        want = jax_dtype(meta.dtype)
+        if x.dtype == want or not jax.numpy.issubdtype(x.dtype, jax.numpy.floating):
+            return x
+        return x.astype(want)
+
+    def captured_dtypes(self) -> dict[str, Any]:
+        """State name → the JAX dtype the graph computes that parameter/buffer in."""
+        out = {}
+        for name, _, canon in self.state_inputs:
+            meta = self.placeholder_meta.get(name)
+            if isinstance(meta, torch.Tensor):
+                out[canon] = jax_dtype(meta.dtype)
+        return out
 
     def _eval(self, node: torch.fx.Node, env: dict, key):
         low = lookup(node.target)

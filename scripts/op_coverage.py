@@ -239,12 +239,16 @@ def write_markdown(path, results, core, core_missing, meta):
               f"{len(core_missing)} do not:", ""]
     lines.append(", ".join(f"`{c}`" for c in core_missing) or "(none)")
     lines += ["", "## Per op", "", "| op | forward | grad | dtypes tested | reason if failing |", "|---|---|---|---|---|"]
+    from converters.ops import skips
+    known = getattr(skips, "REASONS", {})
     for key in sorted(results):
         f, g = results[key]
         why = "; ".join(x for x in (reason(f) if f["status"] in FAILING else "",
                                     ("grad " + reason(g)) if g["status"] in FAILING else "") if x)
         if not why and f["status"] == "export-fail":
             why = reason(f, 160)
+        if why and key in known:
+            why = f"{known[key]} [{why}]"
         lines.append(f"| `{key}` | {_mark(f)} | {_mark(g)} | {', '.join(f['dtypes'])} | {why.replace('|', '/')} |")
     with open(path, "w") as fh:
         fh.write("\n".join(lines) + "\n")
@@ -261,12 +265,18 @@ def write_skips(path, results):
         out.append("}")
         return "\n".join(out)
 
-    not_exp = {k: reason(r[0], 160) for k, r in results.items() if r[0]["status"] == "export-fail"}
-    xf = {k: reason(r[0], 200) for k, r in results.items() if r[0]["status"] in FAILING and k not in skips.SKIPS}
-    xg = {k: reason(r[1], 200) for k, r in results.items() if r[1]["status"] in FAILING and k not in skips.SKIPS}
+    known = getattr(skips, "REASONS", {})
+
+    def why(k, o, n):   # the hand-written explanation first, then what the sweep saw
+        return f"{known[k]} [{reason(o, n)}]" if k in known else reason(o, n)
+
+    not_exp = {k: why(k, r[0], 160) for k, r in results.items() if r[0]["status"] == "export-fail"}
+    xf = {k: why(k, r[0], 200) for k, r in results.items() if r[0]["status"] in FAILING and k not in skips.SKIPS}
+    xg = {k: why(k, r[1], 200) for k, r in results.items() if r[1]["status"] in FAILING and k not in skips.SKIPS}
     text = "\n\n".join([
         f'"""{header}\n"""',
         block("SKIPS", skips.SKIPS, "kept by hand"),
+        block("REASONS", known, "kept by hand: why an op cannot pass (prefixed to its generated entries)"),
         block("NOT_EXPORTABLE", not_exp, "generated: torch.export captures none of the samples"),
         block("XFAIL_FORWARD", xf, "generated: forward fails (xfail, not strict)"),
         block("XFAIL_GRAD", xg, "generated: grad fails (xfail, not strict)"),

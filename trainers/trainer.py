@@ -50,6 +50,8 @@ class Trainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         inputs_fn = inputs_fn or default_inputs(jm)
         compute = jnp.dtype(config.compute_dtype) if config.compute_dtype else None
+        if compute is not None:
+            _check_captured_dtype(jm, compute)
         forward = make_forward(jm, self.loss_fn, inputs_fn, compute_dtype=compute, remat=config.remat)
         eval_forward = make_forward(eval_model or jm, self.loss_fn, inputs_fn, compute_dtype=compute)
         self._step_fn = make_train_step(forward, optimizer, accum=config.grad_accum, nan_policy=config.nan_policy)
@@ -181,3 +183,17 @@ class Trainer:
 def _main_thread() -> bool:
     import threading
     return threading.current_thread() is threading.main_thread()
+
+
+def _check_captured_dtype(jm, compute) -> None:
+    """bf16 compute needs a program captured in bf16: an fp32 graph would cast the bf16 weights back up
+    and silently compute in fp32."""
+    wrong = sorted(n for n, d in jm.program.captured_dtypes().items()
+                   if jnp.issubdtype(d, jnp.floating) and d != compute)
+    if wrong:
+        raise ValueError(
+            f"compute_dtype={compute.name} but the model's graph computes {wrong[0]} (and {len(wrong) - 1} more) "
+            f"in {jm.program.captured_dtypes()[wrong[0]].name}; convert with "
+            f"bridge.convert(module, ..., compute_dtype=torch.{compute.name}) so the graph runs in {compute.name} "
+            f"while the fp32 master weights stay in jm.params")
+

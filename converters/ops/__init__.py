@@ -1,4 +1,5 @@
 """Lowerings by op family; importing this package registers all of them."""
 from converters.ops import (  # noqa: F401
-    activation, conv, creation, elementwise, indexing, linalg, nn, random, reduction, shape, symbolic,
+    activation, backward, conv, creation, distance, elementwise, factorize, fft, indexing, linalg, loss, nn,
+    numeric, polynomials, random, reduction, resample, scatter, shape, solvers, sorting, special, symbolic,
 )

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import Sequence
 
 import jax
@@ -18,6 +19,19 @@ def dim_(d: int, ndim: int) -> int:
     """Normalize a possibly negative dim (torch allows dim 0/-1 on 0-d tensors)."""
     n = max(ndim, 1)
     return d % n
+
+
+def scalar_dims(fn):
+    """For lowerings taking (x, dim...): torch accepts dim 0/-1 on a 0-d `x`, JAX does not. A 0-d `x` runs
+    as shape (1,) and every array result comes back 0-d (what torch returns for 0-d inputs)."""
+
+    @functools.wraps(fn)
+    def wrapped(x, *args, **kwargs):
+        if getattr(x, "ndim", None) != 0:
+            return fn(x, *args, **kwargs)
+        return jax.tree.map(lambda o: o.reshape(()) if hasattr(o, "reshape") else o, fn(x.reshape(1), *args, **kwargs))
+
+    return wrapped
 
 
 def dims_(dims, ndim: int) -> tuple[int, ...] | None:
@@ -53,6 +67,11 @@ def as_array(x, like=None):
     if isinstance(x, complex):
         return jnp.asarray(x, dtype=jnp.complex64)
     return jnp.asarray(x, dtype=default_float())
+
+
+def opmath(*xs):
+    """bf16/fp16 arrays as fp32: torch's CPU kernels compute these in fp32 and round once at the end."""
+    return tuple(x.astype(jnp.float32) if getattr(x, "dtype", None) in (jnp.bfloat16, jnp.float16) else x for x in xs)
 
 
 def size_(shape: Sequence) -> tuple[int, ...]:

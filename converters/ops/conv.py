@@ -30,23 +30,25 @@ def convolution(x, w, bias, stride, padding, dilation, transposed, output_paddin
     nd = w.ndim - 2
     stride, padding, dilation = _tuple(stride, nd), _tuple(padding, nd), _tuple(dilation, nd)
     dn = _dimension_numbers(nd)
+    # low-precision floats accumulate in fp32 and round once, bias included, as torch's kernels do
+    acc = jnp.float32 if x.dtype in (jnp.bfloat16, jnp.float16) else None
     with dot_precision(x, w):
-        y = _conv(x, w, stride, padding, dilation, transposed, output_padding, groups, dn, nd)
+        y = _conv(x, w, stride, padding, dilation, transposed, output_padding, groups, dn, nd, acc)
     if bias is not None:
-        y = y + bias.reshape((1, -1) + (1,) * nd)
-    return y
+        y = y + bias.reshape((1, -1) + (1,) * nd).astype(y.dtype)
+    return y.astype(x.dtype)
 
 
-def _conv(x, w, stride, padding, dilation, transposed, output_padding, groups, dn, nd):
+def _conv(x, w, stride, padding, dilation, transposed, output_padding, groups, dn, nd, acc):
     if not transposed:
         y = lax.conv_general_dilated(x, w, stride, [(p, p) for p in padding], rhs_dilation=dilation,
-                                     dimension_numbers=dn, feature_group_count=groups)
+                                     dimension_numbers=dn, feature_group_count=groups, preferred_element_type=acc)
     else:
-        y = _conv_transpose(x, w, stride, padding, dilation, _tuple(output_padding, nd), groups, dn)
+        y = _conv_transpose(x, w, stride, padding, dilation, _tuple(output_padding, nd), groups, dn, acc)
     return y
 
 
-def _conv_transpose(x, w_IOk, stride, padding, dilation, output_padding, groups, dn):
+def _conv_transpose(x, w_IOk, stride, padding, dilation, output_padding, groups, dn, acc):
     """Transposed conv = dilated-input conv with the kernel flipped and (in, out) swapped per group."""
     cin, cout_g = w_IOk.shape[:2]
     k = w_IOk.shape[2:]
@@ -54,7 +56,7 @@ def _conv_transpose(x, w_IOk, stride, padding, dilation, output_padding, groups,
     w = jnp.flip(w, axis=tuple(range(2, w.ndim)))
     pads = [(d * (kk - 1) - p, d * (kk - 1) - p + op) for kk, p, d, op in zip(k, padding, dilation, output_padding)]
     return lax.conv_general_dilated(x, w, (1,) * len(k), pads, lhs_dilation=stride, rhs_dilation=dilation,
-                                    dimension_numbers=dn, feature_group_count=groups)
+                                    dimension_numbers=dn, feature_group_count=groups, preferred_element_type=acc)
 
 
 def _pool_geometry(shape_sp, kernel, stride, padding, dilation, ceil_mode):
@@ -77,20 +79,41 @@ def _pool_args(x, kernel_size, stride, padding, dilation, nd):
     return kernel, stride, _tuple(padding, nd), _tuple(dilation, nd)
 
 
+def _lowest(dtype):
+    return -np.inf if jnp.issubdtype(dtype, jnp.floating) else jnp.iinfo(dtype).min
+
+
 def _max_pool(x, kernel_size, stride, padding, dilation, ceil_mode, nd):
     kernel, stride, padding, dilation = _pool_args(x, kernel_size, stride, padding, dilation, nd)
     lead = x.ndim - nd
     pads, _ = _pool_geometry(x.shape[lead:], kernel, stride, padding, dilation, ceil_mode)
-    init = np.array(-np.inf if jnp.issubdtype(x.dtype, jnp.floating) else jnp.iinfo(x.dtype).min, x.dtype)  # concrete: keeps max differentiable
-    win, strides = (1,) * lead + kernel, (1,) * lead + stride
-    full_pads = [(0, 0)] * lead + pads
-    dil = (1,) * lead + dilation
-    vals = lax.reduce_window(x, init, lax.max, win, strides, full_pads, window_dilation=dil)
-    return vals, _window_argmax(lax.stop_gradient(x), init, nd, win, strides, tuple(full_pads), dil)
+    cfg = (nd, (1,) * lead + kernel, (1,) * lead + stride, tuple([(0, 0)] * lead + pads), (1,) * lead + dilation)
+    return _window_max(x, *cfg), _window_argmax(lax.stop_gradient(x), *cfg)
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3, 4, 5, 6))
-def _window_argmax(x, init, nd, win, strides, pads, dil):
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1, 2, 3, 4, 5))
+def _window_max(x, nd, win, strides, pads, dil):
+    """Max over each window; its derivative is the input's at the window's argmax, as in torch."""
+    init = np.array(_lowest(x.dtype), x.dtype)
+    return lax.reduce_window(x, init, lax.max, win, strides, pads, window_dilation=dil)
+
+
+@_window_max.defjvp
+def _window_max_jvp(nd, win, strides, pads, dil, primals, tangents):
+    (x,), (t,) = primals, tangents
+    idx = _window_argmax(x, nd, win, strides, pads, dil)
+    return _window_max(x, nd, win, strides, pads, dil), _take_flat(t, idx, nd)
+
+
+def _take_flat(x, idx, nd):
+    """x[..., idx] over the flattened trailing `nd` axes of x (idx holds flat spatial indices)."""
+    lead = x.shape[:x.ndim - nd]
+    at = idx.reshape(lead + (math.prod(idx.shape[len(lead):]),))
+    return jnp.take_along_axis(x.reshape(lead + (math.prod(x.shape[len(lead):]),)), at, axis=-1).reshape(idx.shape)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1, 2, 3, 4, 5))
+def _window_argmax(x, nd, win, strides, pads, dil):
     """Flat spatial index of each window's max (first occurrence, NaN wins), as torch returns it."""
     lead = x.ndim - nd
     iota = jnp.broadcast_to(jnp.arange(math.prod(x.shape[lead:]), dtype=jnp.int32).reshape(x.shape[lead:]), x.shape)
@@ -100,6 +123,7 @@ def _window_argmax(x, init, nd, win, strides, pads, dil):
         take_b = (vb > va) | ((vb == va) & (ib < ia)) | (jnp.isnan(vb) & ~jnp.isnan(va))
         return jnp.where(take_b, vb, va), jnp.where(take_b, ib, ia)
 
+    init = np.array(_lowest(x.dtype), x.dtype)
     big = jnp.asarray(np.iinfo(np.int32).max, jnp.int32)
     return lax.reduce_window((x, iota), (init, big), pick, win, strides, pads, window_dilation=dil)[1]
 
@@ -120,22 +144,93 @@ def max_pool3d_with_indices(x, kernel_size, stride=(), padding=(0,), dilation=(1
     return _max_pool(x, kernel_size, stride, padding, dilation, ceil_mode, 3)
 
 
+def _gather_windows_max(x, tables):
+    """Max of windows given per spatial axis as index tables broadcastable to lead + (O, K), each row
+    starting at its window's start (padded rows repeat the start, which wins ties by coming first).
+
+    Returns the values (whose derivative goes to the argmax only, as torch's) and int64 flat spatial indices.
+    """
+    nd = len(tables)
+    lead = x.ndim - nd
+    tables = [t.reshape((1,) * (lead + 2 - t.ndim) + t.shape) for t in tables]
+    y = x
+    for i, idx in enumerate(tables):
+        O, K = idx.shape[-2:]
+        if isinstance(idx, np.ndarray) and idx.shape[:-2] == (1,) * lead:
+            y = jnp.take(y, idx.reshape(O * K), axis=lead + i)
+        else:
+            y = jnp.take_along_axis(y, idx.reshape(idx.shape[:-2] + (1,) * i + (O * K,) + (1,) * (nd - i - 1)),
+                                    axis=lead + i)
+    outs, ks = tuple(t.shape[-2] for t in tables), tuple(t.shape[-1] for t in tables)
+    y = y.reshape(y.shape[:lead] + sum(((o, k) for o, k in zip(outs, ks)), ()))
+    y = y.transpose(tuple(range(lead)) + tuple(lead + 2 * i + j for j in (0, 1) for i in range(nd)))  # outs, then ks
+    y = y.reshape(y.shape[:lead + nd] + (math.prod(ks),))
+    arg = jnp.argmax(lax.stop_gradient(y), axis=-1)
+    vals = jnp.take_along_axis(y, arg[..., None], axis=-1)[..., 0]
+    flat, stride, inner = 0, 1, 1
+    for i in reversed(range(nd)):
+        start = tables[i][..., 0].reshape(tables[i].shape[:lead] + (1,) * i + (outs[i],) + (1,) * (nd - i - 1))
+        flat = flat + (start + arg // inner % ks[i]) * stride
+        stride, inner = stride * x.shape[lead + i], inner * ks[i]
+    return vals, flat
+
+
+def _adaptive_table(L, O):
+    """torch's adaptive windows [floor(i*L/O), ceil((i+1)*L/O)), padded to one width with the window start."""
+    lo, hi = (np.arange(O) * L) // O, -(-((np.arange(O) + 1) * L) // O)
+    idx = lo[:, None] + np.arange(int((hi - lo).max()))
+    return np.where(idx < hi[:, None], idx, lo[:, None]).astype(np.int32)
+
+
+@lowering(aten.adaptive_max_pool2d.default, aten.adaptive_max_pool3d.default)
+def adaptive_max_pool(x, output_size):
+    nd = len(output_size)
+    return _gather_windows_max(x, [_adaptive_table(L, O) for L, O in zip(x.shape[-nd:], output_size)])
+
+
+def _fractional_tables(x, kernel_size, output_size, samples):
+    """Pseudo-random window starts of fractional max pooling from `samples` (..., nd) (torch's generate_intervals)."""
+    nd = len(output_size)
+    tables = []
+    for i, (L, O, k) in enumerate(zip(x.shape[-nd:], output_size, kernel_size)):
+        u = samples[..., nd - 1 - i] if nd == 2 else samples[..., i]  # 2-d samples are (w, h); 3-d (t, h, w)
+        u = u.reshape(x.shape[:x.ndim - nd])  # unbatched inputs come with samples (1, C, nd)
+        alpha = jnp.asarray(L - k, u.dtype) / jnp.asarray(max(O - 1, 1), u.dtype)
+        i_O = jnp.arange(O, dtype=u.dtype)
+        starts = (((i_O + u[..., None]) * alpha).astype(jnp.int32) - (u * alpha).astype(jnp.int32)[..., None])
+        starts = starts.at[..., O - 1].set(L - k)
+        tables.append(starts[..., None] + jnp.arange(k, dtype=jnp.int32))
+    return tables
+
+
+@lowering(aten.fractional_max_pool2d.default, aten.fractional_max_pool3d.default)
+def fractional_max_pool(x, kernel_size, output_size, random_samples):
+    nd = len(output_size)
+    return _gather_windows_max(x, _fractional_tables(x, _tuple(kernel_size, nd), output_size, random_samples))
+
+
+def _avg_divisor(L, O, k, s, p, count_include_pad):
+    """torch's per-axis divisor: the window clipped to the padded input, or to the input itself."""
+    start = np.arange(O) * s - p
+    end = np.minimum(start + k, L + p)
+    if count_include_pad:
+        return end - start
+    return np.maximum(np.minimum(end, L) - np.maximum(start, 0), 1)  # empty windows sum to 0
+
+
 def _avg_pool(x, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override, nd):
     kernel, stride, padding, _ = _pool_args(x, kernel_size, stride, padding, (1,), nd)
     lead = x.ndim - nd
-    pads, _ = _pool_geometry(x.shape[lead:], kernel, stride, padding, (1,) * nd, ceil_mode)
-    win, strides, full_pads = (1,) * lead + kernel, (1,) * lead + stride, [(0, 0)] * lead + pads
-    total = lax.reduce_window(x, np.array(0, x.dtype), lax.add, win, strides, full_pads)
+    pads, outs = _pool_geometry(x.shape[lead:], kernel, stride, padding, (1,) * nd, ceil_mode)
+    acc = jnp.promote_types(x.dtype, jnp.float32)  # torch sums low-precision floats in fp32
+    total = lax.reduce_window(x.astype(acc), np.array(0, acc), lax.add, (1,) * lead + kernel, (1,) * lead + stride,
+                              [(0, 0)] * lead + pads)
     if divisor_override:
-        return total / divisor_override
-    if count_include_pad:  # torch counts the symmetric padding, not the extra ceil_mode overhang
-        ones = jnp.pad(jnp.ones(x.shape[lead:], x.dtype), [(p, p) for p in padding])
-        count = lax.reduce_window(ones, np.array(0, x.dtype), lax.add, kernel, stride,
-                                  [(0, hi - lo) for lo, hi in pads])
-    else:
-        count = lax.reduce_window(jnp.ones(x.shape[lead:], x.dtype), np.array(0, x.dtype), lax.add,
-                                  kernel, stride, pads)
-    return total / count
+        return (total / divisor_override).astype(x.dtype)
+    count = np.ones((), np.int64)
+    for L, O, k, s, p in zip(x.shape[lead:], outs, kernel, stride, padding):
+        count = np.multiply.outer(count, _avg_divisor(L, O, k, s, p, count_include_pad))
+    return (total / count.astype(acc)).astype(x.dtype)
 
 
 @lowering(aten.avg_pool1d.default)

@@ -1,7 +1,9 @@
 """Tensor factories: arange, full, *_like, empty, scalar_tensor, eye, linspace."""
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
+from jax import lax
 import torch
 
 from converters.ops.common import aten, default_float, dt, size_
@@ -94,4 +96,26 @@ def eye(n, m=None, *, dtype=None, layout=None, device=None, pin_memory=None):
 
 @lowering(aten.linspace.default)
 def linspace(start, end, steps, *, dtype=None, layout=None, device=None, pin_memory=None):
-    return jnp.linspace(start, end, steps, dtype=dt(dtype, default_float()))
+    """bf16/fp16 in fp32, rounded once (as torch's CPU kernel does, up to its SIMD chunking)."""
+    dtype = dt(dtype, default_float())
+    wide = jnp.float32 if dtype in (jnp.bfloat16, jnp.float16) else dtype
+    return jnp.linspace(start, end, steps, dtype=wide).astype(dtype)
+
+
+@lowering(aten.fill.Scalar, aten.fill.Tensor)
+def fill(x, value):
+    return jnp.full(x.shape, value, dtype=x.dtype)
+
+
+@lowering(aten.logspace.default, aten.logspace.Tensor_Tensor, aten.logspace.Tensor_Scalar, aten.logspace.Scalar_Tensor)
+def logspace(start, end, steps, base=10.0, *, dtype=None, layout=None, device=None, pin_memory=None):
+    """torch's kernel: start/end rounded to the output dtype, exponents and powers in double, rounded once."""
+    dtype = dt(dtype, default_float())
+    wide = jnp.float64 if jax.config.jax_enable_x64 else jnp.float32
+    lo, hi = (lax.convert_element_type(jnp.asarray(v, wide), dtype).astype(wide) for v in (start, end))
+    step = (hi - lo) / max(steps - 1, 1)
+    i = jnp.arange(steps, dtype=wide)
+    exps = jnp.where(i < steps // 2, lo + step * i, hi - step * (steps - 1 - i))
+    if steps == 1:   # torch fills with base ** start, start not rounded
+        exps = jnp.full((1,), start, wide)
+    return jnp.power(jnp.asarray(base, wide), exps).astype(dtype)

@@ -8,7 +8,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from converters.ops.common import aten, as_array, default_float
+from converters.ops import special   # torch's digamma/i0 gradients
+from converters.ops.common import aten, as_array, default_float, opmath
 from converters.registry import lowering
 
 
@@ -30,13 +31,13 @@ _UNARY = {
     "asinh": lambda x: jnp.arcsinh(_float(x)), "acosh": lambda x: jnp.arccosh(_float(x)),
     "atanh": lambda x: jnp.arctanh(_float(x)), "erf": lambda x: jax.scipy.special.erf(_float(x)),
     "erfc": lambda x: jax.scipy.special.erfc(_float(x)), "erfinv": lambda x: jax.scipy.special.erfinv(_float(x)),
-    "lgamma": lambda x: jax.scipy.special.gammaln(_float(x)), "digamma": lambda x: jax.scipy.special.digamma(_float(x)),
+    "lgamma": lambda x: jax.scipy.special.gammaln(_float(x)), "digamma": lambda x: special.digamma(_float(x)),
     "ceil": jnp.ceil, "floor": jnp.floor, "trunc": jnp.trunc, "round": jnp.round, "frac": lambda x: x - jnp.trunc(x),
     "sign": jnp.sign, "sgn": jnp.sign, "reciprocal": lambda x: 1 / _float(x), "signbit": jnp.signbit,
     "isnan": jnp.isnan, "isinf": jnp.isinf, "isfinite": jnp.isfinite, "isneginf": jnp.isneginf,
     "isposinf": jnp.isposinf, "logical_not": jnp.logical_not, "bitwise_not": jnp.invert,
     "real": jnp.real, "imag": jnp.imag, "conj_physical": jnp.conj, "angle": jnp.angle,
-    "i0": lambda x: jax.scipy.special.i0(_float(x)), "sinc": lambda x: jnp.sinc(_float(x)),
+    "i0": lambda x: special.i0(_float(x)), "sinc": lambda x: jnp.sinc(_float(x)),
     "deg2rad": lambda x: jnp.deg2rad(_float(x)), "rad2deg": lambda x: jnp.rad2deg(_float(x)),
     "square": lambda x: x * x,
 }
@@ -78,11 +79,23 @@ def _pow(a, b):
     return jnp.power(a, b)
 
 
+@jax.custom_jvp
+def _nextafter(a, b):
+    return jnp.nextafter(a, b)
+
+
+@_nextafter.defjvp
+def _nextafter_jvp(primals, tangents):
+    """torch's convention: d/da = 1, d/db = 0 (JAX has no rule)."""
+    out = _nextafter(*primals)
+    return out, jnp.broadcast_to(tangents[0], out.shape).astype(out.dtype)
+
+
 _BINARY = {
     "mul": jnp.multiply, "div": lambda a, b: _int_div(a, b, None), "true_divide": lambda a, b: _int_div(a, b, None),
     "maximum": jnp.maximum, "minimum": jnp.minimum, "fmax": jnp.fmax, "fmin": jnp.fmin,
     "atan2": lambda a, b: jnp.arctan2(_float(a), b), "hypot": jnp.hypot, "copysign": lambda a, b: jnp.copysign(_float(a), b),
-    "nextafter": jnp.nextafter, "logaddexp": jnp.logaddexp, "logaddexp2": jnp.logaddexp2,
+    "nextafter": _nextafter, "logaddexp": jnp.logaddexp, "logaddexp2": jnp.logaddexp2,
     "remainder": jnp.remainder, "fmod": jnp.fmod, "floor_divide": lambda a, b: _int_div(a, b, "floor"),
     "pow": lambda a, b: _pow(a, b),
     "eq": jnp.equal, "ne": jnp.not_equal, "lt": jnp.less, "le": jnp.less_equal, "gt": jnp.greater,
@@ -152,9 +165,11 @@ def lerp(a, b, w):
 
 @lowering(aten.addcmul.default)
 def addcmul(x, a, b, *, value=1):
+    x, a, b = opmath(x, a, b)
     return x + value * a * b
 
 
 @lowering(aten.addcdiv.default)
 def addcdiv(x, a, b, *, value=1):
+    x, a, b = opmath(x, a, b)
     return x + value * a / b

@@ -1,10 +1,13 @@
-"""Gather/scatter family: advanced indexing, index_put, gather/scatter, embedding, *_scatter."""
+"""Gather family: advanced indexing, index_put, gather, index_add/copy, embedding(_renorm), *_scatter
+along slices, index generators (tril/triu_indices, repeat_interleave)."""
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from converters.ops.common import aten, dim_
+from bridge.errors import LoweringError
+from converters.ops.common import aten, dim_, dt
 from converters.registry import lowering
 
 
@@ -12,13 +15,50 @@ def _index_tuple(indices):
     return tuple(slice(None) if i is None else i for i in indices)
 
 
+def _data_dependent(what: str):
+    return LoweringError(f"{what} has a data-dependent output shape; it cannot run under jax.jit "
+                         "(traced values have static shapes)")
+
+
+def _concrete(*arrays) -> bool:
+    return not any(isinstance(a, jax.core.Tracer) for a in arrays)
+
+
 @lowering(aten.index.Tensor)
 def index(x, indices):
+    masks = [i for i in indices if i is not None and i.dtype == jnp.bool_]
+    if masks and not _concrete(*masks):
+        raise _data_dependent("indexing with a boolean mask")
     return x[_index_tuple(indices)]
+
+
+@lowering(aten.masked_select.default)
+def masked_select(x, mask):
+    if not _concrete(mask):
+        raise _data_dependent("masked_select")
+    shape = jnp.broadcast_shapes(x.shape, mask.shape)
+    return jnp.broadcast_to(x, shape)[np.broadcast_to(np.asarray(mask), shape)]
+
+
+def _mask_put(x, k, mask, values, accumulate):
+    """x[(:,)*k + (mask,)] = values with a static shape: the j-th True takes row j of `values`."""
+    m = mask.ndim
+    values = values.astype(x.dtype)
+    sel_shape = x.shape[:k] + (None,) + x.shape[k + m:]
+    nv = values.shape[values.ndim - len(sel_shape) + k] if values.ndim >= len(sel_shape) - k else 1
+    values = jnp.broadcast_to(values, tuple(nv if s is None else s for s in sel_shape))
+    flat = mask.reshape(-1)
+    rank = jnp.clip(jnp.cumsum(flat) - 1, 0, nv - 1)
+    picked = jnp.take(values, rank, axis=k).reshape(x.shape)
+    where = mask.reshape((1,) * k + mask.shape + (1,) * (x.ndim - k - m))
+    return x + jnp.where(where, picked, 0) if accumulate else jnp.where(where, picked, x)
 
 
 @lowering(aten.index_put.default)
 def index_put(x, indices, values, accumulate=False):
+    given = [(k, i) for k, i in enumerate(indices) if i is not None]
+    if len(given) == 1 and given[0][1].dtype == jnp.bool_:
+        return _mask_put(x, given[0][0], given[0][1], values, accumulate)
     ref = x.at[_index_tuple(indices)]
     values = values.astype(x.dtype)
     return ref.add(values) if accumulate else ref.set(values)
@@ -29,7 +69,7 @@ def index_select(x, dim, index):
     return jnp.take(x, index, axis=dim_(dim, x.ndim), mode="clip") if x.ndim else x
 
 
-def _along(x, dim, index):
+def along(x, dim, index):
     """Full index tuple that addresses `index` along `dim` and iota elsewhere (torch.gather layout)."""
     d = dim_(dim, x.ndim)
     grids = jnp.meshgrid(*[jnp.arange(s) for s in index.shape], indexing="ij", sparse=True)
@@ -38,46 +78,11 @@ def _along(x, dim, index):
 
 @lowering(aten.gather.default)
 def gather(x, dim, index, *, sparse_grad=False):
+    if index.size == 0:
+        return jnp.zeros(index.shape, x.dtype)
     if x.ndim == 0:
-        return x
-    return x[_along(x, dim, index)]
-
-
-@lowering(aten.scatter.src, aten.scatter.value)
-def scatter(x, dim, index, src):
-    if not hasattr(src, "shape"):
-        src = jnp.full(index.shape, src, x.dtype)
-    src = src[tuple(slice(0, s) for s in index.shape)]
-    return x.at[_along(x, dim, index)].set(src.astype(x.dtype))
-
-
-@lowering(aten.scatter_add.default)
-def scatter_add(x, dim, index, src):
-    src = src[tuple(slice(0, s) for s in index.shape)]
-    return x.at[_along(x, dim, index)].add(src.astype(x.dtype))
-
-
-@lowering(aten.scatter_reduce.two)
-def scatter_reduce(x, dim, index, src, reduce, *, include_self=True):
-    src = src[tuple(slice(0, s) for s in index.shape)].astype(x.dtype)
-    idx = _along(x, dim, index)
-    if reduce == "sum":
-        base = x if include_self else x.at[idx].set(0)
-        return base.at[idx].add(src)
-    if reduce == "prod":
-        base = x if include_self else x.at[idx].set(1)
-        return base.at[idx].multiply(src)
-    if reduce in ("amax", "amin"):
-        fill = jnp.finfo(x.dtype).min if reduce == "amax" else jnp.finfo(x.dtype).max
-        base = x if include_self else x.at[idx].set(fill)
-        return base.at[idx].max(src) if reduce == "amax" else base.at[idx].min(src)
-    if reduce == "mean":
-        base = x if include_self else x.at[idx].set(0)
-        count = jnp.ones_like(x).at[idx].add(jnp.ones_like(src)) - (0 if include_self else 1)
-        total = base.at[idx].add(src)
-        out = total / jnp.maximum(count, 1)
-        return out if jnp.issubdtype(x.dtype, jnp.inexact) else jnp.floor_divide(total, jnp.maximum(count, 1))
-    raise NotImplementedError(f"scatter_reduce with reduce={reduce!r}")
+        return x.reshape(index.shape)
+    return x[along(x, dim, index)]
 
 
 @lowering(aten.masked_fill.Scalar, aten.masked_fill.Tensor)
@@ -85,12 +90,30 @@ def masked_fill(x, mask, value):
     return jnp.where(mask, jnp.asarray(value, x.dtype), x)
 
 
+def scale_grad(rows, indices, num_weights):
+    """Forward unchanged; the gradient of each looked-up row divided by its index's frequency."""
+    freq = jnp.zeros(num_weights, rows.dtype).at[indices].add(1)[indices]
+    return jax.lax.stop_gradient(rows) + (rows - jax.lax.stop_gradient(rows)) / freq[..., None]
+
+
 @lowering(aten.embedding.default)
 def embedding(weight, indices, padding_idx=-1, scale_grad_by_freq=False, sparse=False):
     out = weight[indices]
+    if scale_grad_by_freq:
+        out = scale_grad(out, indices, weight.shape[0])
     if padding_idx is not None and padding_idx >= 0:  # torch gives the padding row no gradient
         out = jnp.where((indices == padding_idx)[..., None], jax.lax.stop_gradient(out), out)
     return out
+
+
+@lowering(aten.embedding_renorm.default)
+def embedding_renorm(weight, indices, max_norm, norm_type):
+    """Rows looked up by `indices` rescaled to norm <= max_norm (torch's 1e-7 guard)."""
+    rows = jnp.unique(indices.reshape(-1), size=indices.size, fill_value=weight.shape[0])
+    w = weight.astype(jnp.float32)
+    norm = jnp.linalg.vector_norm(w[jnp.clip(rows, 0, weight.shape[0] - 1)], ord=norm_type, axis=-1)
+    scale = jnp.where(norm > max_norm, max_norm / (norm + 1e-7), 1.0)
+    return w.at[rows].multiply(scale[:, None], mode="drop").astype(weight.dtype)
 
 
 @lowering(aten.slice_scatter.default)
@@ -110,22 +133,47 @@ def select_scatter(x, src, dim, index):
     return x.at[tuple(idx)].set(src.astype(x.dtype))
 
 
+def _index_along(x, dim, index, source, update):
+    """x.at[..., index, ...] along `dim` (0-d tensors act as 1-element vectors)."""
+    x1 = jnp.atleast_1d(x)
+    d = dim_(dim, x1.ndim)
+    idx = (slice(None),) * d + (index.reshape(-1),)
+    src = source.astype(x.dtype).reshape(x1.shape[:d] + (index.size,) + x1.shape[d + 1:])
+    return update(x1.at[idx], src).reshape(x.shape)
+
+
 @lowering(aten.index_add.default)
 def index_add(x, dim, index, source, *, alpha=1):
-    d = dim_(dim, x.ndim)
-    idx = [slice(None)] * x.ndim
-    idx[d] = index
-    return x.at[tuple(idx)].add((source * alpha).astype(x.dtype))
+    return _index_along(x, dim, index, source * alpha, lambda ref, s: ref.add(s))
 
 
 @lowering(aten.index_copy.default)
 def index_copy(x, dim, index, source):
-    d = dim_(dim, x.ndim)
-    idx = [slice(None)] * x.ndim
-    idx[d] = index
-    return x.at[tuple(idx)].set(source.astype(x.dtype))
+    return _index_along(x, dim, index, source, lambda ref, s: ref.set(s))
 
 
 @lowering(aten.diagonal.default, aten.diagonal_copy.default)
 def diagonal(x, offset=0, dim1=0, dim2=1):
     return jnp.diagonal(x, offset, dim_(dim1, x.ndim), dim_(dim2, x.ndim))
+
+
+# --------------------------------------------------------------------------- index generators
+@lowering(aten.tril_indices.default)
+def tril_indices(row, col, offset=0, *, dtype=None, layout=None, device=None, pin_memory=None):
+    return jnp.asarray(np.stack(np.tril_indices(row, offset, col)), dt(dtype, jnp.int64)).reshape(2, -1)
+
+
+@lowering(aten.triu_indices.default)
+def triu_indices(row, col, offset=0, *, dtype=None, layout=None, device=None, pin_memory=None):
+    return jnp.asarray(np.stack(np.triu_indices(row, offset, col)), dt(dtype, jnp.int64)).reshape(2, -1)
+
+
+@lowering(aten.repeat_interleave.Tensor)
+def repeat_interleave(repeats, *, output_size=None):
+    """[0]*r0 + [1]*r1 + ...: static only when the graph carries output_size."""
+    if output_size is None:
+        if not _concrete(repeats):
+            raise _data_dependent("repeat_interleave without output_size")
+        output_size = int(np.sum(np.asarray(repeats)))
+    return jnp.repeat(jnp.arange(repeats.shape[0], dtype=repeats.dtype), repeats,
+                      total_repeat_length=int(output_size))

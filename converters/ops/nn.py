@@ -9,7 +9,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from converters.ops.common import aten, dim_, dot_precision
+from converters.ops.common import aten, dim_, dot_precision, scalar_dims
 from converters.registry import lowering
 
 
@@ -18,11 +18,13 @@ def _f32(x):
 
 
 @lowering(aten._softmax.default)
+@scalar_dims
 def softmax(x, dim, half_to_float=False):
     return jax.nn.softmax(_f32(x), axis=dim_(dim, x.ndim))
 
 
 @lowering(aten._log_softmax.default)
+@scalar_dims
 def log_softmax(x, dim, half_to_float=False):
     return jax.nn.log_softmax(_f32(x), axis=dim_(dim, x.ndim))
 
@@ -39,7 +41,8 @@ def layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5):
         y = y * weight
     if bias is not None:
         y = y + bias
-    return y.astype(x.dtype), mean, rstd
+    # torch's backward ignores gradients flowing into the saved mean / rstd outputs
+    return y.astype(x.dtype), jax.lax.stop_gradient(mean), jax.lax.stop_gradient(rstd)
 
 
 @lowering(aten.rms_norm.default)
@@ -53,7 +56,7 @@ def rms_norm(x, normalized_shape, weight=None, eps=None):
 
 @lowering(aten.native_group_norm.default)
 def group_norm(x, weight, bias, N, C, HxW, group, eps):
-    xf = _f32(x).reshape(N, group, -1)
+    xf = _f32(x).reshape(N, group, C // group * HxW)   # explicit size: N may be 0
     mean = jnp.mean(xf, axis=-1, keepdims=True)
     var = jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True)
     rstd = jax.lax.rsqrt(var + eps)
@@ -85,16 +88,32 @@ def _batch_stats(x):
     return mean, var, n
 
 
-@lowering(aten._native_batch_norm_legit_functional.default)
-def batch_norm_train(x, weight, bias, running_mean, running_var, training, momentum, eps):
-    if not training:
-        invstd = jax.lax.rsqrt(running_var + eps)
-        return _bn_apply(x, running_mean, invstd, weight, bias), running_mean, invstd, running_mean, running_var
+def _saved(*stats):
+    """torch's backward ignores gradients flowing into saved statistics and running-stat updates."""
+    return tuple(jax.lax.stop_gradient(s) for s in stats)
+
+
+def _bn_train(x, weight, bias, running_mean, running_var, momentum, eps):
     mean, var, n = _batch_stats(x)
     invstd = jax.lax.rsqrt(var + eps)
     new_mean = (1 - momentum) * running_mean + momentum * mean
     new_var = (1 - momentum) * running_var + momentum * var * (n / max(n - 1, 1))
-    return _bn_apply(x, mean, invstd, weight, bias), mean, invstd, new_mean, new_var
+    return (_bn_apply(x, mean, invstd, weight, bias),) + _saved(mean, invstd, new_mean, new_var)
+
+
+@lowering(aten._native_batch_norm_legit_functional.default)
+def batch_norm_train(x, weight, bias, running_mean, running_var, training, momentum, eps):
+    if not training:   # eval on CPU: empty saved stats, running stats unchanged
+        y, empty, _ = batch_norm_eval(x, weight, bias, running_mean, running_var, momentum, eps)
+        return y, empty, empty, running_mean, running_var
+    return _bn_train(x, weight, bias, running_mean, running_var, momentum, eps)
+
+
+@lowering(aten._batch_norm_with_update_functional.default)
+def batch_norm_with_update(x, weight, bias, running_mean, running_var, momentum, eps):
+    """(y, save_mean, save_invstd, reserve (empty uint8), new running_mean, new running_var)."""
+    y, mean, invstd, new_mean, new_var = _bn_train(x, weight, bias, running_mean, running_var, momentum, eps)
+    return y, mean, invstd, jnp.zeros((0,), jnp.uint8), new_mean, new_var
 
 
 @lowering(aten._native_batch_norm_legit_no_training.default)
@@ -107,7 +126,7 @@ def batch_norm_eval(x, weight, bias, running_mean, running_var, momentum, eps):
 def batch_norm_no_stats(x, weight, bias, training, momentum, eps):
     mean, var, _ = _batch_stats(x)
     invstd = jax.lax.rsqrt(var + eps)
-    return _bn_apply(x, mean, invstd, weight, bias), mean, invstd
+    return (_bn_apply(x, mean, invstd, weight, bias),) + _saved(mean, invstd)
 
 
 def _sdpa_random(node) -> bool:
@@ -118,33 +137,49 @@ def _sdpa_random(node) -> bool:
 @lowering(aten.scaled_dot_product_attention.default, random=_sdpa_random)
 def scaled_dot_product_attention(rng, q_BNTH, k_BKSH, v_BKSH, attn_mask=None, dropout_p=0.0, is_causal=False,
                                  *, scale=None, enable_gqa=False):
-    """torch (B, N, T, H) layout → jax.nn.dot_product_attention's (B, T, N, H); masks are (B, N, T, S) in both."""
-    batch = q_BNTH.shape[:-3]
-    q, k, v = (t.reshape((-1,) + t.shape[-3:]) for t in (q_BNTH, k_BKSH, v_BKSH))
+    """torch (..., N, T, H) layout → jax.nn.dot_product_attention's (B, T, N, H); masks are (B, N, T, S) in both.
+    Leading dims broadcast across q, k, v and the mask (and heads too, unless `enable_gqa`), as in torch."""
+    nd = max(q_BNTH.ndim, k_BKSH.ndim, v_BKSH.ndim, 4)
+    q, k, v = (t.reshape((1,) * (nd - t.ndim) + t.shape) for t in (q_BNTH, k_BKSH, v_BKSH))
+    batch = jnp.broadcast_shapes(q.shape[:-3], k.shape[:-3], v.shape[:-3])
+    heads = [t.shape[-3] for t in (q, k, v)] if enable_gqa else [max(t.shape[-3] for t in (q, k, v))] * 3
+    q, k, v = (jnp.broadcast_to(t, batch + (n,) + t.shape[-2:]).reshape((-1, n) + t.shape[-2:])
+               for t, n in zip((q, k, v), heads))
     mask = bias = None
     if attn_mask is not None:
-        attn_mask = attn_mask.reshape((1,) * (4 - attn_mask.ndim) + attn_mask.shape) if attn_mask.ndim <= 4 \
-            else attn_mask.reshape((-1,) + attn_mask.shape[-3:])
-        if attn_mask.dtype == jnp.bool_:
-            mask = attn_mask
+        m = attn_mask.reshape((1,) * (nd - attn_mask.ndim) + attn_mask.shape)
+        m = m.reshape((1,) + m.shape[-3:]) if all(d == 1 for d in m.shape[:-3]) else \
+            jnp.broadcast_to(m, batch + m.shape[-3:]).reshape((-1,) + m.shape[-3:])
+        if m.dtype == jnp.bool_:
+            mask = m
         else:
-            bias = attn_mask.astype(q.dtype)
+            bias = m.astype(q.dtype)
     with dot_precision(q):
         out = _attention(rng, q, k, v, mask, bias, dropout_p, is_causal, scale)
     if mask is not None:  # torch returns zeros for query rows whose mask admits no key
         out = jnp.where(jnp.any(mask, axis=-1, keepdims=True), out, jnp.zeros((), out.dtype))
-    return out.reshape(batch + out.shape[-3:])
+    return out.reshape((batch + out.shape[-3:])[nd - max(q_BNTH.ndim, k_BKSH.ndim, v_BKSH.ndim):])
 
 
 def _attention(rng, q, k, v, mask, bias, dropout_p, is_causal, scale):
-    # jax.nn.dot_product_attention pins fp16 dots to F16_F16_F32, which CPUs cannot compile
-    if rng is not None or (q.dtype == jnp.float16 and jax.default_backend() == "cpu"):
-        out = _attention_math(rng, q, k, v, mask, bias, dropout_p, is_causal, scale)
-    else:
-        out = jax.nn.dot_product_attention(
-            q.swapaxes(1, 2), k.swapaxes(1, 2), v.swapaxes(1, 2), bias=bias, mask=mask,
-            scale=scale, is_causal=is_causal).swapaxes(1, 2)
-    return out
+    """fp32: XLA's attention. bf16/fp16: cuDNN's fused (flash) attention on GPUs where it accepts the
+    shapes, else attention written out with fp32 logits (jax.nn.dot_product_attention's XLA path pins
+    fp16 dots to F16_F16_F32, which CPUs cannot compile, and its bf16 backward needs implicit promotion)."""
+    low = q.dtype in (jnp.bfloat16, jnp.float16)
+    if rng is None and low and jax.default_backend() == "gpu":
+        try:
+            return _jax_attention(q, k, v, mask, bias, scale, is_causal, "cudnn")
+        except (ValueError, NotImplementedError, TypeError, RuntimeError):
+            pass   # cuDNN refuses these shapes/masks: written out below
+    if rng is not None or low:
+        return _attention_math(rng, q, k, v, mask, bias, dropout_p, is_causal, scale)
+    return _jax_attention(q, k, v, mask, bias, scale, is_causal, None)
+
+
+def _jax_attention(q, k, v, mask, bias, scale, is_causal, implementation):
+    return jax.nn.dot_product_attention(
+        q.swapaxes(1, 2), k.swapaxes(1, 2), v.swapaxes(1, 2), bias=bias, mask=mask,
+        scale=scale, is_causal=is_causal, implementation=implementation).swapaxes(1, 2)
 
 
 def _attention_math(key, q, k, v, mask, bias, p, is_causal, scale):

@@ -5,33 +5,51 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from converters.ops.common import aten, dim_, dims_, dt
+from converters.ops.common import aten, dim_, dims_, dt, opmath, scalar_dims
+from converters.ops.distance import pnorm
 from converters.registry import lowering
 
 
-@lowering(aten.sum.dim_IntList, aten.sum.default)
-def sum_(x, dim=None, keepdim=False, *, dtype=None):
-    if dtype is None and (x.dtype == jnp.bool_ or jnp.issubdtype(x.dtype, jnp.integer)):
+def _acc(x, dtype, int_default=True):
+    """(x, accumulation dtype): torch's dtype kwarg (ints/bools default to int64 for sums); bf16/fp16
+    accumulate in fp32 and round once (jnp skips that upcast when given a dtype)."""
+    dtype = dt(dtype)
+    if dtype is None and int_default and (x.dtype == jnp.bool_ or jnp.issubdtype(x.dtype, jnp.integer)):
         dtype = jnp.int64 if jax.config.jax_enable_x64 else jnp.int32
-    return jnp.sum(x, axis=dims_(dim, x.ndim), keepdims=keepdim, dtype=dt(dtype, dtype))
+    if dtype in (jnp.bfloat16, jnp.float16):
+        dtype = jnp.float32
+    return opmath(x)[0], dtype
+
+
+@lowering(aten.sum.dim_IntList, aten.sum.default)
+@scalar_dims
+def sum_(x, dim=None, keepdim=False, *, dtype=None):
+    x, acc = _acc(x, dtype)
+    return jnp.sum(x, axis=dims_(dim, x.ndim), keepdims=keepdim, dtype=acc)
 
 
 @lowering(aten.mean.dim, aten.mean.default)
+@scalar_dims
 def mean(x, dim=None, keepdim=False, *, dtype=None):
-    return jnp.mean(x, axis=dims_(dim, x.ndim), keepdims=keepdim, dtype=dt(dtype))
+    x, acc = _acc(x, dtype, int_default=False)
+    return jnp.mean(x, axis=dims_(dim, x.ndim), keepdims=keepdim, dtype=acc)
 
 
 @lowering(aten.prod.default, aten.prod.dim_int)
+@scalar_dims
 def prod(x, dim=None, keepdim=False, *, dtype=None):
-    return jnp.prod(x, axis=None if dim is None else dim_(dim, x.ndim), keepdims=keepdim, dtype=dt(dtype))
+    x, acc = _acc(x, dtype)
+    return jnp.prod(x, axis=None if dim is None else dim_(dim, x.ndim), keepdims=keepdim, dtype=acc)
 
 
 @lowering(aten.amax.default)
+@scalar_dims
 def amax(x, dim=(), keepdim=False):
     return jnp.max(x, axis=dims_(dim, x.ndim), keepdims=keepdim)
 
 
 @lowering(aten.amin.default)
+@scalar_dims
 def amin(x, dim=(), keepdim=False):
     return jnp.min(x, axis=dims_(dim, x.ndim), keepdims=keepdim)
 
@@ -47,18 +65,21 @@ def min_all(x):
 
 
 @lowering(aten.max.dim)
+@scalar_dims
 def max_dim(x, dim, keepdim=False):
     d = dim_(dim, x.ndim)
     return jnp.max(x, axis=d, keepdims=keepdim), jnp.argmax(x, axis=d, keepdims=keepdim)
 
 
 @lowering(aten.min.dim)
+@scalar_dims
 def min_dim(x, dim, keepdim=False):
     d = dim_(dim, x.ndim)
     return jnp.min(x, axis=d, keepdims=keepdim), jnp.argmin(x, axis=d, keepdims=keepdim)
 
 
 @lowering(aten.argmax.default)
+@scalar_dims
 def argmax(x, dim=None, keepdim=False):
     if dim is None:
         return jnp.argmax(x.reshape(-1)) if not keepdim else jnp.argmax(x.reshape(-1)).reshape((1,) * x.ndim)
@@ -66,6 +87,7 @@ def argmax(x, dim=None, keepdim=False):
 
 
 @lowering(aten.argmin.default)
+@scalar_dims
 def argmin(x, dim=None, keepdim=False):
     if dim is None:
         return jnp.argmin(x.reshape(-1)) if not keepdim else jnp.argmin(x.reshape(-1)).reshape((1,) * x.ndim)
@@ -77,65 +99,95 @@ def _correction(correction, unbiased=True):
 
 
 @lowering(aten.var.correction)
+@scalar_dims
 def var(x, dim=None, *, correction=None, keepdim=False):
     return jnp.var(x, axis=dims_(dim, x.ndim), ddof=_correction(correction), keepdims=keepdim)
 
 
+@lowering(aten.var.dim)
+@scalar_dims
+def var_dim(x, dim=None, unbiased=True, keepdim=False):
+    return jnp.var(x, axis=dims_(dim, x.ndim), ddof=int(unbiased), keepdims=keepdim)
+
+
 @lowering(aten.var_mean.correction)
+@scalar_dims
 def var_mean(x, dim=None, *, correction=None, keepdim=False):
     axis = dims_(dim, x.ndim)
     return jnp.var(x, axis=axis, ddof=_correction(correction), keepdims=keepdim), jnp.mean(x, axis=axis, keepdims=keepdim)
 
 
 @lowering(aten.std.correction)
+@scalar_dims
 def std(x, dim=None, *, correction=None, keepdim=False):
     return jnp.std(x, axis=dims_(dim, x.ndim), ddof=_correction(correction), keepdims=keepdim)
 
 
 @lowering(aten.any.default, aten.any.dim, aten.any.dims)
+@scalar_dims
 def any_(x, dim=None, keepdim=False):
     return jnp.any(x, axis=dims_(dim, x.ndim), keepdims=keepdim)
 
 
 @lowering(aten.all.default, aten.all.dim, aten.all.dims)
+@scalar_dims
 def all_(x, dim=None, keepdim=False):
     return jnp.all(x, axis=dims_(dim, x.ndim), keepdims=keepdim)
 
 
 @lowering(aten.cumsum.default)
+@scalar_dims
 def cumsum(x, dim, *, dtype=None):
-    if dtype is None and (x.dtype == jnp.bool_ or jnp.issubdtype(x.dtype, jnp.integer)):
-        dtype = jnp.int64 if jax.config.jax_enable_x64 else jnp.int32
-    return jnp.cumsum(x, axis=dim_(dim, x.ndim), dtype=dt(dtype, dtype))
+    x, acc = _acc(x, dtype)
+    return jnp.cumsum(x, axis=dim_(dim, x.ndim), dtype=acc)
 
 
 @lowering(aten.cumprod.default)
+@scalar_dims
 def cumprod(x, dim, *, dtype=None):
-    return jnp.cumprod(x, axis=dim_(dim, x.ndim), dtype=dt(dtype))
+    x, acc = _acc(x, dtype)
+    return jnp.cumprod(x, axis=dim_(dim, x.ndim), dtype=acc)
 
 
 @lowering(aten.logsumexp.default)
+@scalar_dims
 def logsumexp(x, dim, keepdim=False):
     return jax.nn.logsumexp(x, axis=dims_(dim, x.ndim), keepdims=keepdim)
 
 
 @lowering(aten.linalg_vector_norm.default)
+@scalar_dims
 def vector_norm(x, ord=2, dim=None, keepdim=False, *, dtype=None):
+    """Real inputs with ord > 0 go through `distance.pnorm` for torch's gradients (0 at a zero norm,
+    inf-norm ties share the gradient); complex inputs and ord <= 0 through jnp."""
     x = x.astype(dt(dtype, x.dtype))
-    return jnp.linalg.vector_norm(x, ord=ord, axis=dims_(dim, x.ndim), keepdims=keepdim)
+    axes = dims_(dim, x.ndim)
+    if jnp.iscomplexobj(x) or not ord > 0:
+        return jnp.linalg.vector_norm(x, ord=ord, axis=axes, keepdims=keepdim)
+    axes = tuple(range(x.ndim)) if axes is None else axes
+    rest = [d for d in range(x.ndim) if d not in axes]
+    moved = jnp.transpose(x, rest + list(axes)).reshape([x.shape[d] for d in rest] + [-1])
+    out = pnorm(moved, float(ord), True)
+    if keepdim:
+        out = out.reshape([1 if d in axes else x.shape[d] for d in range(x.ndim)])
+    return out
+
+
+def _cum_extreme(x, dim, scan):
+    """Running max/min and the index of its latest occurrence (torch's tie rule)."""
+    d = dim_(dim, x.ndim)
+    vals = scan(x, axis=d)
+    idx = lax.broadcasted_iota(jnp.int32, x.shape, d)
+    return vals, lax.cummax(jnp.where(x == vals, idx, 0), axis=d)
 
 
 @lowering(aten.cummax.default)
+@scalar_dims
 def cummax(x, dim):
-    d = dim_(dim, x.ndim)
-    vals = lax.cummax(x, axis=d)
-    idx = jnp.broadcast_to(jnp.arange(x.shape[d]).reshape([-1 if i == d else 1 for i in range(x.ndim)]), x.shape)
-    return vals, lax.cummax(jnp.where(x == vals, idx, 0), axis=d)
+    return _cum_extreme(x, dim, lax.cummax)
 
 
 @lowering(aten.cummin.default)
+@scalar_dims
 def cummin(x, dim):
-    d = dim_(dim, x.ndim)
-    vals = lax.cummin(x, axis=d)
-    idx = jnp.broadcast_to(jnp.arange(x.shape[d]).reshape([-1 if i == d else 1 for i in range(x.ndim)]), x.shape)
-    return vals, lax.cummax(jnp.where(x == vals, idx, 0), axis=d)
+    return _cum_extreme(x, dim, lax.cummin)

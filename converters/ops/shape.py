@@ -1,7 +1,10 @@
 """View and layout ops: reshape, permute, expand, slice, cat, split, copies and casts."""
 from __future__ import annotations
 
+import math
+
 import jax.numpy as jnp
+import torch
 from jax import lax
 
 from converters.ops.common import aten, dim_, dt, size_
@@ -123,6 +126,11 @@ def to_copy(x, *, dtype=None, layout=None, device=None, pin_memory=None, non_blo
     return x if dtype is None else x.astype(dt(dtype))
 
 
+@lowering(torch.ops.prims.convert_element_type.default)
+def convert_element_type(x, dtype):
+    return x.astype(dt(dtype))
+
+
 @lowering(aten.to.dtype, aten.to.dtype_layout, aten.to.device)
 def to(x, *args, dtype=None, **_):
     for a in args:
@@ -173,3 +181,25 @@ def flatten(x, start_dim=0, end_dim=-1):
         return x.reshape(1)
     s, e = dim_(start_dim, x.ndim), dim_(end_dim, x.ndim)
     return x.reshape(x.shape[:s] + (-1,) + x.shape[e + 1:])
+
+
+@lowering(aten.copy.default)
+def copy(x, src, non_blocking=False):
+    """copy(self, src): src broadcast to self's shape, in self's dtype."""
+    return jnp.broadcast_to(src.astype(x.dtype), x.shape)
+
+
+@lowering(aten.resize.default, aten.resize_.default)
+def resize(x, size, *, memory_format=None):
+    """The row-major elements of `x` in the new shape; torch leaves elements past the old end uninitialized
+    (zeros here)."""
+    size = size_(size)
+    n = math.prod(size)
+    flat = x.reshape(-1)[:n]
+    return jnp.pad(flat, (0, n - flat.size)).reshape(size)
+
+
+@lowering(aten.sym_is_contiguous.default)
+def sym_is_contiguous(x, memory_format=None):
+    """JAX arrays have no strides: every one is contiguous."""
+    return True

@@ -49,6 +49,17 @@ def no_op(*args, **kwargs):
     return None
 
 
+@lowering(torch.ops.higher_order.with_effects)
+def with_effects(token, op, *args, **kwargs):
+    """An op ordered by an effect token (torch.export threads one through side-effecting ops): JAX
+    programs are pure, so the token is dropped and the op's own lowering runs."""
+    from converters.registry import lookup
+    out = lookup(op).fn(*args, **kwargs)
+    if out is None:
+        return (None,)
+    return (None, *out) if isinstance(out, (tuple, list)) else (None, out)
+
+
 @lowering(aten._local_scalar_dense.default, aten.item.default)
 def item(x):
     return x.reshape(())

@@ -37,6 +37,36 @@ def test_low_precision_forward(name, dtype):
     assert rel_err(got, ref32) <= max(2 * rel_err(ref, ref32), TOL[key])
 
 
+@pytest.mark.parametrize("name", ["gpt2", "llama", "cnn"])
+def test_compute_dtype_runs_the_bf16_graph_from_fp32_weights(name):
+    """convert(compute_dtype=bf16): params stay the module's fp32 tensors, outputs equal torch's bf16 model,
+    and gradients reach the fp32 params through the cast."""
+    torch.manual_seed(0)
+    case = MODELS[name]()
+    module = case.module.eval()
+    args, kwargs = case.inputs(2, 8)
+    jm = bridge.convert(module, args, kwargs, compute_dtype=torch.bfloat16)
+    for (n, p) in module.named_parameters():
+        leaf = jm.params
+        for part in n.split("."):
+            leaf = leaf[part] if part in leaf else None
+            if leaf is None:
+                break
+        if leaf is not None:
+            assert leaf.dtype == jnp.float32 and np.array_equal(np.asarray(leaf), p.detach().numpy()), n
+    low = __import__("copy").deepcopy(module).to(torch.bfloat16)
+    with torch.no_grad():
+        ref = low(*[a.to(torch.bfloat16) if a.is_floating_point() else a for a in args], **kwargs)
+    jargs, jkw = [to_jax(a) for a in args], {k: to_jax(v) for k, v in kwargs.items()}
+    out = jax.jit(jm.apply)(jm.params, *jargs, **jkw)
+    pick = (lambda o: o[case.output_key]) if case.output_key else (lambda o: o)
+    assert pick(out).dtype == jnp.bfloat16
+    assert rel_err(pick(out), pick(ref)) <= TOL["bfloat16"], rel_err(pick(out), pick(ref))
+    grads = jax.grad(lambda p: pick(jm.apply(p, *jargs, **jkw)).astype(jnp.float32).sum())(jm.params)
+    assert all(g.dtype == jnp.float32 for g in jax.tree.leaves(grads))
+    assert any(float(jnp.abs(g).max()) > 0 for g in jax.tree.leaves(grads))
+
+
 class IntOps(torch.nn.Module):
     def forward(self, x, ids):
         return {

@@ -87,12 +87,33 @@ def test_grad_accumulation_equals_the_full_batch(tmp_path):
     np.testing.assert_allclose(accum, full, rtol=1e-5)
 
 
+@functools.lru_cache(maxsize=None)
+def _lm_bf16(name: str):
+    torch.manual_seed(0)
+    case = MODELS[name]()
+    ids = torch.randint(0, 128, (8, 16))
+    return bridge.convert(case.module, kwargs={"input_ids": ids, "labels": ids}, dynamic="batch",
+                          compute_dtype=torch.bfloat16)
+
+
 def test_mixed_precision_keeps_fp32_master_weights(tmp_path):
-    jm = _lm("gpt2", False)
+    jm, jm16 = _lm("gpt2", False), _lm_bf16("gpt2")
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(jm16.params))
+    np.testing.assert_array_equal(jm16.params["transformer"]["wte"]["weight"], jm.params["transformer"]["wte"]["weight"])
     _, _, ref = _fit(jm, tmp_path, "fp32", steps=5)
-    _, state, bf16 = _fit(jm, tmp_path, "bf16", steps=5, compute_dtype="bfloat16")
+    trainer, state, bf16 = _fit(jm16, tmp_path, "bf16", steps=5, compute_dtype="bfloat16")
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state.params))
     np.testing.assert_allclose(bf16, ref, rtol=2e-2)
+    assert np.max(np.abs(bf16 - ref)) > 0                       # it really ran in bf16 ...
+    batch = trainer._convert(_lm_batches(1)[0])
+    hlo = trainer.train_step.lower(state, batch).as_text()
+    assert "bf16" in hlo and "dot_general" in hlo               # ... with bf16 matmuls
+
+
+def test_bf16_compute_refuses_an_fp32_graph(tmp_path):
+    with pytest.raises(ValueError, match="compute_dtype=torch.bfloat16"):
+        Trainer(_lm("gpt2", False), adamw(1e-3, total_steps=2),
+                config=TrainConfig(compute_dtype="bfloat16", run_dir=str(tmp_path), progress=False, plot=False))
 
 
 @pytest.mark.parametrize("remat", ["full", "dots"])

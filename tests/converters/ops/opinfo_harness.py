@@ -80,9 +80,28 @@ NONDETERMINISTIC_GRAD_OPS = {
     for op in ("nn.functional.max_unpool1d", "nn.functional.max_unpool2d", "nn.functional.max_unpool3d")
 }
 
+# Ops whose index outputs torch leaves implementation-defined for ties (the default sort is unstable,
+# topk uses nth_element): an index output passes when it selects elements equal to torch's selection.
+TIE_ORDER_OPS = {
+    op: "torch's unstable sort / nth_element orders tied elements in an implementation-defined way; "
+        "we return the stable order (torch's stable=True)"
+    for op in ("sort", "argsort", "topk", "mode", "msort")
+}
+
 # Per-op tolerances, each with its reason: {op: {"fwd": (rtol, atol), "grad": rel, "why": "..."}}.
 # Add an entry only with the numbers that justify it; everything else uses FWD_TOL / GRAD_TOL.
-TOLERANCES: dict[str, dict[str, Any]] = {}
+TOLERANCES: dict[str, dict[str, Any]] = {
+    "matrix_exp": {"fwd": (1e-5, 0.1), "why": (
+        "sample matrices have 1-norm 28: exp entries reach 9.3e4 and small entries come from cancellation; "
+        "fp32 Pade (JAX) vs Taylor-18 (torch) both err ~3e-7 of the output scale (ours 3.4e-7, torch fp32 "
+        "5.4e-7 vs float64), i.e. up to 0.03-0.07 absolute on entries near 20")},
+    "nn.functional.conv2d": {"fwd": (1e-5, 5e-5), "why": (
+        "fp32 accumulation: sample 23 (depthwise 3x3, inputs in [-9, 9]) sums 9 products with partial sums "
+        "near 100 (ulp 7.6e-6) into 0.27; ours is 1.65e-5 off float64, torch's own fp32 1.65e-5")},
+    "nn.functional.conv_transpose3d": {"fwd": (1e-5, 3e-4), "why": (
+        "fp32 accumulation: sample 8 sums 108 products into outputs up to 890 (ulp 6.1e-5); ours is "
+        "1.43e-4 off float64 on a small entry, torch's own fp32 9.9e-5")},
+}
 
 STATUSES = ("pass", "mismatch", "lowering-error", "unsupported", "export-fail", "n/a")
 _RANK = {"unsupported": 4, "lowering-error": 3, "mismatch": 2, "pass": 1, "export-fail": 0, "n/a": -1}
@@ -653,6 +672,8 @@ def _check_forward_group(key, op, s: OpSamples, group, jm) -> list[SampleOutcome
                 problem = _check_meta(g, r)
             else:
                 problem = compare_values(g, r, rtol, atol)
+                if problem and key in TIE_ORDER_OPS and problem.endswith(tuple("0123456789")):
+                    problem = _same_elements(p, g, r, problem)
                 if problem and not problem.startswith(("dtype", "shape")):
                     problem = _retry_wider(op, p, j, g, rtol, atol, problem)
             if problem:
@@ -660,6 +681,27 @@ def _check_forward_group(key, op, s: OpSamples, group, jm) -> list[SampleOutcome
                 break
         res.append(SampleOutcome(p.index, p.dtype, "mismatch" if problem else "pass", problem or ""))
     return res
+
+
+def _same_elements(p, g, r, problem):
+    """Index outputs of TIE_ORDER_OPS: accept indices that select elements equal to torch's selection
+    along some dim of the sample's input (ties may be ordered differently; the values must not differ)."""
+    x = p.tensors[0].detach()
+    if x.is_floating_point():
+        x = x.float()
+    x = np.asarray(x.numpy())
+    g, r = np.asarray(g).astype(np.int64), r.numpy().astype(np.int64) if isinstance(r, torch.Tensor) else None
+    if r is None or g.shape != r.shape or g.ndim not in (x.ndim, x.ndim - 1):
+        return problem
+    for d in range(max(x.ndim, 1)):
+        try:   # a reduced dim (keepdim=False) comes back as size 1
+            a, b = (np.take_along_axis(x, i if i.ndim == x.ndim else np.expand_dims(i, d), d) if x.ndim
+                    else x[()] for i in (g, r))
+        except (IndexError, ValueError):
+            continue
+        if np.array_equal(a, b, equal_nan=True):
+            return None
+    return problem
 
 
 def _retry_wider(op, p, j, g, rtol, atol, problem):
@@ -801,11 +843,19 @@ def _check_grad_group(key, op, s: OpSamples, group, jm, plan) -> list[SampleOutc
         k += len(idx)
         shape_only = is_random(op) or p.id in s.random or p.id in drawn or key in NONDETERMINISTIC_GRAD_OPS
         problem = None
+        # scale of the sample's whole gradient: an input whose true gradient is ~0 next to inputs with O(1)
+        # gradients (layer_norm over one element, cosine similarity of parallel vectors) is judged against
+        # that scale, not against its own rounding noise
+        refs64 = [np.asarray(r, np.float64) for r in ref]
+        scale = max((float(np.max(np.abs(r))) for r in refs64 if r.size and np.all(np.isfinite(r))), default=0.0)
         for i, g, r in zip(idx, got, ref):
             if shape_only:
                 problem = _check_meta(g, r)
             else:
                 err, pattern = rel_err(g, r)
+                if not pattern and err > tol and scale > 0 and np.shape(g) == np.shape(r):
+                    absolute = float(np.max(np.abs(np.asarray(g, np.float64) - np.asarray(r, np.float64)), initial=0))
+                    err = absolute / scale if absolute <= tol * scale else err
                 if pattern or err > tol:
                     problem = _grad_retry_float64(op, p, idx, ws, i, g, tol, pattern or f"rel err {err:.3g} > {tol}")
             if problem:

@@ -112,6 +112,8 @@ for _name, _fn in _BINARY.items():
     for _ov in ("Tensor", "Scalar", "Tensor_Tensor", "Tensor_Scalar", "Scalar_Tensor", "default", "Scalar_Scalar"):
         if _ov in _packet.overloads():
             lowering(getattr(_packet, _ov))(lambda a, b, _fn=_fn: _fn(a, b))
+    if "out" in _packet.overloads():   # core ATen lists some out= overloads: functional here, `out` ignored
+        lowering(_packet.out)(lambda a, b, *, out=None, _fn=_fn: _fn(a, b))
 
 
 @lowering(aten.div.Tensor_mode, aten.div.Scalar_mode)

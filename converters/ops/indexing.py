@@ -24,6 +24,14 @@ def _concrete(*arrays) -> bool:
     return not any(isinstance(a, jax.core.Tracer) for a in arrays)
 
 
+@lowering(aten.nonzero.default)
+def nonzero(x):
+    """Indices of the non-zero elements, (n, ndim) int64: outside jit only (n depends on the data)."""
+    if not _concrete(x):
+        raise _data_dependent("nonzero")
+    return jnp.asarray(np.argwhere(np.asarray(x)))
+
+
 @lowering(aten.index.Tensor)
 def index(x, indices):
     masks = [i for i in indices if i is not None and i.dtype == jnp.bool_]

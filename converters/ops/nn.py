@@ -109,6 +109,13 @@ def batch_norm_train(x, weight, bias, running_mean, running_var, training, momen
     return _bn_train(x, weight, bias, running_mean, running_var, momentum, eps)
 
 
+@lowering(aten._native_batch_norm_legit.default)
+def batch_norm_legit(x, weight, bias, running_mean, running_var, training, momentum, eps):
+    """The in-place form (core ATen): JAX arrays are immutable, so the running statistics it would update
+    are not returned; exported graphs use the functional form above, which returns them."""
+    return batch_norm_train(x, weight, bias, running_mean, running_var, training, momentum, eps)[:3]
+
+
 @lowering(aten._batch_norm_with_update_functional.default)
 def batch_norm_with_update(x, weight, bias, running_mean, running_var, momentum, eps):
     """(y, save_mean, save_invstd, reserve (empty uint8), new running_mean, new running_var)."""

@@ -69,8 +69,18 @@ def empty_strided(size, stride, *, dtype=None, layout=None, device=None, pin_mem
     return jnp.zeros(size_(size), dtype=dt(dtype, default_float()))
 
 
+@lowering(aten.empty_permuted.default)
+def empty_permuted(size, physical_layout, *, dtype=None, layout=None, device=None, pin_memory=None):
+    return jnp.zeros(size_(size), dtype=dt(dtype, default_float()))   # memory layout is XLA's concern
+
+
 @lowering(aten.new_zeros.default, aten.new_empty.default)
 def new_zeros(x, size, *, dtype=None, layout=None, device=None, pin_memory=None):
+    return jnp.zeros(size_(size), dtype=dt(dtype, x.dtype))
+
+
+@lowering(aten.new_empty_strided.default)
+def new_empty_strided(x, size, stride, *, dtype=None, layout=None, device=None, pin_memory=None):
     return jnp.zeros(size_(size), dtype=dt(dtype, x.dtype))
 
 

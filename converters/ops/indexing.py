@@ -32,6 +32,14 @@ def nonzero(x):
     return jnp.asarray(np.argwhere(np.asarray(x)))
 
 
+@lowering(aten.nonzero_static.default)
+def nonzero_static(x, *, size, fill_value=-1):
+    """The first `size` non-zero indices, padded with `fill_value`: a static shape, so it runs under jit."""
+    if x.size == 0:   # jnp.argwhere ignores fill_value for empty inputs
+        return jnp.full((size, x.ndim), fill_value, jnp.int64 if jax.config.jax_enable_x64 else jnp.int32)
+    return jnp.argwhere(x, size=size, fill_value=fill_value).reshape(size, x.ndim)
+
+
 @lowering(aten.index.Tensor)
 def index(x, indices):
     masks = [i for i in indices if i is not None and i.dtype == jnp.bool_]

@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 JOBS    ?= 2
 
-.PHONY: install test test-full demo bench clean
+.PHONY: install test test-full test-opinfo demo bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -20,6 +20,10 @@ test: $(STAMP)
 
 test-full: $(STAMP)
 	BRIDGE_TEST_FULL=1 $(BIN)/python -m pytest -n $(JOBS) -q tests
+
+# the OpInfo sweep with 3 samples per op and dtype (CI runs it after make test; test-full runs all samples)
+test-opinfo: $(STAMP)
+	BRIDGE_OPINFO=1 $(BIN)/python -m pytest -n $(JOBS) -q tests/converters/ops/test_opinfo.py
 
 demo: $(STAMP)
 	$(BIN)/python -m bridge.demo

@@ -5,12 +5,19 @@ Run:
     .venv/bin/python -m benchmarks.checkpoint_io [--size-gb 2.0] [--out benchmarks/results] [--workdir /tmp]
 
 A transformer-like checkpoint (HF-style ~500 MB shards + index) is written tensor by tensor into a
-temp dir. The raw read runs once to warm the page cache, then raw read, load_weights, iter_weights
-and export each run `--repeats` times, each in a fresh subprocess, so all numbers are warm-cache and
-peak RSS is per measurement (the high-water mark is reset after imports via /proc/self/clear_refs).
-Reported: median GB/s, worst peak-RSS overhead. GB = 1e9 bytes. A reference row, "raw read into
-retained buffers", reads the same bytes into fresh anonymous mmaps it keeps: the floor for any full
-load, which must fault the whole checkpoint into new memory (slow on some VMs).
+temp dir by bridge's writer (64-byte-aligned tensors), and copied shard by shard through the reference
+`safetensors` writer (unaligned). The raw reads run once to warm the page cache, then each row runs
+`--repeats` times, each in a fresh subprocess, so all numbers are warm-cache and peak RSS is per
+measurement (the high-water mark is reset after imports via /proc/self/clear_refs).
+Reported: median GB/s, worst peak-RSS overhead. GB = 1e9 bytes. Rows:
+  raw read                 64 MiB positioned reads into one reused buffer (the goal's reference)
+  retained buffers         the same reads into fresh anonymous memory that is kept: the floor for
+                           any load that copies (faulting in new pages is slow on some VMs)
+  load_weights             the default: aligned tensors adopted from a copy-on-write map of each
+                           shard, made resident (MADV_POPULATE_READ) before the call returns
+  load_weights(mmap=False) every tensor copied into fresh memory
+  reference-writer shards  load_weights on the unaligned files: tensors are copied
+  iter_weights / export    streaming passes: peak RSS must stay under largest tensor + 10%
 Results go to <out>/checkpoint_io.json and <out>/checkpoint_io.md; the table is printed.
 """
 from __future__ import annotations
@@ -86,6 +93,7 @@ def make_checkpoint(folder: Path, size_gb: float) -> dict:
     """Write HF-style shards + index, generating one tensor at a time; returns sizes."""
     import ml_dtypes
     import numpy as np
+    import safetensors.torch
     import torch
     from bridge.safetensors_io import write_file
 
@@ -109,6 +117,11 @@ def make_checkpoint(folder: Path, size_gb: float) -> dict:
     total = sum(2 * _numel(s) for _, s in tensors)
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    ref = folder / "reference_writer"  # the same shards as the `safetensors` library lays them out (unaligned)
+    ref.mkdir()
+    for fname in sorted(set(weight_map.values())):
+        safetensors.torch.save_file(safetensors.torch.load_file(folder / fname), ref / fname, {"format": "pt"})
+    (ref / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
     return {"tensor_bytes": total, "file_bytes": sum(p.stat().st_size for p in folder.glob("*.safetensors")),
             "largest_tensor_bytes": max(2 * _numel(s) for _, s in tensors), "tensors": len(tensors),
             "shards": len(shards)}
@@ -140,8 +153,9 @@ def child(what: str, index: Path) -> dict:
                     kept.append(buf)
                     nbytes += n
         res.update(bytes=nbytes, overhead_bytes=peak_bytes() - baseline - nbytes)
-    elif what == "load":
-        leaves = jax.tree_util.tree_leaves(load_weights(index))
+    elif what in ("load", "load_copy", "load_ref"):
+        src = index.parent / "reference_writer" / index.name if what == "load_ref" else index
+        leaves = jax.tree_util.tree_leaves(load_weights(src, mmap=what != "load_copy"))
         jax.block_until_ready(leaves)
         nbytes = sum(x.nbytes for x in leaves)
         res.update(bytes=nbytes, overhead_bytes=peak_bytes() - baseline - nbytes)
@@ -190,6 +204,8 @@ def markdown(res: dict) -> str:
     rows = {"raw": ("raw read (64 MiB chunks)", "—", None),
             "retained": ("raw read into retained buffers", "— (reference: floor for a full load)", None),
             "load": ("load_weights → jax (CPU)", "≥ 50% of raw GB/s", res["goals"]["load_throughput"]),
+            "load_copy": ("load_weights(mmap=False): copies into fresh memory", "—", None),
+            "load_ref": ("load_weights, shards from the `safetensors` writer (unaligned: copies)", "—", None),
             "stream": ("iter_weights streaming pass", f"overhead ≤ {budget / MB:.0f} MB", res["goals"]["stream_rss"]),
             "export": ("export (500MB shards, fsync)", f"overhead ≤ {budget / MB:.0f} MB", res["goals"]["export_rss"])}
     lines = ["| measurement | GB/s | vs raw | peak RSS overhead MB | goal | pass |", "|---|---|---|---|---|---|"]
@@ -225,7 +241,8 @@ def main(argv=None) -> None:
         print(f"checkpoint: {ckpt['tensor_bytes'] / GB:.2f} GB in {ckpt['shards']} shards "
               f"({time.perf_counter() - start:.0f} s); warming the page cache", file=sys.stderr)
         run_child("raw", index)
-        runs = {w: [] for w in ("raw", "retained", "load", "stream", "export")}
+        run_child("raw", index.parent / "reference_writer" / index.name)
+        runs = {w: [] for w in ("raw", "retained", "load", "load_copy", "load_ref", "stream", "export")}
         for _ in range(args.repeats):  # interleaved, so drifting machine state hits every row alike
             for what, got in runs.items():
                 got.append(run_child(what, index))

@@ -19,9 +19,10 @@ import numpy as np
 import torch
 
 from bridge.errors import CheckpointError
+from bridge.host_memory import MappedFile, adoptable, populate
 from bridge.safetensors_io import TensorInfo, read_header, read_slice, read_tensor
 from bridge.tree import flatten, nest
-from converters.dtypes import jax_dtype, to_numpy
+from converters.dtypes import jax_dtype, numpy_dtype, to_numpy
 
 HF_CANDIDATES = ("model.safetensors.index.json", "model.safetensors", "pytorch_model.bin.index.json",
                  "pytorch_model.bin", "model.pt", "model.pth")
@@ -35,10 +36,12 @@ class TensorSource:
     dtype: torch.dtype
     shape: tuple[int, ...]
     file: Path
-    _read: Callable[[tuple | None, bool], np.ndarray]
+    _read: Callable[[tuple | None, str], np.ndarray]
 
-    def read(self, index: tuple | None = None, aligned: bool = True) -> np.ndarray:
-        return self._read(index, aligned)
+    def read(self, index: tuple | None = None, mode: str = "copy") -> np.ndarray:
+        """`mode`: "map" (a resident view of the file's pages where JAX can adopt it, else an aligned
+        copy), "copy" (fresh aligned memory) or "stream" (reused heap memory, for a caller that drops it)."""
+        return self._read(index, mode)
 
     @property
     def nbytes(self) -> int:
@@ -47,10 +50,15 @@ class TensorSource:
 
 def _safetensors_sources(path: Path) -> list[TensorSource]:
     infos, _ = read_header(path)
+    mapped = MappedFile(path)
 
     def reader(info: TensorInfo):
-        return lambda index, aligned: (read_tensor(path, info, aligned=aligned) if index is None
-                                       else read_slice(path, info, index))
+        def read(index, mode):
+            if index is not None:
+                return read_slice(path, info, index)
+            view = mapped.array(info.start, info.end, numpy_dtype(info.dtype), info.shape) if mode == "map" else None
+            return view if view is not None else read_tensor(path, info, aligned=mode != "stream")
+        return read
 
     return [TensorSource(i.name, i.dtype, i.shape, path, reader(i)) for i in infos.values()]
 
@@ -79,7 +87,12 @@ def _torch_sources(path: Path) -> list[TensorSource]:
         raise CheckpointError(f"{path}: entries {bad[:5]} are not tensors")
 
     def reader(t: torch.Tensor):
-        return lambda index, aligned: to_numpy(t if index is None else t[index]).copy()
+        def read(index, mode):
+            arr = to_numpy(t if index is None else t[index])
+            if mode == "map" and index is None and adoptable(arr):  # torch.load(mmap=True) maps MAP_PRIVATE
+                return populate(arr)
+            return arr.copy()
+        return read
 
     return [TensorSource(k, t.dtype, tuple(t.shape), path, reader(t)) for k, t in flat.items()]
 
@@ -145,9 +158,9 @@ def _sharding_for(shardings, name: str, shape) -> Any:
     return flat.get(name)
 
 
-def host_array(src: TensorSource, dtype=None, index: tuple | None = None, aligned: bool = True) -> np.ndarray:
+def host_array(src: TensorSource, dtype=None, index: tuple | None = None, mode: str = "copy") -> np.ndarray:
     """Read (a slice of) a tensor as numpy in the dtype JAX will hold it in."""
-    arr = src.read(index, aligned)
+    arr = src.read(index, mode)
     want = jax_dtype(src.dtype)
     if dtype is not None and jnp.issubdtype(want, jnp.floating):
         want = jnp.dtype(dtype)
@@ -157,10 +170,10 @@ def host_array(src: TensorSource, dtype=None, index: tuple | None = None, aligne
 def iter_weights(path: str | Path, *, dtype=None) -> Iterator[tuple[str, np.ndarray, torch.dtype]]:
     """Stream (name, host array, original torch dtype), one tensor in memory at a time."""
     for src in open_checkpoint(path):
-        yield src.name, host_array(src, dtype, aligned=False), src.dtype
+        yield src.name, host_array(src, dtype, mode="stream"), src.dtype
 
 
-def load_weights(path: str | Path, *, dtype=None, shardings=None) -> dict:
+def load_weights(path: str | Path, *, dtype=None, shardings=None, mmap: bool = True) -> dict:
     """Load a checkpoint into a nested dict of jax.Arrays keyed by the torch names.
 
     Args:
@@ -168,20 +181,25 @@ def load_weights(path: str | Path, *, dtype=None, shardings=None) -> dict:
       dtype: cast floating tensors to this dtype (integer and bool tensors keep theirs).
       shardings: one `jax.sharding.Sharding`, a (nested or flat) dict name → Sharding, or a callable
         (name, shape) → Sharding | None. Each device then reads only its own slice.
+      mmap: on CPU, adopt tensors that sit 64-byte aligned in the file (every tensor of a file bridge
+        wrote, and torch.save's) as views of a private copy-on-write map of it: no second copy of the
+        bytes, the page cache is shared. Replacing the file (write elsewhere, then rename, as
+        `bridge.export` does) is safe while the arrays live; truncating or rewriting it in place is not:
+        pass mmap=False to copy every tensor into fresh memory.
 
     Example:
       >>> params = load_weights("ckpt/", dtype=jnp.bfloat16)
     """
-    return nest(load_sources(open_checkpoint(path), dtype=dtype, shardings=shardings))
+    return nest(load_sources(open_checkpoint(path), dtype=dtype, shardings=shardings, mmap=mmap))
 
 
-def load_sources(sources: list[TensorSource], *, dtype=None, shardings=None) -> dict:
+def load_sources(sources: list[TensorSource], *, dtype=None, shardings=None, mmap: bool = True) -> dict:
     """Read the given tensors into jax.Arrays (flat dict), one at a time, sharded where asked."""
-    out = {}
+    out, mode = {}, "map" if mmap else "copy"
     for src in sources:
         sharding = _sharding_for(shardings, src.name, src.shape)
         if sharding is None:
-            out[src.name] = jax.device_put(host_array(src, dtype))  # adopts the aligned host buffer on CPU
+            out[src.name] = jax.device_put(host_array(src, dtype, mode=mode))  # CPU: adopts aligned buffers
         else:
             out[src.name] = jax.make_array_from_callback(
                 src.shape, sharding, lambda index, src=src: host_array(src, dtype, index))

@@ -1,9 +1,11 @@
 """The .safetensors format, read and written one tensor at a time.
 
-Reading uses plain positioned reads (no whole-file mmap), so streaming a checkpoint costs one tensor
-of memory; a slice read (for sharded placement) touches only that slice's rows. Every header is
+Streaming reads use plain positioned reads, so streaming a checkpoint costs one tensor of memory; a
+slice read (for sharded placement) touches only that slice's rows; a full load maps the file
+copy-on-write and adopts 64-byte-aligned tensors without copying (`MappedFile`). Every header is
 validated first: size, JSON, dtypes, shapes, offsets in bounds and non-overlapping.
-Writing streams tensor bytes after a header computed up front; files are readable by the
+Writing streams tensor bytes after a header computed up front, with the data section and every tensor
+whose size allows it on a 64-byte boundary (what zero-copy adoption needs); files are readable by the
 `safetensors` library (the tests check it) and by `transformers.from_pretrained`.
 
 Example:
@@ -15,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import mmap
 import os
 import struct
 from pathlib import Path
@@ -25,6 +26,7 @@ import numpy as np
 import torch
 
 from bridge.errors import CheckpointError
+from bridge.host_memory import ALIGN, aligned_empty
 from converters.dtypes import numpy_dtype
 
 MAX_HEADER = 100 * 1024 * 1024
@@ -114,14 +116,6 @@ def read_tensor(path: str | os.PathLike, info: TensorInfo, *, aligned: bool = Tr
     return out
 
 
-def aligned_empty(shape, dtype) -> np.ndarray:
-    """An uninitialised array in fresh anonymous pages (page-aligned, no transparent-huge-page stalls)."""
-    nbytes = math.prod(shape) * np.dtype(dtype).itemsize
-    if nbytes < (1 << 20):
-        return np.empty(shape, dtype)
-    return np.frombuffer(mmap.mmap(-1, nbytes), np.uint8).view(dtype).reshape(shape)
-
-
 def read_slice(path: str | os.PathLike, info: TensorInfo, index: tuple) -> np.ndarray:
     """Only the rows/columns of `index` (a tuple of slices), read through a memory map of this tensor."""
     if not info.shape:
@@ -141,19 +135,21 @@ def write_file(path: str | os.PathLike, tensors: Iterable[tuple[str, torch.dtype
     Producers are called one at a time, so only one tensor is held in memory. Returns bytes written.
     """
     entries = list(tensors)
-    header, offset = {}, 0
-    if metadata:
-        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
-    for name, dtype, shape, _ in entries:
-        nbytes = math.prod(shape) * numpy_dtype(dtype).itemsize
-        header[name] = {"dtype": CODES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
+    sizes = [math.prod(shape) * numpy_dtype(dtype).itemsize for _, dtype, shape, _ in entries]
+    # header in the given order; bytes laid out with 64-byte multiples first, so each of them starts aligned
+    layout = sorted(range(len(entries)), key=lambda i: sizes[i] % ALIGN != 0)
+    spans, offset = {}, 0
+    for i in layout:
+        spans[i], offset = [offset, offset + sizes[i]], offset + sizes[i]
+    header = {"__metadata__": {str(k): str(v) for k, v in metadata.items()}} if metadata else {}
+    for i, (name, dtype, shape, _) in enumerate(entries):
+        header[name] = {"dtype": CODES[dtype], "shape": list(shape), "data_offsets": spans[i]}
     raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)  # align the data section to 8 bytes, as the reference writer does
+    raw += b" " * (-(8 + len(raw)) % ALIGN)  # the data section starts on a 64-byte boundary
     with open(path, "wb") as f:
         f.write(struct.pack("<Q", len(raw)))
         f.write(raw)
-        for name, dtype, shape, produce in entries:
+        for name, dtype, shape, produce in (entries[i] for i in layout):
             arr = np.require(produce(), requirements="C")  # (ascontiguousarray would make 0-d 1-d)
             if arr.shape != tuple(shape) or arr.dtype != numpy_dtype(dtype):
                 raise CheckpointError(f"{path}: tensor {name!r} produced {arr.dtype}{arr.shape}, "

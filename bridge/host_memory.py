@@ -17,6 +17,7 @@ import ctypes.util
 import math
 import mmap
 import os
+import sys
 
 import numpy as np
 
@@ -47,7 +48,8 @@ def _madvise():
     return fn
 
 
-_MADVISE = _madvise() if os.uname().sysname == "Linux" else None
+_MADVISE = _madvise() if sys.platform.startswith("linux") else None
+_CAN_MAP = hasattr(mmap, "MAP_PRIVATE")  # POSIX; elsewhere every tensor is read into fresh memory
 
 
 def populate(arr: np.ndarray) -> np.ndarray:
@@ -78,6 +80,6 @@ class MappedFile:
     def array(self, start: int, end: int, dtype, shape) -> np.ndarray | None:
         """Bytes [start, end) as a resident view of the map, or None where JAX could not adopt it
         (unaligned: the caller reads a copy instead, leaving these pages unmapped)."""
-        if start % ALIGN:
+        if start % ALIGN or not _CAN_MAP:
             return None
         return populate(self.bytes()[start:end].view(dtype).reshape(shape))

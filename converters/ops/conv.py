@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 
 import jax
@@ -14,6 +15,7 @@ from converters.registry import lowering
 
 _SPATIAL = "DHW"
 SPLIT_GROUPS = 16  # on CPU, grouped convs with at most this many groups run as one plain conv per group
+MAX_SHIFT_TAPS = 64  # ... and depthwise ones with at most this many kernel taps as a sum of shifted products
 
 
 def _dimension_numbers(nd: int):
@@ -41,17 +43,43 @@ def convolution(x, w, bias, stride, padding, dilation, transposed, output_paddin
 
 
 def _conv(x, w, stride, padding, dilation, transposed, output_padding, groups, dn, nd, acc):
-    if 1 < groups <= SPLIT_GROUPS and jax.default_backend() == "cpu":
+    if groups > 1 and jax.default_backend() == "cpu":
         # XLA:CPU runs grouped convolutions, above all their weight gradient, on a slow generic path
         # (a groups=4 3x3 conv's backward: 90 ms; as 4 plain convs: 10 ms); GPUs keep the fused kernel
-        xs, ws = jnp.split(x, groups, axis=1), jnp.split(w, groups, axis=0)
-        return jnp.concatenate([_conv(a, b, stride, padding, dilation, transposed, output_padding, 1, dn, nd, acc)
-                                for a, b in zip(xs, ws)], axis=1)
+        if groups <= SPLIT_GROUPS:
+            xs, ws = jnp.split(x, groups, axis=1), jnp.split(w, groups, axis=0)
+            return jnp.concatenate([_conv(a, b, stride, padding, dilation, transposed, output_padding, 1, dn, nd,
+                                          acc) for a, b in zip(xs, ws)], axis=1)
+        if not transposed and x.shape[1] == groups and math.prod(w.shape[2:]) <= MAX_SHIFT_TAPS:
+            return _depthwise_taps(x, w, stride, padding, dilation, acc)
     if not transposed:
         y = lax.conv_general_dilated(x, w, stride, [(p, p) for p in padding], rhs_dilation=dilation,
                                      dimension_numbers=dn, feature_group_count=groups, preferred_element_type=acc)
     else:
         y = _conv_transpose(x, w, stride, padding, dilation, _tuple(output_padding, nd), groups, dn, acc)
+    return y
+
+
+def _depthwise_taps(x_NC, w_O1k, stride, padding, dilation, acc):
+    """Depthwise conv (one input channel per group, channel multiplier O/C) as a sum over kernel taps
+    of strided slices times per-channel weights: elementwise work XLA fuses, 2-7x faster on CPU than
+    its grouped-convolution path, forward and backward."""
+    dt = acc or x_NC.dtype
+    n, c = x_NC.shape[:2]
+    out_ch, k = w_O1k.shape[0], w_O1k.shape[2:]
+    nd = len(k)
+    x = jnp.pad(x_NC.astype(dt), [(0, 0), (0, 0)] + [(p, p) for p in padding])
+    if out_ch != c:                           # output channel o reads input channel o // multiplier
+        x = jnp.repeat(x, out_ch // c, axis=1)
+    out_sp = [(size - d * (kk - 1) - 1) // s + 1 for size, kk, s, d in zip(x.shape[2:], k, stride, dilation)]
+    w = w_O1k.astype(dt)
+    y = None
+    for tap in itertools.product(*(range(kk) for kk in k)):
+        start = [t * d for t, d in zip(tap, dilation)]
+        piece = lax.slice(x, [0, 0] + start, [n, out_ch] + [b + (o - 1) * s + 1 for b, o, s in zip(start, out_sp, stride)],
+                          [1, 1] + list(stride))
+        term = piece * w[(slice(None), 0) + tap].reshape((1, out_ch) + (1,) * nd)
+        y = term if y is None else y + term
     return y
 
 

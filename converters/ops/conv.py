@@ -62,7 +62,7 @@ def _conv(x, w, stride, padding, dilation, transposed, output_padding, groups, d
 
 def _depthwise_taps(x_NC, w_O1k, stride, padding, dilation, acc):
     """Depthwise conv (one input channel per group, channel multiplier O/C) as a sum over kernel taps
-    of strided slices times per-channel weights: elementwise work XLA fuses, 2-7x faster on CPU than
+    of strided slices times per-channel weights: elementwise work XLA fuses, 3-4x faster on CPU than
     its grouped-convolution path, forward and backward."""
     dt = acc or x_NC.dtype
     n, c = x_NC.shape[:2]
@@ -76,8 +76,8 @@ def _depthwise_taps(x_NC, w_O1k, stride, padding, dilation, acc):
     y = None
     for tap in itertools.product(*(range(kk) for kk in k)):
         start = [t * d for t, d in zip(tap, dilation)]
-        piece = lax.slice(x, [0, 0] + start, [n, out_ch] + [b + (o - 1) * s + 1 for b, o, s in zip(start, out_sp, stride)],
-                          [1, 1] + list(stride))
+        stop = [b + (o - 1) * s + 1 for b, o, s in zip(start, out_sp, stride)]
+        piece = lax.slice(x, [0, 0] + start, [n, out_ch] + stop, [1, 1] + list(stride))
         term = piece * w[(slice(None), 0) + tap].reshape((1, out_ch) + (1,) * nd)
         y = term if y is None else y + term
     return y

@@ -20,7 +20,8 @@ from converters.dtypes import numpy_dtype, to_numpy
 pytestmark = pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="reads /proc/self/maps (Linux)")
 
 TENSORS = {  # sizes: 64-byte multiples and odd ones, in an order that puts odd ones first
-    "a.bias": torch.randn(3).bfloat16(), "b.weight": torch.randn(64, 16), "c.codes": torch.arange(100, dtype=torch.int8),
+    "a.bias": torch.randn(3).bfloat16(), "b.weight": torch.randn(64, 16),
+    "c.codes": torch.arange(100, dtype=torch.int8),
     "d.weight": torch.randn(32, 48).half(), "e.scale": torch.randn(5, 7), "f.ids": torch.arange(256, dtype=torch.int32),
 }
 

@@ -185,7 +185,7 @@ def main(argv=None) -> None:
             step, losses = torch_variant(model, batch_t, name == "torch_compile")
             torch.cuda.reset_peak_memory_stats()
         elif name == "bridge":
-            step, losses, lowered = bridge_variant(jm, batch_j)
+            step, losses, traced = bridge_variant(jm, batch_j)
         else:
             step, losses, trainer = trainer_variant(jm, batch_j, Path("/tmp/bridge_gpu_bench"))
         t0 = time.perf_counter()
@@ -200,7 +200,7 @@ def main(argv=None) -> None:
             stats = jax.devices()[0].memory_stats() or {}
             extra["peak_memory_gb"] = stats.get("peak_bytes_in_use", 0) / 1e9
         if name == "bridge":
-            hlo = lowered().compile().as_text()
+            hlo = traced().lower().compile().as_text()
             extra["cudnn_attention_calls"] = hlo.count("__cudnn$fmha")
             extra["custom_calls"] = hlo.count("custom-call(")
         if name == "trainer":

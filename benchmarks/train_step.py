@@ -20,6 +20,8 @@ After warmup (compiles), `--rounds` rounds each run `--steps` timed steps of eve
 machine drift hits all alike; each step is timed on its own (JAX: block_until_ready) and the median is
 reported. Compile time = first call - median step. Dropout is off in the transformers (identical work on
 both sides: no RNG); the CNN trains with dropout + BatchNorm batch statistics on both sides.
+Matmul floor (benchmarks/roofline.py): the bridge step's dot/convolution FLOPs at the best fp32 matmul
+rate torch or jax reaches on this machine, the time no implementation of the step can beat.
 Results: <out>/train_step.json and <out>/train_step.md (written atomically); the table is printed.
 """
 from __future__ import annotations
@@ -39,6 +41,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from benchmarks.common import write_results
+from benchmarks.roofline import dot_gflop, matmul_peak_gflops
 
 import jax
 import jax.numpy as jnp
@@ -183,9 +186,9 @@ def bridge_variant(jm, batch_j):
         st["i"] += 1
         jax.block_until_ready((st["params"], loss))
         losses.append(float(loss))
-    def lowered():  # for diagnostics, on the current (live) state
-        return jitted.lower(st["params"], st["opt"], st["buffers"], batch_j, base)
-    return Timed("bridge", step), losses, lowered
+    def traced():  # for diagnostics, on the current (live) state: .jaxpr, .lower()
+        return jitted.trace(st["params"], st["opt"], st["buffers"], batch_j, base)
+    return Timed("bridge", step), losses, traced
 
 
 def trainer_variant(jm, batch_j, run_dir):
@@ -249,7 +252,7 @@ def bench_model(key: str, case, *, warmup: int, rounds: int, steps: int, run_dir
     eager, eager_losses = torch_train_variant("torch_eager", m_eager, batch)
     compiled, comp_losses = torch_train_variant("torch_compile", torch.compile(m_comp), batch)
     res["torch_compile_backend"] = "inductor"
-    brg, brg_losses, lowered = bridge_variant(jm, batch_j)
+    brg, brg_losses, traced = bridge_variant(jm, batch_j)
     trn, trn_losses, trainer = trainer_variant(jm, batch_j, run_dir / key)
     fwd_e, fwd_b = torch_forward_variant(model, batch), bridge_forward_variant(jm_eval, batch_j)
 
@@ -290,7 +293,7 @@ def bench_model(key: str, case, *, warmup: int, rounds: int, steps: int, run_dir
         wall * os.cpu_count())
     trainer.close()
     try:  # size of the optimized XLA program of the plain step (after timing: compiling here could warm caches)
-        hlo = lowered().compile().as_text()
+        hlo = traced().lower().compile().as_text()
         res["bridge_hlo"] = {"lines": hlo.count("\n"), "fusions": hlo.count(" fusion("),
                              "dots": hlo.count(" dot("), "convolutions": hlo.count(" convolution("),
                              "custom_calls": hlo.count(" custom-call(")}
@@ -299,6 +302,7 @@ def bench_model(key: str, case, *, warmup: int, rounds: int, steps: int, run_dir
 
     ms = {v.name: v.median_ms() for v in variants}
     res["median_ms"] = ms
+    res["dot_gflop"] = dot_gflop(traced().jaxpr)
     res["min_ms"] = {v.name: 1e3 * min(v.times) for v in variants}
     res["clean_median_ms"] = {v.name: v.clean_median_ms() for v in variants}
     c = res["clean_median_ms"]
@@ -330,16 +334,18 @@ def bench_model(key: str, case, *, warmup: int, rounds: int, steps: int, run_dir
 # ---- report -----------------------------------------------------------------------------------
 def markdown(res: dict) -> str:
     lines = ["| model | torch eager ms | torch.compile ms | bridge ms | trainer ms | bridge/eager | bridge/compile "
-             "| fwd eager ms | fwd bridge ms | compile s | convert s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| matmul floor ms | fwd eager ms | fwd bridge ms | compile s | convert s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for key, r in res["models"].items():
         m, q = r["median_ms"], r["ratios"]
         backend = "" if r["torch_compile_backend"] == "inductor" else f" ({r['torch_compile_backend']})"
         lines.append(f"| {key} | {m['torch_eager']:.1f} | {m['torch_compile']:.1f}{backend} | {m['bridge']:.1f} "
                      f"| {m['trainer']:.1f} | {q['bridge/torch_eager']:.2f} | {q['bridge/torch_compile']:.2f} "
-                     f"| {m['fwd_eager']:.1f} | {m['fwd_bridge']:.1f} | {r['jax_compile_s']['bridge']:.1f} "
+                     f"| {r['roofline']['floor_ms']:.1f} | {m['fwd_eager']:.1f} | {m['fwd_bridge']:.1f} "
+                     f"| {r['jax_compile_s']['bridge']:.1f} "
                      f"| {r['convert_s']:.1f} |")
     mach = res["machine"]
+    pk = mach["matmul_peak_gflops"]
     shared = any(r["other_processes_cpu_share"] > 0.1 for r in res["models"].values())
     others = ", ".join(f"{k} {r['other_processes_cpu_share']:.0%}" for k, r in res["models"].items())
     notes = [f"Targets: bridge ≤ {TARGET_EAGER}× torch eager and ≤ {TARGET_COMPILE}× torch.compile "
@@ -348,7 +354,9 @@ def markdown(res: dict) -> str:
         met = ", ".join(f"{k}: {'PASS' if v else 'FAIL'}" for k, v in r["targets_met"].items())
         notes.append(f"- {key}: {r['description']}, {r['params']:,} params. {met}. "
                      f"trainer/bridge {r['ratios']['trainer/bridge']:.2f}; torch.compile compile "
-                     f"{r['torch_compile_s']:.1f} s.")
+                     f"{r['torch_compile_s']:.1f} s. Matmul floor {r['roofline']['floor_ms']:.0f} ms "
+                     f"= {r['roofline']['floor/torch_eager']:.2f}× torch eager "
+                     f"({r['dot_gflop']:.1f} GFLOP of dots/convolutions per step).")
     if shared:
         clean = "; ".join(f"{k} " + ", ".join(f"{n} {'n/a' if q is None else f'{q:.2f}'}" for n, q in r["clean_ratios"].items())
                           for k, r in res["models"].items())
@@ -356,7 +364,10 @@ def markdown(res: dict) -> str:
                      f"100 ms: all steps): {clean}.")
     notes.append(f"\nMedian of {res['settings']['rounds']}×{res['settings']['steps']} interleaved timed steps per "
                  f"variant after {res['settings']['warmup']} warmup calls; fp32, AdamW. compile s = JAX "
-                 f"first call − median step of the bridge train step; convert s = `bridge.convert` wall time. "
+                 f"first call − median step of the bridge train step; convert s = `bridge.convert` wall time; "
+                 f"matmul floor = the step's dot and convolution FLOPs at the best fp32 matmul rate measured in "
+                 f"this run ({pk['best']:.0f} GFLOP/s: torch {pk['torch']:.0f}, jax {pk['jax']:.0f} on a {pk['n']}³ "
+                 f"matmul, best of {len(mach['matmul_peak_gflops_samples'])} measurements); no step can be faster. "
                  f"{mach['cpu_count']} CPUs ({mach['processor']}), {mach['platform']}, jax {mach['jax_version']}, "
                  f"torch {mach['torch_version']}, {mach['date']}. Other processes used "
                  f"{others} "
@@ -407,21 +418,27 @@ def main(argv=None) -> None:
     cases = {"gpt2": lambda: gpt2_case(gpt2_vocab), "llama": lambda: llama_case(llama_vocab),
              "cnn": cnn_case}
     run_dir = Path(tempfile.mkdtemp(prefix="train_step_bench."))
-    models = {}
+    peaks, models = [matmul_peak_gflops()], {}
     try:
         for key in args.models.split(","):
             t0 = time.perf_counter()
             torch.manual_seed(0)
             models[key] = bench_model(key, cases[key](), warmup=warmup, rounds=rounds, steps=steps, run_dir=run_dir)
             r = models[key]
+            peaks.append(matmul_peak_gflops())
             print(f"{key}: eager {r['median_ms']['torch_eager']:.1f} ms, compile {r['median_ms']['torch_compile']:.1f} "
                   f"ms, bridge {r['median_ms']['bridge']:.1f} ms, trainer {r['median_ms']['trainer']:.1f} ms "
                   f"({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
     finally:
         shutil.rmtree(run_dir, ignore_errors=True)
+    peak = max(peaks, key=lambda p: p["best"])  # a busy machine lowers a measurement, never raises it
+    for r in models.values():
+        floor = 1e3 * r["dot_gflop"] / peak["best"]
+        r["roofline"] = {"floor_ms": floor, "floor/torch_eager": floor / r["median_ms"]["torch_eager"]}
     res = {"machine": {"platform": platform.platform(), "processor": cpu_name(), "cpu_count": os.cpu_count(),
                        "python": platform.python_version(), "jax_backend": jax.default_backend(),
-                       "torch_threads": torch.get_num_threads(),
+                       "torch_threads": torch.get_num_threads(), "matmul_peak_gflops": peak,
+                       "matmul_peak_gflops_samples": [p["best"] for p in peaks],
                        "loadavg_1_5_15_start": load_start, "loadavg_1_5_15_end": os.getloadavg(),
                        **{f"{p}_version": md.version(p) for p in ("jax", "jaxlib", "torch", "transformers", "optax")},
                        "date": datetime.now(timezone.utc).isoformat(timespec="seconds")},

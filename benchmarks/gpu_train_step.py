@@ -124,7 +124,7 @@ def bridge_variant(jm, batch_j):
         st["p"], st["o"], loss = jitted(st["p"], st["o"], batch_j)
         jax.block_until_ready(loss)
         losses.append(loss)
-    return step, losses, lambda: jitted.lower(st["p"], st["o"], batch_j)
+    return step, losses, lambda: jitted.trace(st["p"], st["o"], batch_j)
 
 
 def trainer_variant(jm, batch_j, run_dir):

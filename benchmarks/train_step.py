@@ -158,7 +158,7 @@ def fresh(tree):
 
 
 def bridge_variant(jm, batch_j):
-    """Plain jitted step: (params, opt_state, buffers, batch, key) -> (params, opt_state, buffers, loss)."""
+    """Plain jitted step: (params, opt_state, buffers, batch, key, i) -> (params, opt_state, buffers, loss, i + 1)."""
     opt = optax.adamw(LR, weight_decay=WD)
     lm = is_lm(batch_j)
 
@@ -170,24 +170,26 @@ def bridge_variant(jm, batch_j):
         logits, new_buffers = jm.apply(params, batch["x"], **kw)
         return optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"]).mean(), new_buffers
 
-    def train_step(params, opt_state, buffers, batch, key):
+    def train_step(params, opt_state, buffers, batch, key, i):
+        # the step's key is derived inside the jitted step: a host-side fold_in is a dispatch per step
+        key = jax.random.fold_in(key, i)
         (loss, buffers), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, buffers, batch, key)
         updates, opt_state = opt.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, buffers, loss
+        return optax.apply_updates(params, updates), opt_state, buffers, loss, i + 1
 
-    jitted = jax.jit(train_step, donate_argnums=(0, 1, 2))
+    jitted = jax.jit(train_step, donate_argnums=(0, 1, 2, 5))
     params, buffers = fresh(jm.params), fresh(jm.buffers)
-    st = {"params": params, "opt": opt.init(params), "buffers": buffers, "i": 0}
+    st = {"params": params, "opt": opt.init(params), "buffers": buffers, "i": jnp.zeros((), jnp.int32)}
     base, losses = jax.random.key(0), []
 
     def step():
-        st["params"], st["opt"], st["buffers"], loss = jitted(st["params"], st["opt"], st["buffers"], batch_j,
-                                                              jax.random.fold_in(base, st["i"]))
-        st["i"] += 1
+        st["params"], st["opt"], st["buffers"], loss, st["i"] = jitted(st["params"], st["opt"], st["buffers"],
+                                                                       batch_j, base, st["i"])
         jax.block_until_ready((st["params"], loss))
         losses.append(float(loss))
+
     def traced():  # for diagnostics, on the current (live) state: .jaxpr, .lower()
-        return jitted.trace(st["params"], st["opt"], st["buffers"], batch_j, base)
+        return jitted.trace(st["params"], st["opt"], st["buffers"], batch_j, base, st["i"])
     return Timed("bridge", step), losses, traced
 
 

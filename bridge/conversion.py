@@ -62,6 +62,7 @@ def convert(module: torch.nn.Module, args=(), kwargs: dict | None = None, *, dyn
         aliases=dict(cap.aliases),
         non_persistent=frozenset(n for n in buffers if n not in persistent),
         state_dict_keys=state_keys,
+        frozen=frozenset(n for n, t in params.items() if not t.requires_grad),
     )
     on_meta = [n for n, t in {**params, **buffers}.items() if t.is_meta]
     if on_meta and weights is None:

@@ -28,6 +28,7 @@ class StateMeta:
     aliases: dict[str, str]                  # tied names (all of them) → canonical leaf name
     non_persistent: frozenset[str]           # buffers/constants torch leaves out of state_dict
     state_dict_keys: tuple[str, ...]         # module.state_dict() order
+    frozen: frozenset[str] = frozenset()     # parameters with requires_grad=False: apply stops their gradient
 
 
 def _to_leaf(x):
@@ -109,6 +110,8 @@ class JaxModule:
         """Pure forward. With return_buffers=True returns (outputs, updated buffers)."""
         buffers = self.buffers if buffers is None else buffers
         state = {**flatten(buffers), **flatten(params)}
+        for n in self.meta.frozen & state.keys():   # torch's requires_grad=False: no gradient flows to it
+            state[n] = jax.lax.stop_gradient(state[n])
         need = self.program.param_names + self.program.buffer_names
         missing = [n for n in need if n not in state]
         if missing:

@@ -55,6 +55,21 @@ def _hf_kwargs(module: torch.nn.Module, kwargs: dict) -> dict:
     return extra
 
 
+@contextlib.contextmanager
+def _config_cache_off(module: torch.nn.Module, kwargs: dict):
+    """Hugging Face models whose forward passes `use_cache` on only through **kwargs read it from the config:
+    turned off there while capturing (as a keyword it would hit torch.export's **kwargs dynamic-shape bug)."""
+    config = getattr(module, "config", None)
+    if "use_cache" in kwargs or not getattr(config, "use_cache", False):
+        yield
+        return
+    config.use_cache = False
+    try:
+        yield
+    finally:
+        config.use_cache = True
+
+
 def _dynamic_spec(module, args, kwargs, dynamic: str):
     if dynamic not in DYNAMIC_PRESETS:
         raise CaptureError(f"dynamic={dynamic!r} is not one of {sorted(DYNAMIC_PRESETS)}")
@@ -101,6 +116,34 @@ def _row_major(t: torch.Tensor) -> torch.Tensor:
     return t.clone(memory_format=torch.contiguous_format)
 
 
+def _detach_no_grad_inputs(gm: torch.fx.GraphModule) -> None:
+    """`torch.no_grad()` blocks reach the graph as wrap_with_set_grad_enabled(False, block, *inputs), which
+    decomposition inlines, losing the grad mode. Detaching the block's tensor inputs keeps torch's semantics:
+    nothing computed inside carries a gradient (spectral norm's power iteration, HF rotary tables), and in-place
+    updates through the detached inputs still update the buffers/parameters they alias."""
+    wrap = getattr(torch.ops.higher_order, "wrap_with_set_grad_enabled", None)
+    blocks = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is wrap and n.args[0] is False
+              and not _autograd_function_forward(gm, n)]
+    for node in blocks:
+        with gm.graph.inserting_before(node):
+            args = list(node.args)
+            for i, a in enumerate(args[2:], 2):
+                if isinstance(a, torch.fx.Node) and isinstance(a.meta.get("val"), torch.Tensor):
+                    args[i] = gm.graph.call_function(torch.ops.aten.detach.default, (a,))
+                    args[i].meta.update(val=a.meta["val"], stack_trace=node.meta.get("stack_trace"))
+            node.args = tuple(args)
+    if blocks:
+        gm.recompile()
+
+
+def _autograd_function_forward(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
+    """Strict export inlines an autograd.Function's forward as a no-grad block too (it runs under no_grad), but
+    its gradient is the Function's backward (Bloom's GeLU): differentiating the forward stands for it, zero does not."""
+    sub = getattr(gm, node.args[1].target, None)
+    return isinstance(sub, torch.fx.GraphModule) and any(
+        (n.meta.get("source_fn_stack") or [("",)])[0][0] == "autograd.function" for n in sub.graph.nodes)
+
+
 @contextlib.contextmanager
 def _mode(module: torch.nn.Module, train: bool):
     states = {m: m.training for m in module.modules()}
@@ -129,17 +172,19 @@ def capture(module: torch.nn.Module, args: tuple = (), kwargs: dict | None = Non
         dynamic_shapes = _dynamic_spec(module, args, kwargs, dynamic)
     modes = [True, False] if strict is None else [strict]
     errors = []
-    with _mode(module, train), warnings.catch_warnings():
+    with _mode(module, train), _config_cache_off(module, kwargs), warnings.catch_warnings():
         # torch's own deprecation chatter and dynamo's side-effect notes say nothing about the user's model
         warnings.filterwarnings("ignore", category=FutureWarning)
         warnings.filterwarnings("ignore", message=".*side effects happened in the model.forward.*")
         for mode in modes:
             try:
                 ep = torch.export.export(module, args, kwargs, dynamic_shapes=dynamic_shapes, strict=mode)
+                _detach_no_grad_inputs(ep.graph_module)
+                # inside the loop: a strict program can fail to decompose (torch.autocast blocks), non-strict not
+                ep = ep.run_decompositions(decomposition_table())
                 break
             except Exception as e:  # torch raises many unrelated types here; we report them all
                 errors.append(f"{'strict' if mode else 'non-strict'}: {type(e).__name__}: {e}")
         else:
             raise CaptureError(f"torch.export failed for {type(module).__name__}:\n" + "\n".join(errors))
-        ep = ep.run_decompositions(decomposition_table())
     return Captured(ep, state_aliases(module), extra, mode, train)

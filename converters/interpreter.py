@@ -10,6 +10,7 @@ Example:
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from collections import Counter, defaultdict
 from typing import Any
@@ -17,6 +18,7 @@ from typing import Any
 import jax
 import torch
 from torch.export.graph_signature import InputKind, OutputKind
+from torch.fx.experimental.symbolic_shapes import is_concrete_int
 from torch.fx.node import map_arg
 
 from bridge.errors import InputError, LoweringError, MissingRngError, UnsupportedOpsError
@@ -80,9 +82,18 @@ class Program:
                 self.lifted[canon] = ep.constants[spec.target]
         self.non_persistent = set(self.lifted)
         self.mutations: list[str | None] = []  # per graph output: buffer name, or None for user outputs
+        placeholder_of = {canon: name for name, _, canon in self.state_inputs}
+        self.param_updates: dict[str, str] = {}   # node computing a parameter's in-place update → its placeholder
         for spec in sig.output_specs:
             if spec.kind == OutputKind.BUFFER_MUTATION:
                 self.mutations.append(cap.aliases.get(spec.target, spec.target))
+            elif spec.kind == OutputKind.PARAMETER_MUTATION:
+                # a parameter updated in place without autograd (Embedding(max_norm) renorms the rows it reads,
+                # `with torch.no_grad(): w.clamp_(...)`): later reads see the new values while gradients still
+                # reach the parameter as if unchanged, as in torch. Parameters live in `params`, which `apply`
+                # does not return, so the update itself is dropped.
+                self.param_updates[spec.arg.name] = placeholder_of[cap.aliases.get(spec.target, spec.target)]
+                self.mutations.append(_DROPPED)
             elif spec.kind == OutputKind.USER_OUTPUT:
                 self.mutations.append(None)
             elif spec.kind in (OutputKind.TOKEN, OutputKind.USER_INPUT_MUTATION):
@@ -95,13 +106,18 @@ class Program:
         self.out_spec = ep.call_spec.out_spec
         self.placeholder_meta = {n.name: n.meta.get("val") for n in self.graph.nodes if n.op == "placeholder"}
         self.nodes = [n for n in self.graph.nodes if n.op == "call_function"]
+        for n in self.nodes:   # an update made through a detached alias (a no_grad block's input) is read back
+            if n.target is torch.ops.aten.detach.default and getattr(n.args[0], "name", None) in self.param_updates:
+                self.param_updates[n.name] = self.param_updates[n.args[0].name]   # through detach(update)
+        # subgraphs (torch.cond branches, loop bodies) referenced by get_attr nodes: lowerings receive them
+        self.attrs = {n.name: _attr(ep.graph_module, n.target) for n in self.graph.nodes if n.op == "get_attr"}
         self.random_nodes = {n.name: i for i, n in enumerate(self.nodes) if draws_random(n)}
         self._check_supported()
 
     # -- checks ---------------------------------------------------------------------------
     def _check_supported(self):
         missing: dict[str, list] = defaultdict(list)
-        for n in self.nodes:
+        for n in _call_nodes(self.graph):
             target = n.args[1] if n.target is torch.ops.higher_order.with_effects else n.target
             if lookup(n.target) is None or lookup(target) is None:
                 missing[op_name(target)].append(source_line(n))
@@ -125,7 +141,8 @@ class Program:
             if shape is None or len(shape) != meta.dim():
                 raise InputError(f"input {name!r}: expected a {meta.dim()}-d array, got shape {shape}")
             for d, (want, got) in enumerate(zip(meta.shape, shape)):
-                if isinstance(want, int) and want != got:
+                # a SymInt torch.export specialized (Dim.AUTO where the code fixes the size) is static too
+                if is_concrete_int(want) and int(want) != got:
                     raise InputError(
                         f"input {name!r} dim {d}: exported with static size {want}, got {got} "
                         f"(shape {tuple(shape)}); convert with dynamic='batch' / 'batch+seq' or dynamic_shapes")
@@ -150,8 +167,12 @@ class Program:
             env[name] = self._as_captured(name, leaf) if const is None or hasattr(leaf, "shape") else const
         for name in self.tokens:
             env[name] = None
+        env.update(self.attrs)
         for node in self.nodes:
             env[node.name] = self._eval(node, env, key)
+            if node.name in self.param_updates:   # new values forward, the parameter's own gradient backward
+                old = env[self.param_updates[node.name]]
+                env[node.name] = jax.lax.stop_gradient(env[node.name]) + (old - jax.lax.stop_gradient(old))
         out_node = next(n for n in reversed(self.graph.nodes) if n.op == "output")
         results = map_arg(out_node.args[0], lambda n: env[n.name])
         user, mutated = [], {}
@@ -186,25 +207,72 @@ class Program:
         return out
 
     def _eval(self, node: torch.fx.Node, env: dict, key):
-        low = lookup(node.target)
-        args = map_arg(node.args, lambda n: env[n.name])
-        kwargs = map_arg(node.kwargs, lambda n: env[n.name])
-        try:
-            if low.random:
-                k = self.random_nodes.get(node.name)
-                out = low.fn(None if k is None else jax.random.fold_in(key, k), *args, **kwargs)
-            else:
-                out = low.fn(*args, **kwargs)
-        except Exception as e:  # re-raised with the op, the user's line and the input shapes
-            if isinstance(e, (LoweringError, MissingRngError)):
-                raise
-            shapes = [getattr(a, "shape", a) for a in args if hasattr(a, "shape")]
-            raise LoweringError(f"{op_name(node.target)} failed at {source_line(node)} "
-                                f"(input shapes {shapes}): {type(e).__name__}: {e}") from e
-        return _match_dtype(out, node.meta.get("val"))
+        k = self.random_nodes.get(node.name)
+        return eval_node(node, env, None if k is None else jax.random.fold_in(key, k))
 
     def output_structure(self, flat_outputs: list):
         return spec_structure(self.out_spec, flat_outputs)
+
+
+def eval_node(node: torch.fx.Node, env: dict, key):
+    """One call_function node through its lowering; `key` is this node's own PRNG key (None unless it draws)."""
+    low = lookup(node.target)
+    args = map_arg(node.args, lambda n: env[n.name])
+    kwargs = map_arg(node.kwargs, lambda n: env[n.name])
+    try:
+        with jax.ensure_compile_time_eval() if _size_arithmetic(node, args, kwargs) else contextlib.nullcontext():
+            out = low.fn(key, *args, **kwargs) if low.random else low.fn(*args, **kwargs)
+            return _match_dtype(out, node.meta.get("val"))
+    except Exception as e:  # re-raised with the op, the user's line and the input shapes
+        if isinstance(e, (LoweringError, MissingRngError)):
+            raise
+        shapes = [getattr(a, "shape", a) for a in args if hasattr(a, "shape")]
+        raise LoweringError(f"{op_name(node.target)} failed at {source_line(node)} "
+                            f"(input shapes {shapes}): {type(e).__name__}: {e}") from e
+
+
+def _size_arithmetic(node: torch.fx.Node, args, kwargs) -> bool:
+    """A 0-d result from untraced 0-d inputs: sizes that detour through tensors (`torch.tensor(x.size(1))`, then
+    `.item()`). Evaluated while tracing, it stays concrete where JAX needs a static value (slice bounds, shapes)."""
+    val = node.meta.get("val")
+    if lookup(node.target).random or (isinstance(val, torch.Tensor) and val.dim() != 0):
+        return False
+    leaves = jax.tree.leaves((args, kwargs))
+    return not any(isinstance(x, jax.core.Tracer) or getattr(x, "ndim", 0) != 0 for x in leaves)
+
+
+def run_graph(gm: torch.fx.GraphModule, inputs, key=None) -> list:
+    """Evaluate a subgraph (a torch.cond branch, a loop body) with the same lowerings: placeholders bound to
+    `inputs` in order; returns its flat outputs. Nodes that draw random numbers fold their index into `key`."""
+    env: dict[str, Any] = {}
+    nodes = list(gm.graph.nodes)
+    for n, value in zip([n for n in nodes if n.op == "placeholder"], inputs):
+        env[n.name] = value
+    for i, n in enumerate(nodes):
+        if n.op == "get_attr":
+            env[n.name] = _attr(gm, n.target)
+        elif n.op == "call_function":
+            draws = key is not None and draws_random(n)
+            env[n.name] = eval_node(n, env, jax.random.fold_in(key, i) if draws else None)
+    out = map_arg(next(n for n in reversed(nodes) if n.op == "output").args[0], lambda n: env[n.name])
+    return list(out) if isinstance(out, (list, tuple)) else [out]
+
+
+def _attr(gm: torch.nn.Module, target: str):
+    for part in target.split("."):
+        gm = getattr(gm, part)
+    return gm
+
+
+def _call_nodes(graph: torch.fx.Graph):
+    """Every call_function node of `graph` and of the subgraphs it references, depth first."""
+    for n in graph.nodes:
+        if n.op == "call_function":
+            yield n
+        elif n.op == "get_attr":
+            sub = _attr(graph.owning_module, n.target)
+            if isinstance(sub, torch.fx.GraphModule):
+                yield from _call_nodes(sub.graph)
 
 
 def _match_dtype(out, meta):

@@ -26,6 +26,7 @@ class Lowering:
 
 
 _REGISTRY: dict[Any, Lowering] = {}
+_BY_NAME: dict[str, Lowering] = {}   # ops of libraries bridge does not import, by their printed name
 
 
 def op_name(target: Any) -> str:
@@ -37,29 +38,39 @@ def op_name(target: Any) -> str:
     return f"{mod}.{getattr(target, '__name__', repr(target))}".lstrip(".")
 
 
-def lowering(*targets: Any, random: Any = False) -> Callable[[Callable], Callable]:
-    """Register `fn` as the lowering of every target; a second registration raises."""
-
+def _registrar(table: dict, targets: tuple, random: Any) -> Callable[[Callable], Callable]:
     def register(fn: Callable) -> Callable:
         for target in targets:
-            if target in _REGISTRY:
-                prev = _REGISTRY[target]
+            if target in table:
+                prev = table[target]
                 raise DuplicateLoweringError(
                     f"{op_name(target)} already has a lowering ({prev.module}.{prev.fn.__name__}); "
                     f"refusing {fn.__module__}.{fn.__name__}")
-            _REGISTRY[target] = Lowering(fn, random, fn.__module__)
+            table[target] = Lowering(fn, random, fn.__module__)
         return fn
 
     return register
 
 
+def lowering(*targets: Any, random: Any = False) -> Callable[[Callable], Callable]:
+    """Register `fn` as the lowering of every target; a second registration raises."""
+    return _registrar(_REGISTRY, targets, random)
+
+
+def lowering_by_name(*names: str, random: Any = False) -> Callable[[Callable], Callable]:
+    """Register `fn` for custom ops of a library bridge does not import (they exist only once it is imported),
+    keyed by the name `op_name` prints, e.g. 'transformers.grouped_mm_fallback.default'."""
+    return _registrar(_BY_NAME, names, random)
+
+
 def lookup(target: Any) -> Lowering | None:
-    return _REGISTRY.get(target)
+    low = _REGISTRY.get(target)
+    return low if low is not None or not _BY_NAME else _BY_NAME.get(op_name(target))
 
 
 def draws_random(node) -> bool:
     """Whether this graph node needs a PRNG key (dropout with p > 0, rand, ...)."""
-    low = _REGISTRY.get(node.target)
+    low = lookup(node.target)
     if low is None or not low.random:
         return False
     return low.random(node) if callable(low.random) else True

@@ -2,4 +2,5 @@
 from converters.ops import (  # noqa: F401
     activation, backward, conv, creation, distance, elementwise, factorize, fft, indexing, linalg, loss, nn,
     numeric, polynomials, random, reduction, resample, scatter, shape, solvers, sorting, special, symbolic,
+    control_flow, rnn, transformer,
 )

@@ -30,7 +30,8 @@ def sigmoid(x):
 
 @lowering(aten.hardtanh.default)
 def hardtanh(x, min_val=-1.0, max_val=1.0):
-    return jnp.clip(x, min_val, max_val)
+    """Gradient 1 strictly inside (min_val, max_val) and 0 at the bounds, as torch's (jnp.clip gives 0.5 there)."""
+    return jnp.where(x <= min_val, min_val, jnp.where(x >= max_val, max_val, x))
 
 
 @lowering(aten.leaky_relu.default)
@@ -50,12 +51,14 @@ def softplus(x, beta=1.0, threshold=20.0):
 
 @lowering(aten.hardswish.default)
 def hardswish(x):
-    return x * jnp.clip(x + 3, 0, 6) / 6
+    """torch's gradient at the kinks: 0 at x = -3, 1 at x = 3."""
+    return jnp.where(x <= -3, jnp.zeros((), x.dtype), jnp.where(x < 3, x * (x + 3) / 6, x))
 
 
 @lowering(aten.hardsigmoid.default)
 def hardsigmoid(x):
-    return jnp.clip(x + 3, 0, 6) / 6
+    """torch's gradient: 1/6 strictly inside (-3, 3), 0 at the kinks."""
+    return jnp.where(x <= -3, jnp.zeros((), x.dtype), jnp.where(x >= 3, jnp.ones((), x.dtype), (x + 3) / 6))
 
 
 @lowering(aten.mish.default)

@@ -141,23 +141,32 @@ def where(cond, a, b):
     return jnp.where(cond, a, b)
 
 
+def _at_least(x, lo):
+    """max(x, lo) with torch's clamp gradient: a tie goes to x (jnp.maximum splits it); NaN in either propagates."""
+    return jnp.where(x < lo, lo, jnp.where(x >= lo, x, x + lo))
+
+
+def _at_most(x, hi):
+    return jnp.where(x > hi, hi, jnp.where(x <= hi, x, x + hi))
+
+
 @lowering(aten.clamp.default, aten.clamp.Tensor)
 def clamp(x, min=None, max=None):
     if min is not None:
-        x = jnp.maximum(x, min)
+        x = _at_least(x, min)
     if max is not None:
-        x = jnp.minimum(x, max)
+        x = _at_most(x, max)
     return x
 
 
 @lowering(aten.clamp_min.default, aten.clamp_min.Tensor)
 def clamp_min(x, min):
-    return jnp.maximum(x, min)
+    return _at_least(x, min)
 
 
 @lowering(aten.clamp_max.default, aten.clamp_max.Tensor)
 def clamp_max(x, max):
-    return jnp.minimum(x, max)
+    return _at_most(x, max)
 
 
 @lowering(aten.lerp.Scalar, aten.lerp.Tensor)

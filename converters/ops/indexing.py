@@ -2,6 +2,8 @@
 along slices, index generators (tril/triu_indices, repeat_interleave)."""
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -75,9 +77,35 @@ def index_put(x, indices, values, accumulate=False):
     given = [(k, i) for k, i in enumerate(indices) if i is not None]
     if len(given) == 1 and given[0][1].dtype == jnp.bool_:
         return _mask_put(x, given[0][0], given[0][1], values, accumulate)
-    ref = x.at[_index_tuple(indices)]
     values = values.astype(x.dtype)
-    return ref.add(values) if accumulate else ref.set(values)
+    if accumulate:
+        return x.at[_index_tuple(indices)].add(values)
+    if not jnp.issubdtype(x.dtype, jnp.inexact):
+        return x.at[_index_tuple(indices)].set(values)
+    layout = tuple(i is not None for i in indices)
+    return _put(layout, x, [i for i in indices if i is not None], values)
+
+
+def _full_index(layout, arrays):
+    it = iter(arrays)
+    return tuple(next(it) if given else slice(None) for given in layout)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
+def _put(layout, x, arrays, values):
+    """x[indices] = values with torch's index_put gradient: every value gets the gradient at the position it
+    was written to, duplicates included (JAX's scatter gives it only to the write that lands)."""
+    return x.at[_full_index(layout, arrays)].set(values)
+
+
+@_put.defjvp
+def _put_jvp(layout, primals, tangents):
+    x, arrays, values = primals
+    tx, _, tv = tangents
+    at = _full_index(layout, arrays)
+    # linear in (tx, tv); its transpose gathers the output gradient at every index, as torch's backward does
+    kept = jnp.ones(x.shape, tx.dtype).at[at].set(0)
+    return x.at[at].set(values), tx * kept + jnp.zeros_like(tx).at[at].add(tv)
 
 
 @lowering(aten.index_select.default)

@@ -4,8 +4,8 @@ from __future__ import annotations
 import jax.numpy as jnp
 from jax import lax
 
-from converters.ops.common import aten, dot_precision
-from converters.registry import lowering
+from converters.ops.common import aten, dot_precision, dt
+from converters.registry import lowering, lowering_by_name
 
 
 def _scaled(x, s):
@@ -45,3 +45,33 @@ def linear(x_BI, w_OI, b_O=None):
 @lowering(aten.outer.default)
 def outer(a, b):
     return jnp.outer(a, b)
+
+
+def _group_mask(offs, n: int):
+    """(G, n) bool: position i belongs to group g when offs[g-1] <= i < offs[g] (offs: cumulative group ends)."""
+    i = jnp.arange(n, dtype=offs.dtype)
+    starts = jnp.concatenate([jnp.zeros((1,), offs.dtype), offs[:-1]])
+    return (starts[:, None] <= i) & (i < offs[:, None])
+
+
+@lowering(aten._grouped_mm.default)
+def grouped_mm(a, b, offs=None, bias=None, out_dtype=None):
+    """Per-group products (mixture-of-experts layers). Groups split a 2-D operand's rows (2-D×3-D: (S, K)×(G, K, N)
+    → (S, N), rows past the last offset are zero), columns (3-D×2-D → (M, N)) or the contraction (2-D×2-D →
+    (G, M, N)); 3-D×3-D is a batched product. torch refuses `bias` ("not supported yet")."""
+    with dot_precision(a, b):
+        if offs is None:
+            y = jnp.matmul(a, b)
+        elif a.ndim == 2 and b.ndim == 3:
+            y = lax.ragged_dot(a, b, jnp.diff(offs, prepend=0).astype(jnp.int32))
+        elif a.ndim == 3:
+            y = jnp.einsum("gmk,kn,gn->mn", a, b, _group_mask(offs, b.shape[1]).astype(b.dtype))
+        else:
+            y = jnp.einsum("mk,gk,kn->gmn", a, _group_mask(offs, a.shape[1]).astype(a.dtype), b)
+    return y if out_dtype is None else y.astype(dt(out_dtype))
+
+
+@lowering_by_name("transformers.grouped_mm_fallback.default")
+def grouped_mm_fallback(a, b, offs):
+    """transformers' loop over experts (its MoE layers under torch.export in fp32): same as _grouped_mm."""
+    return grouped_mm(a, b, offs)

@@ -115,10 +115,16 @@ def stack(tensors, dim=0):
     return jnp.stack(tensors, axis=dim % (tensors[0].ndim + 1))
 
 
-@lowering(aten.clone.default, aten.alias.default, aten.lift_fresh_copy.default, aten.detach.default,
-          aten.contiguous.default, aten.alias_copy.default, aten.detach_copy.default)
+@lowering(aten.clone.default, aten.alias.default, aten.lift_fresh_copy.default,
+          aten.contiguous.default, aten.alias_copy.default)
 def identity(x, *, memory_format=None):
     return x
+
+
+@lowering(aten.detach.default, aten.detach_copy.default)
+def detach(x):
+    """`.detach()`: same values, and no gradient flows back through it (as in torch)."""
+    return lax.stop_gradient(x)
 
 
 @lowering(aten._to_copy.default)

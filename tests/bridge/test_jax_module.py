@@ -78,3 +78,26 @@ def test_nest_and_flatten_are_inverse():
     flat = {"a.b.0.weight": 1, "a.b.0.bias": 2, "c": 3}
     assert nest(flat) == {"a": {"b": {"0": {"weight": 1, "bias": 2}}}, "c": 3}
     assert flatten(nest(flat)) == flat
+
+
+class Frozen(torch.nn.Module):
+    """A requires_grad=False parameter (a fixed sinusoidal table, a frozen layer): torch gives it no gradient."""
+
+    def __init__(self):
+        super().__init__()
+        self.table = torch.nn.Parameter(torch.randn(5, 4), requires_grad=False)
+        self.lin = torch.nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.lin(x + self.table)
+
+
+def test_frozen_parameters_get_no_gradient():
+    m = Frozen()
+    x = torch.randn(3, 5, 4)
+    jm = bridge.convert(m, (x,))
+    assert jm.meta.frozen == {"table"} and "table" in flatten(jm.params)
+    m(x).square().sum().backward()
+    grad = jax.grad(lambda p: jnp.sum(jnp.square(jm.apply(p, to_jax(x)))))(jm.params)
+    assert m.table.grad is None and float(jnp.abs(grad["table"]).max()) == 0.0
+    assert_close(grad["lin"]["weight"], m.lin.weight.grad, what="trainable grad")

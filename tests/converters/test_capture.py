@@ -1,6 +1,8 @@
 """Capture: strict with non-strict fallback, dynamic presets, Hugging Face conventions, input checks."""
 from __future__ import annotations
 
+import types
+
 import jax
 import numpy as np
 import pytest
@@ -80,3 +82,81 @@ def test_bert_sequence_classification_with_token_types():
         ref = model(**kw)
     assert_close(out["logits"], ref.logits, what="logits")
     assert_close(out["loss"], ref.loss, what="loss")
+
+
+class _Cache:
+    """Not a pytree: torch.export refuses it as an output."""
+
+
+class CacheThroughKwargs(torch.nn.Module):
+    """A Hugging Face forward that takes `use_cache` only through **kwargs and defaults it from the config."""
+
+    def __init__(self):
+        super().__init__()
+        self.config = types.SimpleNamespace(use_cache=True)
+        self.lin = torch.nn.Linear(4, 4)
+
+    def forward(self, x, **kwargs):
+        use_cache = kwargs.get("use_cache", self.config.use_cache)
+        return (self.lin(x), _Cache()) if use_cache else (self.lin(x),)
+
+
+def test_hf_cache_off_through_the_config_when_forward_takes_kwargs():
+    m = CacheThroughKwargs()
+    x = torch.randn(3, 4)
+    jm = bridge.convert(m, (x,), dynamic="batch")   # as a keyword, use_cache would trip torch's **kwargs spec
+    assert m.config.use_cache is True and jm.program.captured.extra_kwargs == {}
+    with torch.no_grad():
+        assert_close(jm(to_jax(x))[0], m.lin(x), what="output")
+
+
+class SizeThroughTensor(torch.nn.Module):
+    """DeBERTa's attention span: a size made a tensor (`torch.tensor(min(T, 8))`), then a slice bound."""
+
+    def __init__(self):
+        super().__init__()
+        self.table = torch.nn.Parameter(torch.randn(16, 4))
+
+    def forward(self, x):
+        span = torch.tensor(min(x.size(1), 8))
+        return x.sum(1) + self.table[8 - span: 8 + span].mean(0)
+
+
+def test_size_arithmetic_through_tensors_stays_static_under_jit():
+    m = SizeThroughTensor()
+    jm = bridge.convert(m, (torch.randn(2, 4, 4),), dynamic="batch+seq", strict=False)
+    x = torch.randn(3, 6, 4)
+    with torch.no_grad():
+        assert_close(jax.jit(jm.apply)(jm.params, to_jax(x)), m(x), what="output")
+
+
+class _Cube(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x ** 3
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return 3 * x ** 2 * g
+
+
+class UsesAutogradFunction(torch.nn.Module):
+    """Bloom's GeLU: an autograd.Function with an exact backward (strict export inlines it as a no-grad block)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(4, 4)
+
+    def forward(self, x):
+        return _Cube.apply(self.lin(x))
+
+
+def test_autograd_function_gradients_flow():
+    m = UsesAutogradFunction()
+    x = torch.randn(3, 4)
+    jm = bridge.convert(m, (x,), strict=True)
+    m(x).sum().backward()
+    grad = jax.grad(lambda p: jm.apply(p, to_jax(x)).sum())(jm.params)
+    assert_close(grad["lin"]["weight"], m.lin.weight.grad, what="grad through the Function")

@@ -1,6 +1,7 @@
 """The op registry: duplicates raise; unsupported ops fail conversion once, listing all of them."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -66,3 +67,40 @@ def test_duplicate_registration_raises():
 def test_registry_keys_are_overloads():
     for target in registered():
         assert isinstance(target, torch._ops.OpOverload) or callable(target)
+
+
+@torch.library.custom_op("bridge_test::imported_later", mutates_args=())
+def imported_later(x: torch.Tensor) -> torch.Tensor:
+    return x * 3
+
+
+@imported_later.register_fake
+def _(x):
+    return torch.empty_like(x)
+
+
+def test_library_ops_lowered_by_name():
+    from converters.registry import lowering_by_name
+
+    @lowering_by_name("bridge_test.imported_later.default")
+    def triple(x):
+        return x * 3
+
+    with pytest.raises(DuplicateLoweringError, match="imported_later"):
+        lowering_by_name("bridge_test.imported_later.default")(triple)
+    assert lookup(torch.ops.bridge_test.imported_later.default).fn is triple
+    assert torch.ops.bridge_test.imported_later.default not in registered()   # keys stay overloads
+    m = torch.nn.Linear(4, 4)
+    x = torch.randn(2, 4)
+    jm = bridge.convert(_Calls(m, imported_later), (x,))
+    with torch.no_grad():
+        np.testing.assert_allclose(np.asarray(jm(x.numpy())), (m(x) * 3).numpy(), rtol=1e-6)
+
+
+class _Calls(torch.nn.Module):
+    def __init__(self, inner, op):
+        super().__init__()
+        self.inner, self.op = inner, op
+
+    def forward(self, x):
+        return self.op(self.inner(x))

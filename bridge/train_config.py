@@ -2,11 +2,13 @@
 
     [model]                      # one of: hf_dir = "...", or hf_config = { model_type = "gpt2", ... }
     hf_config = { model_type = "gpt2", n_layer = 2, n_embd = 64, n_head = 4, vocab_size = 256 }
-    auto_class = "AutoModelForCausalLM"
-    [data]                       # causal-LM text: tokenizer of hf_dir, else bytes (vocab 256)
-    text = "tests/data/corpus.txt"
+    auto_class = "AutoModelForCausalLM"   # default by [data] kind (see bridge/train_data.py)
+    overrides = { resid_pdrop = 0.0 }     # optional: config fields to change
+    [data]
+    kind = "text"                # text (causal LM) | mlm (masked LM) | pairs (sentence pairs, contrastive)
+    text = "tests/data/corpus.txt"   # text/mlm: tokenizer of hf_dir, else bytes (vocab 256)
     seq_len = 64
-    batch_size = 16
+    batch_size = 16              # sequences a step (pairs: sentence pairs a step)
     [optimizer]                  # trainers.adamw arguments
     lr = 3e-3
     warmup_steps = 3
@@ -16,6 +18,16 @@
     run_dir = "runs/demo"
     [export]                     # optional
     to = "runs/demo/hf"
+
+Fine-tuning the sentence encoder all-MiniLM-L6-v2 on pairs (the pairs file defaults to the demo's):
+
+    [model]
+    hf_dir = "path/to/all-MiniLM-L6-v2"
+    [data]
+    kind = "pairs"
+    pairs = "bridge/data/sentence_pairs.tsv"
+    seq_len = 32
+    batch_size = 16
 """
 from __future__ import annotations
 
@@ -25,43 +37,39 @@ from pathlib import Path
 import numpy as np
 
 from bridge.errors import BridgeError
+from bridge.train_data import AUTO_CLASS, make_batches
 
 
-def _model(cfg: dict):
+def _model(cfg: dict, kind: str):
     import torch
     import transformers
-    auto = getattr(transformers, cfg.get("auto_class", "AutoModelForCausalLM"))
+    name = cfg.get("auto_class", AUTO_CLASS.get(kind, "AutoModelForCausalLM"))
+    auto = getattr(transformers, name, None)
+    if auto is None:
+        raise BridgeError(f"[model] auto_class = '{name}': transformers has no such class")
     torch.manual_seed(cfg.get("seed", 0))
+    overrides = dict(cfg.get("overrides", {}))   # config fields to change, e.g. { hidden_dropout_prob = 0.0 }
     if "hf_dir" in cfg:
-        return auto.from_pretrained(cfg["hf_dir"]), cfg["hf_dir"]
+        return auto.from_pretrained(cfg["hf_dir"], **overrides), cfg["hf_dir"]
     if "hf_config" in cfg:
-        c = dict(cfg["hf_config"])
+        c = {**cfg["hf_config"], **overrides}
         config = transformers.AutoConfig.for_model(c.pop("model_type"), **c)
         return auto.from_config(config), None
     raise BridgeError("[model] needs hf_dir or hf_config")
 
 
-def _tokens(cfg: dict, hf_dir) -> np.ndarray:
-    text = Path(cfg["text"]).read_text()
-    if hf_dir is not None and cfg.get("tokenizer", True):
-        import transformers
-        tok = transformers.AutoTokenizer.from_pretrained(hf_dir)
-        return np.asarray(tok(text)["input_ids"], np.int32)
-    return np.frombuffer(text.encode("utf-8"), np.uint8).astype(np.int32)
-
-
-def lm_batches(tokens: np.ndarray, seq_len: int, batch_size: int, steps: int, seed: int = 0):
-    """Deterministic random windows of the token stream, {'input_ids', 'labels'} per step."""
-    rng = np.random.default_rng(seed)
-    for _ in range(steps):
-        starts = rng.integers(0, len(tokens) - seq_len, batch_size)
-        ids = np.stack([tokens[s:s + seq_len] for s in starts])
-        yield {"input_ids": ids, "labels": ids}
+def _tokenizer(data: dict, hf_dir):
+    if hf_dir is None or not data.get("tokenizer", True):
+        return None
+    import transformers
+    return transformers.AutoTokenizer.from_pretrained(hf_dir)
 
 
 def run_from_toml(path: str) -> int:
+    import torch
+
     import bridge
-    from trainers import TrainConfig, Trainer, adamw, initialize_distributed
+    from trainers import TrainConfig, Trainer, adamw, initialize_distributed, model_loss, pair_contrastive
 
     try:
         cfg = tomllib.loads(Path(path).read_text())
@@ -69,18 +77,18 @@ def run_from_toml(path: str) -> int:
         raise BridgeError(f"{path}: cannot read the TOML config ({e})") from e
     train = TrainConfig.from_dict(cfg.get("train", {}))
     initialize_distributed(train)
-    model, hf_dir = _model(cfg.get("model", {}))
     data = cfg.get("data", {})
-    seq, bs = int(data.get("seq_len", 64)), int(data.get("batch_size", 8))
-    tokens = _tokens(data, hf_dir)
-    example = next(lm_batches(tokens, seq, bs, 1))
-    import torch
+    kind = data.get("kind", "text")
+    model, hf_dir = _model(cfg.get("model", {}), kind)
+    tok = _tokenizer(data, hf_dir)
+    vocab = int(getattr(model.config, "vocab_size", 256))
+    example = next(make_batches(data, tok, vocab, 1))
     ex = {k: torch.from_numpy(v.astype(np.int64)) for k, v in example.items()}
     jm = bridge.convert(model, kwargs=ex, train=True, dynamic="batch+seq")
     opt = dict(cfg.get("optimizer", {}))
     optimizer = adamw(opt.pop("lr", 3e-4), total_steps=train.steps, **opt)
-    trainer = Trainer(jm, optimizer, config=train)
-    state = trainer.fit(lm_batches(tokens, seq, bs, train.steps, seed=train.seed))
+    trainer = Trainer(jm, optimizer, loss_fn=pair_contrastive() if kind == "pairs" else model_loss, config=train)
+    state = trainer.fit(make_batches(data, tok, vocab, train.steps, seed=train.seed))
     if "export" in cfg:
         out = bridge.export(trainer.export_model(state), cfg["export"]["to"], like=hf_dir or model)
         print(f"exported to {out}")

@@ -55,3 +55,23 @@ def mse(target_key: str | int = "target"):
         return jnp.mean(jnp.square(pred - batch[target_key].astype(jnp.float32)))
 
     return loss_fn
+
+
+def mean_pooled(outputs, batch, key: str = "last_hidden_state", mask_key: str = "attention_mask"):
+    """Sentence embeddings: the hidden states averaged over unmasked tokens, L2-normalised (fp32)."""
+    h = _first(outputs, key).astype(jnp.float32)
+    m = batch[mask_key][..., None].astype(jnp.float32)
+    e = (h * m).sum(1) / jnp.maximum(m.sum(1), 1e-9)
+    return e / jnp.linalg.norm(e, axis=-1, keepdims=True)
+
+
+def pair_contrastive(key: str = "last_hidden_state", mask_key: str = "attention_mask"):
+    """In-batch loss over sentence pairs: a batch holds 2P sentences, a_1..a_P then b_1..b_P; the cosine
+    of (a_i, b_i) is pulled to 1 and of (a_i, b_j), i != j, to 0 (mean squared error, times P)."""
+
+    def loss_fn(outputs, batch):
+        a, b = jnp.split(mean_pooled(outputs, batch, key, mask_key), 2)
+        target = jnp.eye(a.shape[0], dtype=jnp.float32)
+        return jnp.mean(jnp.square(a @ b.T - target)) * a.shape[0]
+
+    return loss_fn

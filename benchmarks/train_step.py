@@ -21,7 +21,8 @@ machine drift hits all alike; each step is timed on its own (JAX: block_until_re
 reported. Compile time = first call - median step. Dropout is off in the transformers (identical work on
 both sides: no RNG); the CNN trains with dropout + BatchNorm batch statistics on both sides.
 Matmul floor (benchmarks/roofline.py): the bridge step's dot/convolution FLOPs at the best fp32 matmul
-rate torch or jax reaches on this machine, the time no implementation of the step can beat.
+rate torch or jax reaches on this machine, the time no implementation of the step can beat; and the
+step's own dots run alone in jax and in torch (`dot_seconds`), which shows a GEMM-speed gap by itself.
 Results: <out>/train_step.json and <out>/train_step.md (written atomically); the table is printed.
 """
 from __future__ import annotations
@@ -41,7 +42,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from benchmarks.common import write_results
-from benchmarks.roofline import dot_gflop, matmul_peak_gflops
+from benchmarks.roofline import dot_gflop, dot_seconds, dot_shapes, matmul_peak_gflops
 
 import jax
 import jax.numpy as jnp
@@ -304,7 +305,12 @@ def bench_model(key: str, case, *, warmup: int, rounds: int, steps: int, run_dir
 
     ms = {v.name: v.median_ms() for v in variants}
     res["median_ms"] = ms
-    res["dot_gflop"] = dot_gflop(traced().jaxpr)
+    jaxpr = traced().jaxpr
+    res["dot_gflop"] = dot_gflop(jaxpr)
+    # the step's own dots run one at a time in each library: the GEMM time of the step at each one's speed
+    shapes = dot_shapes(jaxpr)
+    res["dots_ms"] = {lib: 1e3 * dot_seconds(shapes, lib) for lib in ("jax", "torch")}
+    res["dots_count"] = {"distinct": len(shapes), "total": sum(shapes.values())}
     res["min_ms"] = {v.name: 1e3 * min(v.times) for v in variants}
     res["clean_median_ms"] = {v.name: v.clean_median_ms() for v in variants}
     c = res["clean_median_ms"]
@@ -336,14 +342,15 @@ def bench_model(key: str, case, *, warmup: int, rounds: int, steps: int, run_dir
 # ---- report -----------------------------------------------------------------------------------
 def markdown(res: dict) -> str:
     lines = ["| model | torch eager ms | torch.compile ms | bridge ms | trainer ms | bridge/eager | bridge/compile "
-             "| matmul floor ms | fwd eager ms | fwd bridge ms | compile s | convert s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| matmul floor ms | dots jax / torch ms | fwd eager ms | fwd bridge ms | compile s | convert s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for key, r in res["models"].items():
         m, q = r["median_ms"], r["ratios"]
         backend = "" if r["torch_compile_backend"] == "inductor" else f" ({r['torch_compile_backend']})"
         lines.append(f"| {key} | {m['torch_eager']:.1f} | {m['torch_compile']:.1f}{backend} | {m['bridge']:.1f} "
                      f"| {m['trainer']:.1f} | {q['bridge/torch_eager']:.2f} | {q['bridge/torch_compile']:.2f} "
-                     f"| {r['roofline']['floor_ms']:.1f} | {m['fwd_eager']:.1f} | {m['fwd_bridge']:.1f} "
+                     f"| {r['roofline']['floor_ms']:.1f} | {r['dots_ms']['jax']:.0f} / {r['dots_ms']['torch']:.0f} "
+                     f"| {m['fwd_eager']:.1f} | {m['fwd_bridge']:.1f} "
                      f"| {r['jax_compile_s']['bridge']:.1f} "
                      f"| {r['convert_s']:.1f} |")
     mach = res["machine"]
@@ -353,12 +360,16 @@ def markdown(res: dict) -> str:
     notes = [f"Targets: bridge ≤ {TARGET_EAGER}× torch eager and ≤ {TARGET_COMPILE}× torch.compile "
              "(train step, lower is better)."]
     for key, r in res["models"].items():
+        m_eager = r["median_ms"]["torch_eager"]
         met = ", ".join(f"{k}: {'PASS' if v else 'FAIL'}" for k, v in r["targets_met"].items())
         notes.append(f"- {key}: {r['description']}, {r['params']:,} params. {met}. "
                      f"trainer/bridge {r['ratios']['trainer/bridge']:.2f}; torch.compile compile "
                      f"{r['torch_compile_s']:.1f} s. Matmul floor {r['roofline']['floor_ms']:.0f} ms "
                      f"= {r['roofline']['floor/torch_eager']:.2f}× torch eager "
-                     f"({r['dot_gflop']:.1f} GFLOP of dots/convolutions per step).")
+                     f"({r['dot_gflop']:.1f} GFLOP of dots/convolutions per step). Its {r['dots_count']['total']} dots "
+                     f"run alone take {r['dots_ms']['jax']:.0f} ms in jax and {r['dots_ms']['torch']:.0f} ms in "
+                     f"torch: {r['dots_ms']['jax'] / m_eager:.2f}× and {r['dots_ms']['torch'] / m_eager:.2f}× "
+                     f"the torch eager step.")
     if shared:
         clean = "; ".join(f"{k} " + ", ".join(f"{n} {'n/a' if q is None else f'{q:.2f}'}" for n, q in r["clean_ratios"].items())
                           for k, r in res["models"].items())
@@ -370,6 +381,8 @@ def markdown(res: dict) -> str:
                  f"matmul floor = the step's dot and convolution FLOPs at the best fp32 matmul rate measured in "
                  f"this run ({pk['best']:.0f} GFLOP/s: torch {pk['torch']:.0f}, jax {pk['jax']:.0f} on a {pk['n']}³ "
                  f"matmul, best of {len(mach['matmul_peak_gflops_samples'])} measurements); no step can be faster. "
+                 f"dots jax / torch = the step's fp32 dots (shapes from its jaxpr, convolutions not counted) run one "
+                 f"at a time, best of 3 each, as jitted `lax.dot_general` and as `torch.einsum`. "
                  f"{mach['cpu_count']} CPUs ({mach['processor']}), {mach['platform']}, jax {mach['jax_version']}, "
                  f"torch {mach['torch_version']}, {mach['date']}. Other processes used "
                  f"{others} "

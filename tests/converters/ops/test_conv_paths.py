@@ -1,5 +1,6 @@
-"""The CPU paths for grouped convolutions (one plain conv per group; depthwise as a sum over kernel
-taps), checked forward and backward against torch for each configuration they take."""
+"""The CPU paths for grouped convolutions (one plain conv per group; tiny ones as one conv with a
+block-diagonal kernel; depthwise as a sum over kernel taps), checked forward and backward against torch
+for each configuration they take."""
 from __future__ import annotations
 
 import jax
@@ -14,15 +15,21 @@ from tests.conftest import GRAD_TOL, assert_close, rel_err
 
 # (x shape, w shape, stride, padding, dilation, transposed, output_padding, groups, expected path)
 CASES = {
-    "split g4 dilated": ((4, 16, 12, 12), (16, 4, 3, 3), (1, 1), (2, 2), (2, 2), False, (0, 0), 4, "split"),
-    "split g2 stride 1d": ((3, 8, 20), (6, 4, 5), (2,), (1,), (1,), False, (0,), 2, "split"),
+    "split g4 dilated": ((8, 64, 24, 24), (64, 16, 3, 3), (1, 1), (2, 2), (2, 2), False, (0, 0), 4, "split"),
+    "split g2 stride 1d": ((3, 256, 700), (128, 128, 5), (2,), (1,), (1,), False, (0,), 2, "split"),
+    "split g32 of 8 channels": ((4, 256, 14, 14), (256, 8, 3, 3), (1, 1), (1, 1), (1, 1), False, (0, 0), 32, "split"),
+    "dense g4 dilated": ((4, 16, 12, 12), (16, 4, 3, 3), (1, 1), (2, 2), (2, 2), False, (0, 0), 4, "dense"),
+    "dense g2 stride 1d": ((3, 8, 20), (6, 4, 5), (2,), (1,), (1,), False, (0,), 2, "dense"),
+    "dense g3 multiplier 3d": ((2, 6, 5, 6, 5), (9, 2, 3, 1, 3), (1, 2, 1), (1, 0, 1), (1, 1, 2), False, (0, 0, 0), 3,
+                               "dense"),
     "split g4 transposed": ((2, 8, 7, 7), (8, 3, 3, 3), (2, 2), (1, 1), (1, 1), True, (1, 0), 4, "split"),
     "depthwise 3x3": ((4, 32, 10, 10), (32, 1, 3, 3), (1, 1), (1, 1), (1, 1), False, (0, 0), 32, "taps"),
     "depthwise x2 stride dil": ((2, 24, 13, 11), (48, 1, 3, 3), (2, 2), (2, 1), (2, 1), False, (0, 0), 24, "taps"),
     "depthwise 7x7": ((2, 20, 14, 14), (20, 1, 7, 7), (1, 1), (3, 3), (1, 1), False, (0, 0), 20, "taps"),
     "depthwise 1d": ((3, 40, 33), (40, 1, 5), (1,), (2,), (1,), False, (0,), 40, "taps"),
     "depthwise 3d": ((2, 18, 6, 6, 6), (18, 1, 3, 3, 3), (1, 2, 1), (1, 1, 1), (1, 1, 1), False, (0, 0, 0), 18, "taps"),
-    "g32 of 2 channels": ((2, 64, 8, 8), (64, 2, 3, 3), (1, 1), (1, 1), (1, 1), False, (0, 0), 32, "grouped"),
+    "g32 of 2 channels": ((2, 64, 8, 8), (64, 2, 3, 3), (1, 1), (1, 1), (1, 1), False, (0, 0), 32, "dense"),
+    "g128 of 2 channels": ((2, 256, 16, 16), (256, 2, 3, 3), (1, 1), (1, 1), (1, 1), False, (0, 0), 128, "grouped"),
 }
 
 
@@ -44,7 +51,9 @@ def _path(cfg) -> str:
     if "conv_general_dilated" not in jaxpr:
         return "taps"
     groups = cfg[7]
-    return "grouped" if f"feature_group_count={groups}" in jaxpr else "split"
+    if f"feature_group_count={groups}" in jaxpr:
+        return "grouped"
+    return "dense" if jaxpr.count("conv_general_dilated") == 1 else "split"
 
 
 @pytest.mark.parametrize("name", list(CASES))

@@ -13,8 +13,9 @@ from converters.registry import lowering
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(1, 2))
 def pnorm(d, p: float, split_ties: bool = False):
-    """p-norm over the last axis with torch's gradients: 0 at a zero norm; for p = inf the whole
-    gradient to every tie (cdist/pdist) or shared among them (split_ties: norm/dist)."""
+    """p-norm over the last axis (any real p, ±inf included) with torch's gradients: 0 at a zero norm
+    and at zero entries; for p = ±inf the whole gradient to every tie (cdist/pdist) or shared among
+    them (split_ties: norm/dist)."""
     a = jnp.abs(d)
     if p == 0:
         return jnp.sum(a != 0, axis=-1).astype(d.dtype)
@@ -24,6 +25,8 @@ def pnorm(d, p: float, split_ties: bool = False):
         return jnp.sqrt(jnp.sum(a * a, axis=-1))
     if p == float("inf"):
         return jnp.max(a, axis=-1, initial=0)
+    if p == -float("inf"):
+        return jnp.min(a, axis=-1)
     return jnp.sum(a ** p, axis=-1) ** (1 / p)
 
 
@@ -36,12 +39,12 @@ def _pnorm_jvp(p, split_ties, primals, tangents):
         grad = jnp.zeros_like(d)
     elif p == 1:
         grad = jnp.sign(d)
-    elif p == float("inf"):
+    elif abs(p) == float("inf"):
         tie = (jnp.abs(d) == nk) & (nk != 0)
-        grad = jnp.sign(d) * tie / (jnp.sum(tie, axis=-1, keepdims=True) if split_ties else 1)
-    else:
-        safe = jnp.where(nk == 0, 1, nk)
-        grad = jnp.where(nk == 0, 0, d * jnp.abs(d) ** (p - 2) / safe ** (p - 1))
+        grad = jnp.sign(d) * tie / (jnp.maximum(jnp.sum(tie, axis=-1, keepdims=True), 1) if split_ties else 1)
+    else:   # zero entries (|d|^(p-1) = inf for p < 1) and zero norms get 0, as in torch
+        safe_n, safe_d = jnp.where(nk == 0, 1, nk), jnp.where(d == 0, 1, d)
+        grad = jnp.where((nk == 0) | (d == 0), 0, jnp.sign(d) * jnp.abs(safe_d) ** (p - 1) / safe_n ** (p - 1))
     return n, jnp.sum(grad * t, axis=-1)
 
 

@@ -9,7 +9,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from converters.ops.common import aten, dim_, dot_precision, scalar_dims
+from converters.ops.common import aten, dim_, dot_precision, dt, scalar_dims
 from converters.registry import lowering
 
 
@@ -21,6 +21,16 @@ def _f32(x):
 @scalar_dims
 def softmax(x, dim, half_to_float=False):
     return jax.nn.softmax(_f32(x), axis=dim_(dim, x.ndim))
+
+
+@lowering(aten._safe_softmax.default)
+def safe_softmax(x, dim, dtype=None):
+    """Softmax that returns zeros, not nan, on slices that are all -inf (torch's attention softmax)."""
+    axis = dim_(dim, x.ndim)
+    xf = _f32(x) if dtype is None else x.astype(dt(dtype))
+    live = jnp.any(x != -jnp.inf, axis=axis, keepdims=True)
+    y = jax.nn.softmax(jnp.where(live, xf, jnp.zeros((), xf.dtype)), axis=axis)
+    return jnp.where(live, y, jnp.zeros((), y.dtype)).astype(x.dtype if dtype is None else dt(dtype))
 
 
 @lowering(aten._log_softmax.default)
@@ -161,10 +171,16 @@ def scaled_dot_product_attention(rng, q_BNTH, k_BKSH, v_BKSH, attn_mask=None, dr
             mask = m
         else:
             bias = m.astype(q.dtype)
+    live = None   # query rows whose mask admits some key: torch returns zeros for the others
+    if mask is not None:
+        live = jnp.any(mask, axis=-1, keepdims=True)
+    elif bias is not None:
+        live = jnp.any(bias != -jnp.inf, axis=-1, keepdims=True)
+        bias = jnp.where(live, bias, jnp.zeros((), bias.dtype))   # no -inf - -inf = nan, in value or gradient
     with dot_precision(q):
         out = _attention(rng, q, k, v, mask, bias, dropout_p, is_causal, scale)
-    if mask is not None:  # torch returns zeros for query rows whose mask admits no key
-        out = jnp.where(jnp.any(mask, axis=-1, keepdims=True), out, jnp.zeros((), out.dtype))
+    if live is not None:
+        out = jnp.where(live, out, jnp.zeros((), out.dtype))
     return out.reshape((batch + out.shape[-3:])[nd - max(q_BNTH.ndim, k_BKSH.ndim, v_BKSH.ndim):])
 
 

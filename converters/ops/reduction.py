@@ -158,11 +158,11 @@ def logsumexp(x, dim, keepdim=False):
 @lowering(aten.linalg_vector_norm.default)
 @scalar_dims
 def vector_norm(x, ord=2, dim=None, keepdim=False, *, dtype=None):
-    """Real inputs with ord > 0 go through `distance.pnorm` for torch's gradients (0 at a zero norm,
-    inf-norm ties share the gradient); complex inputs and ord <= 0 through jnp."""
+    """Real inputs go through `distance.pnorm` for torch's gradients (0 at a zero norm and at zero
+    entries, ±inf-norm ties share the gradient); complex inputs through jnp."""
     x = x.astype(dt(dtype, x.dtype))
     axes = dims_(dim, x.ndim)
-    if jnp.iscomplexobj(x) or not ord > 0:
+    if jnp.iscomplexobj(x) or x.size == 0:
         return jnp.linalg.vector_norm(x, ord=ord, axis=axes, keepdims=keepdim)
     axes = tuple(range(x.ndim)) if axes is None else axes
     rest = [d for d in range(x.ndim) if d not in axes]

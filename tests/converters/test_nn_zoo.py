@@ -452,6 +452,39 @@ def causal(n):
     return torch.triu(torch.full((n, n), float("-inf")), 1)
 
 
+def dead_row_mask(*shape):
+    """A float attention mask, -inf on some keys of every row and on all keys of rows 0 and 2."""
+    m = torch.where(torch.rand(shape) < 0.3, float("-inf"), 0.0)
+    m[..., 0, :] = m[..., 2, :] = float("-inf")
+    m[..., 1, 0] = 0.0
+    return m
+
+
+class LinearCE(nn.Module):
+    """F.linear_cross_entropy with options: torch's batch-chunked op (chunks of 4 rows over 11), bias,
+    class weights and ignore_index, reduced (mean, sum) and per-sample."""
+
+    def __init__(self):
+        super().__init__()
+        self.head = nn.Linear(8, 10)
+        self.register_buffer("class_w", torch.rand(10) + 0.5)
+
+    def forward(self, x, t):
+        from torch.nn.modules.linear_cross_entropy_options import LinearCrossEntropyOptions
+        opts = LinearCrossEntropyOptions(batch_chunk_size=4)
+        kw = dict(linear_bias=self.head.bias, weight=self.class_w, ignore_index=3, options=opts)
+        return tuple(F.linear_cross_entropy(x, self.head.weight, t, reduction=red, **kw)
+                     for red in ("mean", "sum", "none"))
+
+
+class NormsAtZero(nn.Module):
+    """Vector norms of every order at a zero row and zero entries: torch's subgradient is 0 there."""
+
+    def forward(self, x):
+        return tuple(torch.linalg.vector_norm(x, ord=p, dim=-1)
+                     for p in (0, 0.5, 1, 1.5, 2, 3, float("inf"), -0.5, -2, float("-inf")))
+
+
 # ------------------------------------------------------------------------------------------ table
 CASES = [
     # ---- recurrent
@@ -537,6 +570,14 @@ CASES = [
     Case("sdpa_gqa_float_mask",
          fmod(lambda s, q, k, v, m: F.scaled_dot_product_attention(q, k, v, attn_mask=m, enable_gqa=True, scale=0.3)),
          lambda: (r(2, 4, 5, 8), r(2, 2, 7, 8), r(2, 2, 7, 8), r(5, 7)), slow=True),
+    # query rows with every key masked: torch returns zeros (and zero gradients), not nan
+    Case("sdpa_float_mask_dead_rows",
+         fmod(lambda s, q, k, v, m: F.scaled_dot_product_attention(q, k, v, attn_mask=m)),
+         lambda: (r(2, 2, 4, 8), r(2, 2, 5, 8), r(2, 2, 5, 8), dead_row_mask(2, 1, 4, 5))),
+    Case("safe_softmax_dead_rows",
+         fmod(lambda s, x: torch.ops.aten._safe_softmax(x + s.b, -1), b=nn.Parameter(torch.randn(5))),
+         lambda: (dead_row_mask(2, 3, 4, 5) + r(2, 3, 4, 5),)),
+    Case("linear_cross_entropy_chunked", LinearCE, lambda: (r(11, 8), torch.tensor([0, 3, 9, 2, 3, 3, 8, 1, 5, 3, 4]))),
     # ---- convolutions
     Case("conv_transpose1d_outpad",
          fmod(lambda s, x: s.c(x), c=nn.ConvTranspose1d(4, 6, 3, stride=2, padding=1, output_padding=1)),
@@ -693,6 +734,7 @@ CASES = [
                                torch.einsum("bi,bj->bij", x[:, 0], y[:, 1])),
               a=nn.Linear(5, 5), bil=nn.Bilinear(5, 5, 3), w=nn.Parameter(torch.randn(5, 2))),
          lambda: (r(2, 4, 5), r(2, 4, 5))),
+    Case("vector_norms_at_zero", NormsAtZero, lambda: (torch.cat([torch.zeros(1, 6), r(3, 6)]).index_fill(1, torch.tensor([2]), 0),)),
     Case("cosine_pairwise_flatten",
          fmod(lambda s, x, y: (s.c(x, y), s.p(x, y), s.u(s.f(x)), F.normalize(x, dim=-1)),
               c=nn.CosineSimilarity(-1), p=nn.PairwiseDistance(p=3), f=nn.Flatten(0, 1), u=nn.Unflatten(0, (2, 3))),

@@ -762,7 +762,9 @@ def _torch_grads(p: Prepared, idx: list[int], ws, cast=None):
         if not isinstance(loss, torch.Tensor) or not loss.requires_grad:
             return None
         grads = torch.autograd.grad(loss, [tensors[i] for i in idx], allow_unused=True)
-    return [torch.zeros_like(tensors[i]) if gr is None else gr.detach() for i, gr in zip(idx, grads)]
+    # None (unused input) and torch's ZeroTensor (a known-zero gradient, e.g. sgn's) become real zeros
+    return [torch.zeros_like(tensors[i]) if gr is None or gr._is_zerotensor() else gr.detach()
+            for i, gr in zip(idx, grads)]
 
 
 def run_grad(op, all_samples: bool = ALL_SAMPLES, detailed: bool = False) -> Outcome:

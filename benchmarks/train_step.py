@@ -56,6 +56,7 @@ from trainers import TrainConfig, Trainer, classification_cross_entropy, model_l
 
 LR, WD = 1e-3, 0.01
 TARGET_EAGER, TARGET_COMPILE = 0.6, 0.9
+STEPS_TARGET_S, MAX_STEPS = 0.25, 40   # timed steps per variant per round, unless --steps
 
 
 # ---- models -----------------------------------------------------------------------------------
@@ -232,7 +233,7 @@ def torch_forward_variant(model, batch):
 
 
 # ---- one model --------------------------------------------------------------------------------
-def bench_model(key: str, case, *, warmup: int, rounds: int, steps: int, run_dir: Path) -> dict:
+def bench_model(key: str, case, *, warmup: int, rounds: int, steps: int | None, run_dir: Path) -> dict:
     model, batch, desc = case
     torch.manual_seed(0)
     res = {"description": desc, "params": sum(p.numel() for p in model.parameters())}
@@ -285,6 +286,11 @@ def bench_model(key: str, case, *, warmup: int, rounds: int, steps: int, run_dir
     res["torch_compile_graphs"] = {"unique_graphs": counters["stats"].get("unique_graphs", 0),
                                    "graph_breaks": sum(counters["graph_break"].values()),
                                    "graph_break_reasons": sorted(counters["graph_break"])[:10]}
+    if steps is None:   # short steps (the CNN's ~10 ms) get several per round: ~0.25 s of torch eager each
+        t0 = time.perf_counter()
+        eager.fn()
+        steps = max(1, min(MAX_STEPS, round(STEPS_TARGET_S / (time.perf_counter() - t0))))
+    res["steps_per_round"] = steps
     busy0, own0, wall0 = cpu_busy_s(), time.process_time(), time.perf_counter()
     for _ in range(rounds):
         for v in variants:
@@ -375,8 +381,9 @@ def markdown(res: dict) -> str:
                           for k, r in res["models"].items())
         notes.append(f"- Over only the steps during which other processes used < 10% of the CPU (steps under "
                      f"100 ms: all steps): {clean}.")
-    notes.append(f"\nMedian of {res['settings']['rounds']}×{res['settings']['steps']} interleaved timed steps per "
-                 f"variant after {res['settings']['warmup']} warmup calls; fp32, AdamW. compile s = JAX "
+    per_round = ", ".join(f"{k} {r.get('steps_per_round', res['settings']['steps'])}" for k, r in res["models"].items())
+    notes.append(f"\nMedian of {res['settings']['rounds']} rounds × steps per round ({per_round}) of interleaved "
+                 f"timed steps per variant after {res['settings']['warmup']} warmup calls; fp32, AdamW. compile s = JAX "
                  f"first call − median step of the bridge train step; convert s = `bridge.convert` wall time; "
                  f"matmul floor = the step's dot and convolution FLOPs at the best fp32 matmul rate measured in "
                  f"this run ({pk['best']:.0f} GFLOP/s: torch {pk['torch']:.0f}, jax {pk['jax']:.0f} on a {pk['n']}³ "
@@ -421,10 +428,11 @@ def main(argv=None) -> None:
     ap.add_argument("--gpt2-vocab", type=int, default=None, help="default 50257 (8192 with --quick)")
     ap.add_argument("--llama-vocab", type=int, default=None, help="default 32000 (8192 with --quick)")
     ap.add_argument("--rounds", type=int, default=None)
-    ap.add_argument("--steps", type=int, default=None, help="timed steps per variant per round")
+    ap.add_argument("--steps", type=int, default=None,
+                    help="timed steps per variant per round (default: ~0.25 s of torch eager, 1 to 40)")
     args = ap.parse_args(argv)
     rounds = args.rounds or (2 if args.quick else 6)
-    steps = args.steps or 1
+    steps = args.steps
     warmup = 1 if args.quick else 2
     torch.set_num_threads(os.cpu_count())
     start, load_start = time.perf_counter(), os.getloadavg()

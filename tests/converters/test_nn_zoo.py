@@ -485,6 +485,39 @@ class NormsAtZero(nn.Module):
                      for p in (0, 0.5, 1, 1.5, 2, 3, float("inf"), -0.5, -2, float("-inf")))
 
 
+class FakeQuantLinear(nn.Module):
+    """Quantization-aware training by hand: per-channel int8 weights, per-tensor uint8 activations with
+    tensor qparams, a per-tensor float-scale input quantizer and a per-channel one with float zero points;
+    inputs large enough that many values clip (gradient 0 there)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(8, 6)
+        self.register_buffer("act_scale", torch.tensor([0.05]))
+        self.register_buffer("act_zp", torch.tensor([3], dtype=torch.int32))
+        self.register_buffer("ch_scale", torch.rand(6) * 0.1 + 0.01)
+        self.register_buffer("ch_zp", torch.randn(6) * 3)
+
+    def forward(self, x):
+        w = self.lin.weight
+        w_q = torch.fake_quantize_per_channel_affine(w, w.abs().amax(1).detach() / 127,
+                                                     torch.zeros(6, dtype=torch.int32), 0, -128, 127)
+        h = F.linear(torch.fake_quantize_per_tensor_affine(x, 0.1, 0, -128, 127), w_q, self.lin.bias)
+        return (torch.fake_quantize_per_tensor_affine(h, self.act_scale, self.act_zp, 0, 255),
+                torch.fake_quantize_per_channel_affine(h, self.ch_scale, self.ch_zp, 1, 0, 15))
+
+
+def qat_net():
+    """torch.ao's default x86 QAT recipe (prepare_qat): fused moving-average observers + fake quantizers
+    on activations (per tensor) and weights (per channel, symmetric), observers sized by one call."""
+    from torch.ao.quantization import DeQuantStub, QuantStub, get_default_qat_qconfig, prepare_qat
+    net = nn.Sequential(QuantStub(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4), DeQuantStub())
+    net.qconfig = get_default_qat_qconfig("x86")
+    prepare_qat(net.train(), inplace=True)
+    net(torch.randn(16, 8))
+    return net
+
+
 # ------------------------------------------------------------------------------------------ table
 CASES = [
     # ---- recurrent
@@ -736,6 +769,8 @@ CASES = [
               a=nn.Linear(5, 5), bil=nn.Bilinear(5, 5, 3), w=nn.Parameter(torch.randn(5, 2))),
          lambda: (r(2, 4, 5), r(2, 4, 5))),
     Case("vector_norms_at_zero", NormsAtZero, lambda: (torch.cat([torch.zeros(1, 6), r(3, 6)]).index_fill(1, torch.tensor([2]), 0),)),
+    Case("fake_quant_qat_by_hand", FakeQuantLinear, lambda: (r(5, 8, scale=8.0),)),
+    Case("qat_default_fused_observers", qat_net, lambda: (r(16, 8, scale=3.0),), train=True),
     Case("cosine_pairwise_flatten",
          fmod(lambda s, x, y: (s.c(x, y), s.p(x, y), s.u(s.f(x)), F.normalize(x, dim=-1)),
               c=nn.CosineSimilarity(-1), p=nn.PairwiseDistance(p=3), f=nn.Flatten(0, 1), u=nn.Unflatten(0, (2, 3))),

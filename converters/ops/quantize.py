@@ -3,8 +3,9 @@ gradients.
 
 Each value is quantized as torch does it in float32 (`inv_scale = 1/scale`, round half to even,
 clamp to [quant_min, quant_max], back to `(q - zero_point) * scale`), so outputs match torch bit for
-bit (within an ulp for floating zero points, where torch multiplies in double); the gradient w.r.t. the input is the incoming gradient where the value fell inside the range and 0
-outside (torch's `mask`); scales and zero points get none, as in torch's derivatives for these ops.
+bit (within an ulp for floating zero points, where torch multiplies in double); the gradient w.r.t. the
+input is the incoming gradient where the value fell inside the range and 0 outside (torch's `mask`);
+scales and zero points get none, as in torch's derivatives for these ops.
 """
 from __future__ import annotations
 
@@ -21,12 +22,8 @@ def _fake_quant(x, scale, zero_point, quant_min, quant_max):
     scale = lax.stop_gradient(jnp.asarray(scale, jnp.float32))
     zp = lax.stop_gradient(jnp.asarray(zero_point))
     xs = lax.stop_gradient(x).astype(jnp.float32) * (jnp.float32(1) / scale)
-    if jnp.issubdtype(zp.dtype, jnp.floating):
-        zp = zp.astype(jnp.float32)
-        q = jnp.round(zp + xs)
-    else:
-        zp = zp.astype(jnp.float32)
-        q = zp + jnp.round(xs)
+    float_zp, zp = jnp.issubdtype(zp.dtype, jnp.floating), zp.astype(jnp.float32)
+    q = jnp.round(zp + xs) if float_zp else zp + jnp.round(xs)
     mask = (q >= quant_min) & (q <= quant_max)
     fq = ((jnp.clip(q, quant_min, quant_max) - zp) * scale).astype(x.dtype)
     # straight-through: value fq, derivative w.r.t. x the mask (x - x is exactly 0)

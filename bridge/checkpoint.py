@@ -22,7 +22,7 @@ from bridge.errors import CheckpointError
 from bridge.host_memory import MappedFile, adoptable, populate
 from bridge.safetensors_io import TensorInfo, read_header, read_slice, read_tensor
 from bridge.tree import flatten, nest
-from converters.dtypes import jax_dtype, numpy_dtype, to_numpy
+from converters.dtypes import jax_dtype, narrow, numpy_dtype, to_numpy
 
 HF_CANDIDATES = ("model.safetensors.index.json", "model.safetensors", "pytorch_model.bin.index.json",
                  "pytorch_model.bin", "model.pt", "model.pth")
@@ -164,7 +164,7 @@ def host_array(src: TensorSource, dtype=None, index: tuple | None = None, mode: 
     want = jax_dtype(src.dtype)
     if dtype is not None and jnp.issubdtype(want, jnp.floating):
         want = jnp.dtype(dtype)
-    return arr if arr.dtype == want else arr.astype(want)
+    return narrow(arr, want, f"{src.file}: {src.name!r}", CheckpointError)
 
 
 def iter_weights(path: str | Path, *, dtype=None) -> Iterator[tuple[str, np.ndarray, torch.dtype]]:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import time
 from pathlib import Path
 
@@ -12,6 +13,8 @@ from bridge.errors import BridgeError
 
 def inspect(path: str) -> int:
     from bridge.checkpoint import open_checkpoint
+    if _is_run(Path(path)):
+        return _inspect_run(Path(path))
     sources = open_checkpoint(path)
     width = max((len(s.name) for s in sources), default=10)
     print(f"{'tensor':<{width}}  {'dtype':<9} shape")
@@ -21,6 +24,33 @@ def inspect(path: str) -> int:
     nbytes = sum(s.nbytes for s in sources)
     files = sorted({s.file.name for s in sources})
     print(f"\n{len(sources)} tensors, {n:,} parameters, {nbytes / 1e6:,.1f} MB in {len(files)} file(s)")
+    return 0
+
+
+def _inspect_run(path: Path) -> int:
+    """The latest trainer checkpoint's params and buffers, read from orbax's metadata (no tensor data)."""
+    import orbax.checkpoint as ocp
+    from bridge.tree import flatten
+    step_dir, meta = _latest_step(path)
+    absl = logging.getLogger("absl")
+    level, _ = absl.level, absl.setLevel(logging.ERROR)   # a warning that the step's own metadata file lives a level up
+    try:
+        tree = ocp.StandardCheckpointer().metadata(step_dir / "state")
+    finally:
+        absl.setLevel(level)
+    tree = getattr(tree, "item_metadata", tree)
+    rows = [(k, v, "param") for k, v in flatten(dict(tree["params"])).items()] + \
+           [(k, v, "buffer") for k, v in flatten(dict(tree.get("buffers") or {})).items()]
+    width = max((len(k) for k, *_ in rows), default=10)
+    print(f"{'tensor':<{width}}  {'kind':<6} {'stored':<9} {'exports as':<10} shape")
+    n = nbytes = 0
+    for k, v, kind in rows:
+        torch_dtype = str(meta.torch_dtypes[k]).removeprefix("torch.") if meta and k in meta.torch_dtypes else "-"
+        print(f"{k:<{width}}  {kind:<6} {str(v.dtype):<9} {torch_dtype:<10} {tuple(v.shape)}")
+        n += int(np.prod(v.shape)) if kind == "param" else 0
+        nbytes += int(np.prod(v.shape)) * np.dtype(v.dtype).itemsize
+    print(f"\ntrainer checkpoint {step_dir}: step {step_dir.name}, {len(rows)} tensors, {n:,} parameters, "
+          f"{nbytes / 1e6:,.1f} MB (optimizer state not counted)")
     return 0
 
 
@@ -70,27 +100,47 @@ def verify(model: str, rtol: float) -> int:
 
 
 def export(ckpt: str, to: str, like: str | None, max_shard_size: str) -> int:
+    import jax
     import bridge
     src = Path(ckpt)
-    params = _orbax_params(src) if (src / "checkpoints").is_dir() or _is_orbax(src) else bridge.load_weights(src)
-    written = bridge.export(params, to, like=like, max_shard_size=max_shard_size)
+    if _is_run(src):
+        written = bridge.export(_trained_state(src), to, like=like, max_shard_size=max_shard_size)
+    else:
+        with jax.enable_x64(True):   # a checkpoint file or HF directory: 64-bit tensors keep width and values
+            written = bridge.export(bridge.load_weights(src), to, like=like, max_shard_size=max_shard_size)
     print(f"wrote {written}")
     return 0
 
 
-def _is_orbax(path: Path) -> bool:
-    return path.is_dir() and any(p.name.isdigit() for p in path.iterdir())
+def _is_run(path: Path) -> bool:
+    """A trainer run directory or its checkpoints/ directory (numbered step folders)."""
+    return path.is_dir() and ((path / "checkpoints").is_dir() or any(p.name.isdigit() for p in path.iterdir()))
 
 
-def _orbax_params(path: Path):
-    """The params of the latest checkpoint of a trainer run directory (or its checkpoints/ dir)."""
-    import orbax.checkpoint as ocp
+def _latest_step(path: Path):
+    """(latest step folder, the run's StateMeta or None) of a trainer run directory."""
+    from bridge.jax_module import StateMeta
+    from bridge.state import STATE_META
     root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
     steps = sorted(int(p.name) for p in root.iterdir() if p.name.isdigit())
     if not steps:
         raise BridgeError(f"{root}: no trainer checkpoints found")
-    restored = ocp.StandardCheckpointer().restore(root / str(steps[-1]) / "state")
-    return {**restored["params"], **restored.get("buffers", {})}
+    meta_file = root.parent / STATE_META
+    return root / str(steps[-1]), StateMeta.from_json(meta_file.read_text()) if meta_file.is_file() else None
+
+
+def _trained_state(path: Path):
+    """Params and buffers of the latest checkpoint of a trainer run directory, with the run's record
+    of the model's torch names and dtypes where it kept one."""
+    import orbax.checkpoint as ocp
+    from bridge.state import SavedState
+    from bridge.tree import flatten, nest
+    step_dir, meta = _latest_step(path)
+    restored = ocp.StandardCheckpointer().restore(step_dir / "state")
+    params, buffers = restored["params"], restored.get("buffers") or {}
+    if meta is not None:
+        return SavedState(params, buffers, meta)
+    return nest({**flatten(params), **flatten(buffers)})
 
 
 def train(config_path: str) -> int:

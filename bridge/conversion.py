@@ -11,7 +11,7 @@ import copy
 import jax
 import torch
 
-from bridge.errors import CheckpointError
+from bridge.errors import CheckpointError, StateError
 
 from bridge.jax_module import JaxModule, StateMeta
 from bridge.tree import nest
@@ -55,8 +55,9 @@ def convert(module: torch.nn.Module, args=(), kwargs: dict | None = None, *, dyn
     buffers = dict(module.named_buffers())
     state_keys = tuple(module.state_dict(keep_vars=True).keys())
     persistent = {cap.aliases.get(k, k) for k in state_keys}
-    for name, t in program.lifted.items():  # lifted constants (e.g. torch.tensor(...) in forward)
-        buffers.setdefault(name, t)
+    constants = [n for n in program.lifted if n not in buffers]   # e.g. torch.tensor(...) in forward
+    for name in constants:
+        buffers[name] = program.lifted[name]
     meta = StateMeta(
         torch_dtypes={n: t.dtype for n, t in {**buffers, **params}.items()},
         aliases=dict(cap.aliases),
@@ -72,8 +73,8 @@ def convert(module: torch.nn.Module, args=(), kwargs: dict | None = None, *, dyn
     if lost:
         raise CheckpointError(f"non-persistent buffers {lost} are on the meta device and no checkpoint holds them; "
                               "build the module under bridge.empty_weights() so buffers stay real")
-    jm = JaxModule(program, nest({n: _leaf(t) for n, t in params.items()}),
-                   nest({n: _leaf(t) for n, t in buffers.items()}), meta)
+    jm = JaxModule(program, nest({n: _leaf(n, t) for n, t in params.items()}),
+                   nest({n: _leaf(n, t, constant=n in constants) for n, t in buffers.items()}), meta)
     if weights is not None:
         jm, _ = jm.load_weights(weights, strict=True, dtype=weights_dtype, shardings=shardings)
     return jm
@@ -97,8 +98,9 @@ def _cast_copy(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
     return copy.deepcopy(module, memo)
 
 
-def _leaf(t: torch.Tensor):
-    """A real tensor's value, or only its shape and dtype for a meta tensor (filled from a checkpoint)."""
+def _leaf(name: str, t: torch.Tensor, constant: bool = False):
+    """A real tensor's value, or only its shape and dtype for a meta tensor (filled from a checkpoint).
+    Module state that x32 cannot hold raises; a graph constant (e.g. an int64 max sentinel) saturates."""
     if t.is_meta:
         return jax.ShapeDtypeStruct(tuple(t.shape), jax_dtype(t.dtype))
-    return to_jax(t)
+    return to_jax(t, f"{name!r} of the module", None if constant else StateError)

@@ -40,10 +40,9 @@ def parse_size(size: int | str) -> int:
 
 def _entries(obj) -> list[tuple[str, torch.dtype, tuple, Any]]:
     """(key, torch dtype, shape, producer) for each distinct tensor, in state_dict order."""
-    from bridge.jax_module import JaxModule
-
-    if isinstance(obj, JaxModule):
-        meta, flat = obj.meta, {**flatten(obj.buffers), **flatten(obj.params)}
+    meta = getattr(obj, "meta", None)   # a JaxModule or SavedState
+    if meta is not None:
+        flat = {**flatten(obj.buffers), **flatten(obj.params)}
         keys, seen, out = meta.state_dict_keys, set(), []
         for key in keys:
             canon = meta.aliases.get(key, key)

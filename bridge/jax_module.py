@@ -8,6 +8,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import jax
 import numpy as np
@@ -16,7 +17,7 @@ import torch.utils._pytree as torch_pytree
 
 from bridge.errors import InputError, StateError
 from bridge.tree import flatten, nest
-from converters.dtypes import to_jax
+from converters.dtypes import narrow, to_jax
 from converters.interpreter import Program
 from converters.structure import children
 
@@ -30,12 +31,25 @@ class StateMeta:
     state_dict_keys: tuple[str, ...]         # module.state_dict() order
     frozen: frozenset[str] = frozenset()     # parameters with requires_grad=False: apply stops their gradient
 
+    def to_json(self) -> str:
+        """The record as JSON (torch dtypes by name), e.g. kept beside a trainer's checkpoints."""
+        return json.dumps({"torch_dtypes": {k: str(v).removeprefix("torch.") for k, v in self.torch_dtypes.items()},
+                           "aliases": self.aliases, "non_persistent": sorted(self.non_persistent),
+                           "state_dict_keys": list(self.state_dict_keys), "frozen": sorted(self.frozen)}, indent=1)
+
+    @classmethod
+    def from_json(cls, text: str) -> "StateMeta":
+        d = json.loads(text)
+        return cls(torch_dtypes={k: getattr(torch, v) for k, v in d["torch_dtypes"].items()},
+                   aliases=dict(d["aliases"]), non_persistent=frozenset(d["non_persistent"]),
+                   state_dict_keys=tuple(d["state_dict_keys"]), frozen=frozenset(d.get("frozen", ())))
+
 
 def _to_leaf(x):
     if isinstance(x, torch.Tensor):
-        return to_jax(x)
+        return to_jax(x, "an input", InputError)
     if isinstance(x, np.ndarray):
-        return jax.numpy.asarray(x)
+        return jax.numpy.asarray(narrow(x, jax.dtypes.canonicalize_dtype(x.dtype), "an input", InputError))
     return x
 
 

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 
-from bridge.tree import flatten
+from bridge.tree import as_torch_grads, flatten
 from converters.dtypes import to_jax
 
 
@@ -27,15 +27,23 @@ def _leaves(out):
     return {"output": out}
 
 
+def _wide(a) -> np.ndarray:
+    """float64 (complex128 for complex) numpy copy of an array or tensor."""
+    if isinstance(a, torch.Tensor):
+        a = a.detach().resolve_conj()
+        a = a.to(torch.complex128 if a.is_complex() else torch.float64).numpy()
+    a = np.asarray(a)
+    return a.astype(np.complex128 if np.iscomplexobj(a) else np.float64)
+
+
 def rel_err(got, ref) -> float:
     """max |got - ref| / max |ref|: the error relative to the output's scale (arrays or tensors)."""
-    got, ref = (np.asarray(a.detach().double() if isinstance(a, torch.Tensor) else a, np.float64) for a in (got, ref))
+    got, ref = _wide(got), _wide(ref)
     return float(np.max(np.abs(got - ref)) / max(float(np.max(np.abs(ref))), 1e-12)) if ref.size else 0.0
 
 
 def _rel(got, ref) -> tuple[float, float]:
-    got = np.asarray(got, np.float64)
-    ref = ref.detach().to(torch.float64).numpy()
+    got, ref = _wide(got), _wide(ref)
     err = float(np.max(np.abs(got - ref))) if got.size else 0.0
     return err, err / max(float(np.max(np.abs(ref))) if ref.size else 0.0, 1e-12)
 
@@ -70,7 +78,8 @@ def parity_report(module: torch.nn.Module, jm, args=(), kwargs=None, *, grads: b
         w = torch.randn(out.shape, generator=torch.Generator().manual_seed(0), dtype=out.dtype)
         (out * w).sum().backward()
         wj = to_jax(w)
-        g = jax.jit(jax.grad(lambda p: jnp.sum(_leaves(jm.apply(p, *jargs, **jkw))[key] * wj)))(jm.params)
+        g = as_torch_grads(jax.jit(jax.grad(lambda p: jnp.sum(_leaves(jm.apply(p, *jargs, **jkw))[key] * wj)))(
+            jm.params))
         worst, worst_name = 0.0, None
         with_grad = [(n, p) for n, p in module.named_parameters() if p.grad is not None]
         scale = max((float(p.grad.abs().max()) for _, p in with_grad), default=0.0)

@@ -20,6 +20,18 @@ from bridge.tree import flatten, nest
 from converters.dtypes import jax_dtype, to_torch, torch_dtype
 
 
+STATE_META = "state_meta.json"   # a trainer run directory's record of the model's StateMeta
+
+
+@dataclasses.dataclass(frozen=True)
+class SavedState:
+    """Params and buffers restored without their JaxModule (e.g. from a trainer checkpoint), with the
+    model's StateMeta: exports exactly as the JaxModule would (names, order, dtypes, tied keys)."""
+    params: dict
+    buffers: dict
+    meta: object
+
+
 @dataclasses.dataclass
 class KeyReport:
     """Outcome of matching checkpoint keys against a model's state."""
@@ -118,19 +130,17 @@ def load_into(jm, source, *, strict: bool = True, dtype=None, shardings=None):
 
 
 def to_state_dict(obj) -> "OrderedDict[str, torch.Tensor]":
-    """A torch state_dict from a JaxModule (or a params pytree).
+    """A torch state_dict from a JaxModule or SavedState (or a params pytree).
 
-    For a JaxModule: keys, order and dtypes are `module.state_dict()`'s; tied keys share one tensor;
+    With a model's meta: keys, order and dtypes are `module.state_dict()`'s; tied keys share one tensor;
     non-persistent buffers are left out, as torch leaves them out.
 
     Example:
       >>> model.load_state_dict(bridge.to_state_dict(jm))
     """
-    from bridge.jax_module import JaxModule
-
-    if not isinstance(obj, JaxModule):
+    meta = getattr(obj, "meta", None)
+    if meta is None:
         return OrderedDict((k, _tensor(k, v, None)) for k, v in flatten(obj).items())
-    meta = obj.meta
     flat = {**flatten(obj.buffers), **flatten(obj.params)}
     out, made = OrderedDict(), {}
     for key in meta.state_dict_keys:

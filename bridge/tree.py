@@ -10,6 +10,9 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
+import jax
+import jax.numpy as jnp
+
 
 def nest(flat: Mapping[str, Any]) -> dict:
     out: dict = {}
@@ -31,3 +34,14 @@ def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             out[name] = v
     return out
+
+
+def as_torch_grads(grads):
+    """jax.grad's gradients in torch's convention: for a real loss, JAX returns the conjugate of
+    torch's `.grad` (and of the steepest-descent direction) for complex leaves; real leaves pass.
+
+    Example:
+        >>> as_torch_grads(jax.grad(lambda z: jnp.abs(z) ** 2)(jnp.complex64(3 + 4j)))   # torch: 6+8j
+        Array(6.+8.j, dtype=complex64)
+    """
+    return jax.tree.map(lambda g: jnp.conj(g) if jnp.iscomplexobj(g) else g, grads)

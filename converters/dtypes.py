@@ -62,12 +62,33 @@ def to_numpy(t: torch.Tensor) -> np.ndarray:
     return t.numpy()
 
 
-def to_jax(t: torch.Tensor) -> jax.Array:
+def narrow(arr: np.ndarray, want, what: str = "a tensor", error: type[Exception] | None = OverflowError) -> np.ndarray:
+    """`arr` cast to `want` (the x32 narrowing of 64-bit types). Integers that do not fit raise `error`
+    naming `what` instead of wrapping around: a value narrowing cannot keep is never lost silently.
+    error=None saturates them instead (for sentinels such as a graph constant's int64 max).
+
+    Example:
+        >>> narrow(np.array([2**40]), np.int32, "buffer 'ids'")   # OverflowError: ... jax_enable_x64
+    """
+    want = np.dtype(want)
+    if arr.dtype == want:
+        return arr
+    if arr.size and arr.dtype.kind in "iu" and want.kind in "iu":
+        lo, hi, info = arr.min(), arr.max(), np.iinfo(want)
+        if (lo < info.min or hi > info.max) and error is None:
+            return np.clip(arr, info.min, info.max).astype(want)
+        if lo < info.min or hi > info.max:
+            raise error(f"{what}: {arr.dtype} values in [{lo}, {hi}] do not fit {want}, which JAX holds them "
+                        f"in while jax_enable_x64 is off; call jax.config.update('jax_enable_x64', True) at "
+                        "start-up to keep them exactly")
+    return arr.astype(want)
+
+
+def to_jax(t: torch.Tensor, what: str = "a tensor", error: type[Exception] | None = OverflowError) -> jax.Array:
     """torch tensor → jax.Array (dtype per the module policy). Never aliases torch's memory:
     torch may later update the tensor in place (BatchNorm stats, optimizers)."""
     arr = to_numpy(t)
-    want = jax.dtypes.canonicalize_dtype(arr.dtype)
-    return jnp.array(arr if want == arr.dtype else arr.astype(want), copy=True)
+    return jnp.array(narrow(arr, jax.dtypes.canonicalize_dtype(arr.dtype), what, error), copy=True)
 
 
 def to_torch(x, dtype: torch.dtype | None = None) -> torch.Tensor:

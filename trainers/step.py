@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from bridge.tree import as_torch_grads
 from trainers.state import TrainState
 
 REMAT_POLICIES = {
@@ -80,6 +81,7 @@ def make_train_step(forward, optimizer: optax.GradientTransformation, *, accum: 
     def train_step(state: TrainState, batch):
         key = jax.random.fold_in(state.key(), state.step)
         loss, grads, buffers = micro_grads(state.params, state.buffers, batch, key)
+        grads = as_torch_grads(grads)   # complex parameters descend as in torch (optax expects that direction)
         grad_norm = optax.global_norm(grads)
         with jax.numpy_dtype_promotion("standard"):  # optax's internals rely on implicit promotion
             updates, opt_state = optimizer.update(grads, state.opt_state, state.params)

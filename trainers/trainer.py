@@ -26,7 +26,9 @@ import optax
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from bridge.atomic import atomic_path
 from bridge.errors import NonFiniteLossError
+from bridge.state import STATE_META
 from trainers import data as data_lib
 from trainers.checkpoints import Checkpointer, abstract
 from trainers.config import TrainConfig
@@ -48,6 +50,7 @@ class Trainer:
         self.mesh = make_mesh(config.mesh, jax.devices()[: config.num_devices] if config.num_devices else None)
         self.run_dir = Path(config.run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._write_state_meta()
         inputs_fn = inputs_fn or default_inputs(jm)
         compute = jnp.dtype(config.compute_dtype) if config.compute_dtype else None
         if compute is not None:
@@ -69,6 +72,14 @@ class Trainer:
         self.checkpointer = Checkpointer(self.run_dir / "checkpoints", every=config.checkpoint_every,
                                          keep=config.keep_checkpoints, async_=config.async_checkpoints)
         self._stop_requested = False
+
+    def _write_state_meta(self):
+        """The model's torch names, dtypes, tied keys and order, beside the checkpoints: what
+        `bridge export RUN_DIR` needs to write exactly the torch state_dict."""
+        meta = getattr(self.jm, "meta", None)
+        if meta is not None and jax.process_index() == 0:
+            with atomic_path(self.run_dir / STATE_META) as tmp:
+                tmp.write_text(meta.to_json())
 
     # -- state ----------------------------------------------------------------------------
     def _state_shardings(self) -> TrainState:

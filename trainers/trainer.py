@@ -34,6 +34,7 @@ from trainers.checkpoints import Checkpointer, abstract
 from trainers.config import TrainConfig
 from trainers.distributed import maybe_initialize
 from trainers.losses import model_loss
+from trainers.optim import skip_frozen
 from trainers.report import plot_losses, progress_bar, throughput_unit
 from trainers.sharding import batch_sharding, make_mesh, param_specs, replication_report
 from trainers.state import TrainState
@@ -45,6 +46,8 @@ class Trainer:
                  config: TrainConfig = TrainConfig(), rules=None, inputs_fn: Callable | None = None,
                  eval_model=None):
         maybe_initialize(config)
+        meta = getattr(jm, "meta", None)
+        optimizer = skip_frozen(optimizer, jm.params, meta.frozen) if meta is not None else optimizer
         self.jm, self.optimizer, self.config = jm, optimizer, config
         self.loss_fn = loss_fn or model_loss
         self.mesh = make_mesh(config.mesh, jax.devices()[: config.num_devices] if config.num_devices else None)
@@ -87,8 +90,9 @@ class Trainer:
         param_sh = jax.tree.map(lambda s: NamedSharding(self.mesh, s), self.specs, is_leaf=lambda x: isinstance(x, P))
         shapes = jax.eval_shape(lambda p, b: TrainState.create(p, b, self.optimizer, self.config.seed),
                                 self._params0, self.jm.buffers)
-        opt_sh = optax.tree_map_params(self.optimizer, lambda _, s: s, shapes.opt_state, param_sh,
-                                       transform_non_params=lambda _: rep)
+        masked = lambda x: isinstance(x, optax.MaskedNode)  # noqa: E731  (frozen params: no state)
+        opt_sh = optax.tree_map_params(self.optimizer, lambda v, s: v if masked(v) else s, shapes.opt_state,
+                                       param_sh, transform_non_params=lambda _: rep, is_leaf=masked)
         return TrainState(step=rep, params=param_sh, buffers=jax.tree.map(lambda _: rep, self.jm.buffers),
                           opt_state=opt_sh, rng=rep)
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import bridge
-from bridge.errors import NonFiniteLossError
+from bridge.errors import CheckpointError, NonFiniteLossError
 from trainers import TrainConfig, Trainer, adamw, classification_cross_entropy, decay_mask, mse, token_cross_entropy
 from trainers.sharding import make_mesh, param_specs
 from tests.models import MODELS
@@ -237,3 +237,43 @@ def test_complex_parameters_train_as_in_torch(tmp_path):
     got = bridge.tree.flatten(state.params)
     for name, p in ref.named_parameters():
         np.testing.assert_allclose(np.asarray(got[name]), p.detach().numpy(), rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+def test_frozen_parameters_stay_put_and_hold_no_optimizer_state(tmp_path):
+    """requires_grad=False layers are not trained, not weight-decayed and get no Adam moments, as with
+    torch.optim.AdamW (which skips parameters without a gradient); the rest follows torch step for step."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2))
+    model[0].requires_grad_(False)
+    x, y = torch.randn(16, 8), torch.randn(16, 2)
+    jm = bridge.convert(model, (x,))
+    cfg = TrainConfig(steps=5, run_dir=str(tmp_path / "f"), progress=False, plot=False, num_devices=1)
+    trainer = Trainer(jm, optax.adamw(1e-2, weight_decay=0.1), loss_fn=mse(1), config=cfg)
+    state = trainer.fit([(x.numpy(), y.numpy())] * 5)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    frozen = {k: v.clone() for k, v in model.state_dict().items() if k.startswith("0.")}
+    for _ in range(5):
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+    got = bridge.tree.flatten(state.params)
+    for name, p in model.named_parameters():
+        want = frozen[name] if name in frozen else p.detach()
+        np.testing.assert_allclose(np.asarray(got[name]), want.numpy(), rtol=1e-5, atol=1e-6, err_msg=name)
+    n_state = sum(x.size for x in jax.tree.leaves(state.opt_state))
+    assert n_state == 2 * sum(p.numel() for p in model[2].parameters()) + 1     # mu, nu of layer 2 + count
+
+
+def test_resuming_with_another_configuration_names_the_checkpoint(tmp_path):
+    """A run dir whose checkpoint was written for another optimizer state (here: a layer frozen since)
+    fails with a CheckpointError naming the step, not orbax's tree diff alone."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    x, y = torch.randn(16, 8), torch.randn(16, 2)
+    cfg = dict(run_dir=str(tmp_path / "r"), progress=False, plot=False, num_devices=1, checkpoint_every=1)
+    batches = [(x.numpy(), y.numpy())] * 3
+    Trainer(bridge.convert(model, (x,)), optax.adamw(1e-2), loss_fn=mse(1), config=TrainConfig(steps=2, **cfg)).fit(batches)
+    model[0].requires_grad_(False)
+    trainer = Trainer(bridge.convert(model, (x,)), optax.adamw(1e-2), loss_fn=mse(1), config=TrainConfig(steps=3, **cfg))
+    with pytest.raises(CheckpointError, match=r"checkpoints/2: this checkpoint does not fit the run"):
+        trainer.fit(batches)

@@ -13,15 +13,16 @@ import jax
 import numpy as np
 import torch
 
-from converters.dtypes import to_numpy
+from bridge.errors import InputError
+from converters.dtypes import narrow, to_numpy
 
 
 def to_host(batch) -> Any:
-    """torch tensors → numpy (exact dtypes), recursively; int64 narrowed as JAX will hold it."""
+    """torch tensors → numpy (exact dtypes), recursively; int64 narrowed as JAX will hold it (values
+    int32 cannot hold raise InputError rather than wrap)."""
     def leaf(x):
         arr = to_numpy(x) if isinstance(x, torch.Tensor) else np.asarray(x)
-        want = jax.dtypes.canonicalize_dtype(arr.dtype)
-        return arr if arr.dtype == want else arr.astype(want)
+        return narrow(arr, jax.dtypes.canonicalize_dtype(arr.dtype), "a batch", InputError)
 
     if isinstance(batch, dict):
         return {k: leaf(v) for k, v in batch.items()}

@@ -14,8 +14,10 @@ from __future__ import annotations
 import contextlib
 import itertools
 import json
+import math
 import signal
 import time
+import warnings
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -75,6 +77,7 @@ class Trainer:
         self.checkpointer = Checkpointer(self.run_dir / "checkpoints", every=config.checkpoint_every,
                                          keep=config.keep_checkpoints, async_=config.async_checkpoints)
         self._stop_requested = False
+        self._warned_ragged = False
 
     def _write_state_meta(self):
         """The model's torch names, dtypes, tied keys and order, beside the checkpoints: what
@@ -117,13 +120,34 @@ class Trainer:
 
     # -- loop -----------------------------------------------------------------------------
     def _convert(self, batch):
+        """The batch placed on the mesh, or None for a ragged one (e.g. a DataLoader's last) whose
+        rows do not split over the data-parallel shards and micro-batches."""
         host = data_lib.to_host(batch)
+        rows = jax.tree.leaves(host)[0].shape[0] * jax.process_count()
+        if rows % self._row_multiple:
+            return None
         return data_lib.place(host, self.batch_sharding)
 
+    @property
+    def _row_multiple(self) -> int:
+        return math.lcm(self.mesh.shape["data"] * self.mesh.shape["fsdp"], self.config.grad_accum)
+
     def evaluate(self, state: TrainState, batches: Iterable) -> float:
-        losses = [float(self.eval_step(state, self._convert(b))["loss"])
-                  for b in itertools.islice(batches, self.config.eval_batches)]
+        placed = (self._convert(b) for b in itertools.islice(batches, self.config.eval_batches))
+        losses = [float(self.eval_step(state, b)["loss"]) for b in placed if b is not None]
         return float(np.mean(losses)) if losses else float("nan")
+
+    def _next_batch(self, it, step: int):
+        """(next placed batch, batches consumed); ragged batches are skipped with one warning a run."""
+        batch, consumed = next(it), 1
+        while batch is None:
+            if not self._warned_ragged:
+                warnings.warn(f"step {step + 1}: skipped a batch whose rows do not divide into "
+                              f"{self._row_multiple} (data x fsdp shards, grad_accum); e.g. a DataLoader's last "
+                              "batch: pass drop_last=True or a batch size divisible by it", stacklevel=3)
+                self._warned_ragged = True
+            batch, consumed = next(it), consumed + 1
+        return batch, consumed
 
     def fit(self, batches: Iterable, *, eval_batches: Callable[[], Iterable] | None = None) -> TrainState:
         """Train for config.steps (resuming from the run directory's latest checkpoint)."""
@@ -140,9 +164,10 @@ class Trainer:
             with open(metrics_path, "a") if is_main else contextlib.nullcontext() as log:
                 for step in range(start, cfg.steps):
                     try:
-                        batch = next(it)
+                        batch, n_read = self._next_batch(it, step)
                     except StopIteration:
                         break
+                    position += n_read
                     t0 = time.perf_counter()
                     state, metrics = self.train_step(state, batch)
                     loss, gnorm = float(metrics["loss"]), float(metrics["grad_norm"])
@@ -165,12 +190,12 @@ class Trainer:
                     bar.set_postfix(loss=f"{loss:.4f}", step_s=f"{dt:.3f}", **{unit + "/s": f"{n / dt:,.0f}"})
                     stop = self._agreed_stop()
                     if self.checkpointer.due(done) or stop:
-                        self.checkpointer.save(done, state, done)
+                        self.checkpointer.save(done, state, position)
                         last_good = done
                     if stop:
                         break
             final = int(state.step)
-            self.checkpointer.save(final, state, final, force=True)
+            self.checkpointer.save(final, state, position, force=True)
             self.checkpointer.wait()
         finally:
             it.close()

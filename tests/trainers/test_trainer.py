@@ -3,6 +3,7 @@ remat, NaN guards, data sources, metrics and plots."""
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 
 import jax
@@ -277,3 +278,30 @@ def test_resuming_with_another_configuration_names_the_checkpoint(tmp_path):
     trainer = Trainer(bridge.convert(model, (x,)), optax.adamw(1e-2), loss_fn=mse(1), config=TrainConfig(steps=3, **cfg))
     with pytest.raises(CheckpointError, match=r"checkpoints/2: this checkpoint does not fit the run"):
         trainer.fit(batches)
+
+
+def test_ragged_last_batch_is_skipped_and_resume_keeps_the_data_position(tmp_path):
+    """A DataLoader's short last batch cannot split over 8 data shards: it is skipped with a warning
+    (not a sharding error mid-run), and the checkpoint's data position counts it, so a resumed run
+    reads exactly the batches an uninterrupted one reads."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    x, y = torch.randn(21, 8), torch.randn(21, 2)
+    epochs = lambda: itertools.chain.from_iterable(   # noqa: E731  three epochs of 8, 8, 5 rows
+        torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=8) for _ in range(3))
+
+    def run(name, steps):
+        cfg = TrainConfig(steps=steps, run_dir=str(tmp_path / name), progress=False, plot=False, mesh={"data": 8},
+                          checkpoint_every=0)
+        trainer = Trainer(bridge.convert(model, (x[:8],), dynamic="batch"), optax.sgd(0.1), loss_fn=mse(1),
+                          config=cfg)
+        return trainer.fit(epochs())
+
+    with pytest.warns(UserWarning, match="step 3: skipped a batch whose rows do not divide into 8"):
+        full = run("full", 5)
+    run("resumed", 3)
+    resumed = run("resumed", 5)                       # restarts from step 3's checkpoint
+    assert _losses(tmp_path / "full") == _losses(tmp_path / "resumed")
+    assert len(_losses(tmp_path / "full")) == 5
+    for a, b in zip(jax.tree.leaves(full.params), jax.tree.leaves(resumed.params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

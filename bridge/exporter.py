@@ -14,13 +14,15 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import jax
 import numpy as np
 import torch
+from jax.experimental import multihost_utils
 
 from bridge.atomic import atomic_path, publish, staging_dir
 from bridge.errors import ExportError
 from bridge.safetensors_io import write_file
-from bridge.state import to_state_dict
+from bridge.state import SavedState, to_state_dict
 from bridge.tree import flatten
 from converters.dtypes import numpy_dtype, torch_dtype
 
@@ -129,13 +131,57 @@ def export(obj, path: str | os.PathLike, *, like=None, max_shard_size: int | str
       format: "safetensors", "pt" or "hf" to override the choice by suffix.
     Returns the path written (for sharded files: the index).
 
+    Multi-host: call it on every process. Arrays sharded across processes are gathered (each process
+    then holds the whole model in host memory for the moment), process 0 writes, and every process
+    returns once the files are in place.
+
     Example:
       >>> bridge.export(jm, "out_dir", like="original_hf_dir")
     """
     path = Path(path)
     fmt = format or ("safetensors" if path.suffix == ".safetensors" else
                      "pt" if path.suffix in (".pt", ".pth", ".bin") else "hf")
+    if fmt not in ("safetensors", "pt", "hf"):
+        raise ExportError(f"format={format!r}: expected 'safetensors', 'pt' or 'hf'")
     max_bytes = parse_size(max_shard_size)
+    if jax.process_count() == 1:
+        return _export(obj, path, fmt, like, max_bytes)
+    obj = _gathered(obj)
+    written, error = None, None
+    if jax.process_index() == 0:
+        try:
+            written = _export(obj, path, fmt, like, max_bytes)
+        except Exception as e:   # the other processes must still hear of it, not wait forever
+            error = e
+    ok = multihost_utils.process_allgather(np.array(error is None))
+    if error is not None:
+        raise error
+    if not np.all(ok):
+        raise ExportError(f"process 0 failed to write {path}; see its log")
+    if written is None:          # where process 0 wrote: one safetensors file, or shards and their index
+        shards = len(_plan(_entries(obj), max_bytes)) if fmt == "safetensors" else 1
+        suffix = ".safetensors" if shards == 1 else ".safetensors.index.json"
+        written = path.parent / f"{_stem(path)}{suffix}" if fmt == "safetensors" else path
+    return written
+
+
+def _gathered(obj):
+    """`obj` with every array that spans processes gathered to host (collective: same order everywhere)."""
+    def gather(x):
+        return multihost_utils.process_allgather(x, tiled=True) \
+            if isinstance(x, jax.Array) and not x.is_fully_addressable else x
+
+    meta = getattr(obj, "meta", None)
+    if meta is None:
+        return jax.tree.map(gather, obj)
+    return SavedState(jax.tree.map(gather, obj.params), jax.tree.map(gather, obj.buffers), meta)
+
+
+def _stem(path: Path) -> str:
+    return path.name[: -len(".safetensors")] if path.name.endswith(".safetensors") else path.name
+
+
+def _export(obj, path: Path, fmt: str, like, max_bytes: int) -> Path:
     if fmt == "pt":
         sd = to_state_dict(obj)
         with atomic_path(path) as tmp:
@@ -147,9 +193,7 @@ def export(obj, path: str | os.PathLike, *, like=None, max_shard_size: int | str
             _write_safetensors(tmp, "model", entries, max_bytes)
             _copy_like(like, tmp)
         return path
-    if fmt != "safetensors":
-        raise ExportError(f"format={format!r}: expected 'safetensors', 'pt' or 'hf'")
-    stem = path.name[: -len(".safetensors")] if path.name.endswith(".safetensors") else path.name
+    stem = _stem(path)
     with staging_dir(path) as tmp:
         names = _write_safetensors(tmp, stem, entries, max_bytes)
         publish(tmp, names, path.parent)  # shards first, the index (or single file) last

@@ -122,6 +122,8 @@ def main(argv=None) -> int:
     params = {k: np.asarray(v) for k, v in flatten(multihost_utils.process_allgather(state.params, tiled=True)).items()}
     params_path = os.path.join(args.run_dir, f"final_params.process{jax.process_index()}.npz")
     np.savez(params_path, **params)
+    # every process calls export; arrays sharded across processes are gathered and process 0 writes
+    exported = str(bridge.export(trainer.export_model(state), os.path.join(args.run_dir, "final.safetensors")))
     specs = flatten(trainer.specs)
     report = {
         "process_index": jax.process_index(), "process_count": jax.process_count(),
@@ -129,6 +131,7 @@ def main(argv=None) -> int:
         "final_step": int(state.step),
         "metrics": [{"step": r["step"], "loss": r["loss"], "grad_norm": r["grad_norm"]} for r in rows],
         "params_path": params_path,
+        "exported": exported, "exported_exists": os.path.exists(exported),
         "sharded": sorted(k for k, spec in specs.items() if any(a is not None for a in spec)),
         "replicated_share": trainer.report["replicated_share"],
         "checkpoints": sorted(os.listdir(os.path.join(args.run_dir, "checkpoints"))),

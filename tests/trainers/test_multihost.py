@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import safetensors.numpy
 
 from tests.conftest import rel_err
 
@@ -151,6 +152,14 @@ def test_two_processes_match_single_process(tmp_path):
 
     # Final parameters (gathered from both processes) match each other and the reference.
     final = [np.load(r["params_path"]) for r in (single, p0, p1)]
+    # bridge.export on both processes: one file, written by process 0, present when each returned,
+    # holding exactly the gathered parameters.
+    assert p0["exported"] == p1["exported"] == str(tmp_path / "multi" / "final.safetensors"), tails
+    assert p0["exported_exists"] and p1["exported_exists"], tails
+    exported = safetensors.numpy.load_file(p0["exported"])
+    assert set(exported) == set(final[1].files), sorted(exported)
+    for name in final[1].files:
+        np.testing.assert_array_equal(exported[name], final[1][name], err_msg=name)
     assert set(final[0].files) == set(final[1].files) == set(final[2].files)
     for name in final[0].files:
         np.testing.assert_array_equal(final[1][name], final[2][name], err_msg=name)

@@ -17,7 +17,7 @@ from typing import Any
 
 import jax
 import torch
-from torch.export.graph_signature import InputKind, OutputKind
+from torch.export.graph_signature import ConstantArgument, InputKind, OutputKind
 from torch.fx.experimental.symbolic_shapes import is_concrete_int
 from torch.fx.node import map_arg
 
@@ -48,6 +48,16 @@ def source_line(node: torch.fx.Node) -> str:
 _DROPPED = object()   # marks graph outputs that are not results: effect tokens, input mutations
 
 
+
+def _check_constant(name: str, captured, given) -> None:
+    """A Python value (number, bool, string, None) is part of the captured graph: another value would
+    be silently ignored, so it raises."""
+    both_nan = isinstance(given, float) and isinstance(captured, float) and given != given and captured != captured
+    if not (both_nan or given == captured):
+        raise InputError(f"input {name!r} is {given!r}, but the model was captured with {captured!r}: "
+                         "torch.export bakes Python values into the graph; convert again with this value, "
+                         "or pass it as a tensor")
+
 class Program:
     """A lowered graph plus the maps from its placeholders to state and user inputs."""
 
@@ -58,6 +68,7 @@ class Program:
         sig = ep.graph_signature
         self.state_inputs: list[tuple[str, str, str]] = []   # (placeholder, kind, canonical name)
         self.user_inputs: list[tuple[str, Any]] = []          # (placeholder, example meta or constant)
+        self.constant_inputs: dict[str, Any] = {}             # placeholder → the Python value captured
         self.lifted: dict[str, torch.Tensor] = {}             # constants/non-persistent buffers by name
         self.param_names: list[str] = []
         self.tokens: list[str] = []
@@ -66,6 +77,8 @@ class Program:
             name = spec.arg.name
             if spec.kind == InputKind.USER_INPUT:
                 self.user_inputs.append((name, getattr(spec.arg, "value", None)))
+                if isinstance(spec.arg, ConstantArgument):   # a Python value torch.export baked in
+                    self.constant_inputs[name] = spec.arg.value
                 continue
             if spec.kind == InputKind.TOKEN:      # effect tokens order side effects; JAX programs are pure
                 self.tokens.append(name)
@@ -135,6 +148,8 @@ class Program:
                              f"({[n for n, _ in self.user_inputs]}), got {len(leaves)}")
         for (name, _), leaf in zip(self.user_inputs, leaves):
             meta = self.placeholder_meta.get(name)
+            if name in self.constant_inputs and not hasattr(leaf, "shape"):
+                _check_constant(name, self.constant_inputs[name], leaf)
             if not isinstance(meta, torch.Tensor):
                 continue
             shape = getattr(leaf, "shape", None)

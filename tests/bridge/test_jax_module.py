@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import bridge
-from bridge.errors import StateError
+from bridge.errors import InputError, StateError
 from bridge.tree import flatten, nest
 from converters.dtypes import to_jax
 from tests.conftest import assert_close
@@ -101,3 +101,30 @@ def test_frozen_parameters_get_no_gradient():
     grad = jax.grad(lambda p: jnp.sum(jnp.square(jm.apply(p, to_jax(x)))))(jm.params)
     assert m.table.grad is None and float(jnp.abs(grad["table"]).max()) == 0.0
     assert_close(grad["lin"]["weight"], m.lin.weight.grad, what="trainable grad")
+
+
+class _Scaled(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(4, 4)
+
+    def forward(self, x, scale: float = 2.0, flag: bool = True, mode: str = "sum"):
+        h = self.lin(x) * scale
+        return (h.sum(-1) if mode == "sum" else h.amax(-1)) * (1.0 if flag else -1.0)
+
+
+@pytest.mark.parametrize("changed", [{"scale": 5.0}, {"flag": False}, {"mode": "max"}, {"scale": float("nan")}])
+def test_python_values_are_part_of_the_capture(changed):
+    """torch.export bakes Python arguments into the graph: the same values run, another value raises
+    instead of being ignored."""
+    torch.manual_seed(0)
+    model, x = _Scaled(), torch.randn(3, 4)
+    kwargs = {"scale": 3.0, "flag": True, "mode": "sum"}
+    jm = bridge.convert(model, (x,), kwargs)
+    with torch.no_grad():
+        assert_close(jm(x, **kwargs), model(x, **kwargs))
+    with pytest.raises(InputError, match=f"input '{next(iter(changed))}' is .*, but the model was captured with"):
+        jm(x, **{**kwargs, **changed})
+    if changed.get("scale") != changed.get("scale"):     # a nan captured is matched by a nan given
+        nan = bridge.convert(model, (x,), {**kwargs, **changed})
+        assert np.isnan(np.asarray(nan(x, **{**kwargs, **changed}))).all()

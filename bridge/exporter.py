@@ -21,7 +21,7 @@ from jax.experimental import multihost_utils
 
 from bridge.atomic import atomic_path, publish, staging_dir
 from bridge.errors import ExportError
-from bridge.safetensors_io import write_file
+from bridge.safetensors_io import CODES, write_file
 from bridge.state import SavedState, to_state_dict
 from bridge.tree import flatten
 from converters.dtypes import numpy_dtype, torch_dtype
@@ -86,6 +86,10 @@ def _plan(entries, max_bytes: int) -> list[list]:
 
 def _write_safetensors(folder: Path, stem: str, entries, max_bytes: int) -> list[str]:
     """Write one file or shards + index into `folder`; returns the file names written."""
+    for key, dtype, *_ in entries:
+        if dtype not in CODES:
+            raise ExportError(f"cannot write {key!r} to safetensors: the format has no code for {dtype} "
+                              "(export to .pt keeps it)")
     shards = _plan(entries, max_bytes)
     if len(shards) == 1:
         write_file(folder / f"{stem}.safetensors", shards[0], metadata={"format": "pt"})

@@ -34,7 +34,8 @@ DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
     "BOOL": torch.bool, "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64,
-    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "C64": torch.complex64,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "F8_E8M0": torch.float8_e8m0fnu,
+    "C64": torch.complex64,
 }
 CODES = {v: k for k, v in DTYPES.items()}
 
@@ -77,6 +78,9 @@ def read_header(path: str | os.PathLike) -> tuple[dict[str, TensorInfo], dict]:
     metadata = header.pop("__metadata__", None) or {}
     base, infos = 8 + n, {}
     for name, entry in header.items():
+        if isinstance(entry, dict) and isinstance(entry.get("dtype"), str) and entry["dtype"] not in DTYPES:
+            raise CheckpointError(f"{path}: tensor {name!r} has dtype {entry['dtype']!r}, which bridge does not "
+                                  f"read (it reads {', '.join(DTYPES)})")
         try:
             dtype = DTYPES[entry["dtype"]]
             shape = tuple(int(s) for s in entry["shape"])

@@ -21,10 +21,13 @@ _TORCH_TO_NP = {
     torch.complex64: np.dtype(np.complex64), torch.complex128: np.dtype(np.complex128),
     torch.uint16: np.dtype(np.uint16), torch.uint32: np.dtype(np.uint32), torch.uint64: np.dtype(np.uint64),
     torch.float8_e4m3fn: np.dtype(ml_dtypes.float8_e4m3fn), torch.float8_e5m2: np.dtype(ml_dtypes.float8_e5m2),
+    torch.float8_e4m3fnuz: np.dtype(ml_dtypes.float8_e4m3fnuz), torch.float8_e5m2fnuz: np.dtype(ml_dtypes.float8_e5m2fnuz),
+    torch.float8_e8m0fnu: np.dtype(ml_dtypes.float8_e8m0fnu),   # MX block scales
 }
 _NP_TO_TORCH = {v: k for k, v in _TORCH_TO_NP.items()}
 # same-width integer views used to move dtypes numpy lacks through torch.Tensor.numpy()
 _VIEW_AS = {torch.bfloat16: torch.int16, torch.float8_e4m3fn: torch.int8, torch.float8_e5m2: torch.int8,
+            torch.float8_e4m3fnuz: torch.int8, torch.float8_e5m2fnuz: torch.int8, torch.float8_e8m0fnu: torch.uint8,
             torch.uint16: torch.int16, torch.uint32: torch.int32, torch.uint64: torch.int64}
 
 

@@ -50,6 +50,8 @@ CASES = {
     "missing shard": (lambda p: _write(p / "model.safetensors.index.json", json.dumps(
         {"weight_map": {"a": "model-00001-of-00002.safetensors"}})), "model-00001-of-00002.safetensors"),
     "no such path": (lambda p: p / "nowhere.safetensors", "no such file"),
+    "unknown dtype": (lambda p: _st(p, {"a": {"dtype": "F4", "shape": [2], "data_offsets": [0, 1]}}, b"\0"),
+                      "'a' has dtype 'F4', which bridge does not read"),
 }
 
 

@@ -4,6 +4,7 @@
     hf_config = { model_type = "gpt2", n_layer = 2, n_embd = 64, n_head = 4, vocab_size = 256 }
     auto_class = "AutoModelForCausalLM"   # default by [data] kind (see bridge/train_data.py)
     overrides = { resid_pdrop = 0.0 }     # optional: config fields to change
+    freeze = ["transformer.wte.*"]        # optional: parameters (glob patterns) not to train
     [data]
     kind = "text"                # text (causal LM) | mlm (masked LM) | pairs (sentence pairs, contrastive)
     text = "tests/data/corpus.txt"   # text/mlm: tokenizer of hf_dir, else bytes (vocab 256)
@@ -50,12 +51,28 @@ def _model(cfg: dict, kind: str):
     torch.manual_seed(cfg.get("seed", 0))
     overrides = dict(cfg.get("overrides", {}))   # config fields to change, e.g. { hidden_dropout_prob = 0.0 }
     if "hf_dir" in cfg:
-        return auto.from_pretrained(cfg["hf_dir"], **overrides), cfg["hf_dir"]
-    if "hf_config" in cfg:
+        model, hf_dir = auto.from_pretrained(cfg["hf_dir"], **overrides), cfg["hf_dir"]
+    elif "hf_config" in cfg:
         c = {**cfg["hf_config"], **overrides}
         config = transformers.AutoConfig.for_model(c.pop("model_type"), **c)
-        return auto.from_config(config), None
-    raise BridgeError("[model] needs hf_dir or hf_config")
+        model, hf_dir = auto.from_config(config), None
+    else:
+        raise BridgeError("[model] needs hf_dir or hf_config")
+    _freeze(model, cfg.get("freeze", []))
+    return model, hf_dir
+
+
+def _freeze(model, patterns) -> None:
+    """requires_grad=False on the parameters matching any glob pattern (the trainer then leaves them
+    as they are and keeps no optimizer state for them). A pattern matching nothing is an error."""
+    import fnmatch
+    names = [n for n, _ in model.named_parameters()]
+    for pattern in patterns:
+        hit = [n for n in names if fnmatch.fnmatchcase(n, pattern)]
+        if not hit:
+            raise BridgeError(f"[model] freeze: {pattern!r} matches no parameter (e.g. {', '.join(names[:3])})")
+        for n in hit:
+            model.get_parameter(n).requires_grad_(False)
 
 
 def _tokenizer(data: dict, hf_dir):

@@ -62,6 +62,7 @@ def test_export_and_train(tmp_path, capsys):
     cfg.write_text(f"""
 [model]
 hf_config = {{ model_type = "gpt2", n_layer = 1, n_embd = 32, n_head = 2, vocab_size = 256, n_positions = 64 }}
+freeze = ["transformer.h.0.attn.*"]
 [data]
 text = "tests/data/corpus.txt"
 seq_len = 32
@@ -83,6 +84,17 @@ to = "{tmp_path / 'hf'}"
     again = safetensors.torch.load_file(tmp_path / "from_run.safetensors")
     exported = safetensors.torch.load_file(tmp_path / "hf" / "model.safetensors")
     assert torch.equal(again["transformer.h.0.mlp.c_fc.weight"], exported["transformer.h.0.mlp.c_fc.weight"])
+    # [model] freeze: the frozen attention weights come back as initialised, the rest trained
+    import transformers
+    torch.manual_seed(0)
+    init = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(
+        "gpt2", n_layer=1, n_embd=32, n_head=2, vocab_size=256, n_positions=64)).state_dict()
+    for name in ("transformer.h.0.attn.c_attn.weight", "transformer.h.0.attn.c_proj.bias"):
+        assert torch.equal(exported[name], init[name]), name
+    assert not torch.equal(exported["transformer.h.0.mlp.c_fc.weight"], init["transformer.h.0.mlp.c_fc.weight"])
+    cfg.write_text(cfg.read_text().replace('"transformer.h.0.attn.*"', '"transformer.h.9.*"'))
+    assert cli.main(["train", str(cfg)]) == 2
+    assert "freeze: 'transformer.h.9.*' matches no parameter" in capsys.readouterr().err
 
 
 def test_errors_exit_2_without_traceback(tmp_path):

@@ -77,14 +77,7 @@ def _torch_sources(path: Path) -> list[TensorSource]:
     except Exception as e:  # torch raises RuntimeError/EOFError/ValueError/... for non-checkpoint bytes
         raise CheckpointError(f"{path}: not a readable torch checkpoint ({type(e).__name__}: "
                               f"{str(e).splitlines()[0] if str(e) else ''})") from e
-    if isinstance(sd, Mapping) and "state_dict" in sd and isinstance(sd["state_dict"], Mapping):
-        sd = sd["state_dict"]
-    if not isinstance(sd, Mapping):
-        raise CheckpointError(f"{path}: holds a {type(sd).__name__}, not a state_dict of tensors")
-    flat = flatten(sd)
-    bad = [k for k, v in flat.items() if not isinstance(v, torch.Tensor)]
-    if bad:
-        raise CheckpointError(f"{path}: entries {bad[:5]} are not tensors")
+    flat = _model_state(path, sd)
 
     def reader(t: torch.Tensor):
         def read(index, mode):
@@ -95,6 +88,27 @@ def _torch_sources(path: Path) -> list[TensorSource]:
         return read
 
     return [TensorSource(k, t.dtype, tuple(t.shape), path, reader(t)) for k, t in flat.items()]
+
+
+# where training checkpoints keep the model's weights beside optimizer state, epoch, config...
+WRAPPERS = ("state_dict", "model_state_dict", "model", "module", "net", "network", "weights")
+
+
+def _model_state(path: Path, obj) -> dict[str, torch.Tensor]:
+    """The flat state_dict in a torch.load result: the object itself, or the entry of a training
+    checkpoint that holds it ({"model": ..., "optimizer": ..., "epoch": 3}, Lightning's "state_dict")."""
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(f"{path}: holds a {type(obj).__name__}, not a state_dict of tensors")
+    flat = flatten(obj)
+    bad = [k for k, v in flat.items() if not isinstance(v, torch.Tensor)]
+    if not bad:
+        return flat
+    for key in WRAPPERS:
+        inner = obj.get(key)
+        if isinstance(inner, Mapping) and inner and all(isinstance(v, torch.Tensor) for v in flatten(inner).values()):
+            return flatten(inner)
+    raise CheckpointError(f"{path}: entries {bad[:5]} are not tensors, and none of its top-level entries "
+                          f"{list(obj)[:8]} named {'/'.join(WRAPPERS)} is a state_dict")
 
 
 def _index_sources(path: Path) -> list[TensorSource]:

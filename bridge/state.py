@@ -98,6 +98,23 @@ def _expected(jm) -> dict[str, tuple]:
     return out
 
 
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")   # DistributedDataParallel / DataParallel, torch.compile
+
+
+def _unwrapped_names(given: Mapping, expected: Mapping) -> dict[str, str]:
+    """Checkpoint key → model key: the prefixes that wrapping a module adds to every key of its
+    state_dict (DDP's "module.", torch.compile's "_orig_mod.") are dropped when the model has none."""
+    names = {k: k for k in given}
+    stripped = True
+    while stripped and names:
+        stripped = False
+        for prefix in WRAPPER_PREFIXES:
+            if all(v.startswith(prefix) for v in names.values()) and not any(k.startswith(prefix) for k in expected):
+                names = {k: v[len(prefix):] for k, v in names.items()}
+                stripped = True
+    return names
+
+
 def load_into(jm, source, *, strict: bool = True, dtype=None, shardings=None):
     """(new JaxModule with the weights of `source`, KeyReport). `source`: a path or a params pytree.
 
@@ -115,7 +132,12 @@ def load_into(jm, source, *, strict: bool = True, dtype=None, shardings=None):
         given = {k: (s.shape, cast if cast is not None and s.dtype.is_floating_point else s.dtype)
                  for k, s in sources.items()}
         label = str(source)
-    take, report = match_state(_expected(jm), given, aliases=jm.meta.aliases, optional=jm.meta.non_persistent)
+    expected = _expected(jm)
+    names = _unwrapped_names(given, expected)
+    take, report = match_state(expected, {names[k]: v for k, v in given.items()}, aliases=jm.meta.aliases,
+                               optional=jm.meta.non_persistent)
+    original = {v: k for k, v in names.items()}
+    take = {canon: original[key] for canon, key in take.items()}
     if strict and not report.clean:
         raise KeyMismatchError(report, label)
     if isinstance(source, Mapping):

@@ -13,7 +13,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 import bridge
 import bridge.safetensors_io as sio
-from bridge.errors import KeyMismatchError
+from bridge.errors import CheckpointError, KeyMismatchError
 from bridge.tree import flatten
 from converters.dtypes import jax_dtype, to_jax
 from tests.conftest import assert_close
@@ -125,3 +125,39 @@ def test_tied_alias_in_checkpoint_fills_the_canonical_leaf(tmp_path):
     jm2, report = jm.load_weights(tmp_path / "only_lm_head.pt")
     assert report.clean
     np.testing.assert_array_equal(jm2.params["transformer"]["wte"]["weight"], sd["lm_head.weight"].numpy())
+
+
+def _trained_mlp():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4))
+    opt = torch.optim.AdamW(model.parameters())
+    model(torch.randn(3, 4)).sum().backward()
+    opt.step()
+    return model, opt
+
+
+@pytest.mark.parametrize("layout", ["training dict", "lightning", "ddp", "ddp of compiled"])
+def test_training_checkpoints_and_wrapped_modules_load(tmp_path, layout):
+    """What torch training scripts save: {"model": sd, "optimizer": ..., "epoch": n}, Lightning's
+    "state_dict", and the "module." / "_orig_mod." prefixes of DDP and torch.compile."""
+    model, opt = _trained_mlp()
+    sd = model.state_dict()
+    saved = {"training dict": {"model": sd, "optimizer": opt.state_dict(), "epoch": 3, "args": {"lr": 0.1}},
+             "lightning": {"state_dict": sd, "epoch": 3, "global_step": 10},
+             "ddp": {f"module.{k}": v for k, v in sd.items()},
+             "ddp of compiled": {f"module._orig_mod.{k}": v for k, v in sd.items()}}[layout]
+    torch.save(saved, tmp_path / "ckpt.pt")
+    fresh = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4)).eval()
+    jm, report = bridge.convert(fresh, (torch.randn(3, 4),)).load_weights(tmp_path / "ckpt.pt")
+    assert report.clean and len(report.loaded) == len(sd)
+    got = {**flatten(jm.params), **flatten(jm.buffers)}
+    for k, t in sd.items():
+        np.testing.assert_array_equal(np.asarray(got[k]), t.numpy(), err_msg=k)
+
+
+def test_training_checkpoint_without_a_state_dict_is_named(tmp_path):
+    _, opt = _trained_mlp()
+    torch.save({"optimizer": opt.state_dict(), "epoch": 3}, tmp_path / "opt_only.pt")
+    with pytest.raises(CheckpointError, match=r"opt_only.pt: entries .* are not tensors, and none of its top-level "
+                                              r"entries \['optimizer', 'epoch'\]"):
+        bridge.load_weights(tmp_path / "opt_only.pt")

@@ -22,7 +22,7 @@ from jax.experimental import multihost_utils
 from bridge.atomic import atomic_path, publish, staging_dir
 from bridge.errors import ExportError
 from bridge.safetensors_io import CODES, write_file
-from bridge.state import SavedState, to_state_dict
+from bridge.state import gathered as _gathered, to_state_dict
 from bridge.tree import flatten
 from converters.dtypes import numpy_dtype, torch_dtype
 
@@ -167,18 +167,6 @@ def export(obj, path: str | os.PathLike, *, like=None, max_shard_size: int | str
         suffix = ".safetensors" if shards == 1 else ".safetensors.index.json"
         written = path.parent / f"{_stem(path)}{suffix}" if fmt == "safetensors" else path
     return written
-
-
-def _gathered(obj):
-    """`obj` with every array that spans processes gathered to host (collective: same order everywhere)."""
-    def gather(x):
-        return multihost_utils.process_allgather(x, tiled=True) \
-            if isinstance(x, jax.Array) and not x.is_fully_addressable else x
-
-    meta = getattr(obj, "meta", None)
-    if meta is None:
-        return jax.tree.map(gather, obj)
-    return SavedState(jax.tree.map(gather, obj.params), jax.tree.map(gather, obj.buffers), meta)
 
 
 def _stem(path: Path) -> str:

@@ -151,6 +151,21 @@ def load_into(jm, source, *, strict: bool = True, dtype=None, shardings=None):
     return jm.replace(params=nest(new_params), buffers=nest(new_buffers)), report
 
 
+def gathered(obj):
+    """`obj` (JaxModule, SavedState or pytree) with every array that spans processes gathered to host
+    numpy; a collective on multi-host runs (every process calls it, leaves in one fixed order)."""
+    from jax.experimental import multihost_utils
+
+    def gather(x):
+        return multihost_utils.process_allgather(x, tiled=True) \
+            if isinstance(x, jax.Array) and not x.is_fully_addressable else x
+
+    meta = getattr(obj, "meta", None)
+    if meta is None:
+        return jax.tree.map(gather, obj)
+    return SavedState(jax.tree.map(gather, obj.params), jax.tree.map(gather, obj.buffers), meta)
+
+
 def to_state_dict(obj) -> "OrderedDict[str, torch.Tensor]":
     """A torch state_dict from a JaxModule or SavedState (or a params pytree).
 
@@ -160,6 +175,8 @@ def to_state_dict(obj) -> "OrderedDict[str, torch.Tensor]":
     Example:
       >>> model.load_state_dict(bridge.to_state_dict(jm))
     """
+    if jax.process_count() > 1:   # multi-host: every process calls this and gets the whole state_dict
+        obj = gathered(obj)
     meta = getattr(obj, "meta", None)
     if meta is None:
         return OrderedDict((k, _tensor(k, v, None)) for k, v in flatten(obj).items())

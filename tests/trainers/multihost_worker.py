@@ -124,6 +124,9 @@ def main(argv=None) -> int:
     np.savez(params_path, **params)
     # every process calls export; arrays sharded across processes are gathered and process 0 writes
     exported = str(bridge.export(trainer.export_model(state), os.path.join(args.run_dir, "final.safetensors")))
+    state_dict = bridge.to_state_dict(trainer.export_model(state))    # on every process: the whole of it
+    state_dict_matches = sorted(state_dict) == sorted(params) and all(
+        np.array_equal(state_dict[k].numpy(), params[k]) for k in params)
     specs = flatten(trainer.specs)
     report = {
         "process_index": jax.process_index(), "process_count": jax.process_count(),
@@ -131,7 +134,7 @@ def main(argv=None) -> int:
         "final_step": int(state.step),
         "metrics": [{"step": r["step"], "loss": r["loss"], "grad_norm": r["grad_norm"]} for r in rows],
         "params_path": params_path,
-        "exported": exported, "exported_exists": os.path.exists(exported),
+        "exported": exported, "exported_exists": os.path.exists(exported), "state_dict_matches": state_dict_matches,
         "sharded": sorted(k for k, spec in specs.items() if any(a is not None for a in spec)),
         "replicated_share": trainer.report["replicated_share"],
         "checkpoints": sorted(os.listdir(os.path.join(args.run_dir, "checkpoints"))),

@@ -156,6 +156,7 @@ def test_two_processes_match_single_process(tmp_path):
     # holding exactly the gathered parameters.
     assert p0["exported"] == p1["exported"] == str(tmp_path / "multi" / "final.safetensors"), tails
     assert p0["exported_exists"] and p1["exported_exists"], tails
+    assert single["state_dict_matches"] and p0["state_dict_matches"] and p1["state_dict_matches"], tails
     exported = safetensors.numpy.load_file(p0["exported"])
     assert set(exported) == set(final[1].files), sorted(exported)
     for name in final[1].files:

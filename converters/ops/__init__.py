@@ -1,7 +1,7 @@
 """Lowerings by op family; importing this package registers all of them."""
 from converters.ops import (  # noqa: F401
     activation, backward, conv, creation, distance, elementwise, factorize, fft, indexing, linalg, loss, nn,
-    numeric, polynomials, quantize, random, reduction, resample, scatter, shape, solvers, sorting, special,
+    numeric, polynomials, pool, quantize, random, reduction, resample, scatter, shape, solvers, sorting, special,
     symbolic,
     control_flow, rnn, transformer,
 )

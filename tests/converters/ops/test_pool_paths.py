@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from converters.ops import conv as conv_ops
+from converters.ops import pool as pool_ops
 
 # (input shape, kernel, stride, padding, dilation, ceil_mode, expected path)
 CASES = {
@@ -28,7 +28,7 @@ CASES = {
 
 def _jax_pool(x, cfg):
     _, kernel, stride, padding, dilation, ceil, _ = cfg
-    fn = conv_ops.max_pool2d_with_indices if len(kernel) == 2 else conv_ops.max_pool3d_with_indices
+    fn = pool_ops.max_pool2d_with_indices if len(kernel) == 2 else pool_ops.max_pool3d_with_indices
     return fn(x, kernel, stride, padding, dilation, ceil)
 
 

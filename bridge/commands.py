@@ -32,8 +32,9 @@ def _inspect_run(path: Path) -> int:
     import orbax.checkpoint as ocp
     from bridge.tree import flatten
     step_dir, meta = _latest_step(path)
-    absl = logging.getLogger("absl")
-    level, _ = absl.level, absl.setLevel(logging.ERROR)   # a warning that the step's own metadata file lives a level up
+    absl = logging.getLogger("absl")   # silences a warning that the step's metadata file lives a level up
+    level = absl.level
+    absl.setLevel(logging.ERROR)
     try:
         tree = ocp.StandardCheckpointer().metadata(step_dir / "state")
     finally:

@@ -78,9 +78,9 @@ def narrow(arr: np.ndarray, want, what: str = "a tensor", error: type[Exception]
         return arr
     if arr.size and arr.dtype.kind in "iu" and want.kind in "iu":
         lo, hi, info = arr.min(), arr.max(), np.iinfo(want)
-        if (lo < info.min or hi > info.max) and error is None:
-            return np.clip(arr, info.min, info.max).astype(want)
         if lo < info.min or hi > info.max:
+            if error is None:
+                return np.clip(arr, info.min, info.max).astype(want)
             raise error(f"{what}: {arr.dtype} values in [{lo}, {hi}] do not fit {want}, which JAX holds them "
                         f"in while jax_enable_x64 is off; call jax.config.update('jax_enable_x64', True) at "
                         "start-up to keep them exactly")

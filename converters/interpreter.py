@@ -48,7 +48,6 @@ def source_line(node: torch.fx.Node) -> str:
 _DROPPED = object()   # marks graph outputs that are not results: effect tokens, input mutations
 
 
-
 def _check_constant(name: str, captured, given) -> None:
     """A Python value (number, bool, string, None) is part of the captured graph: another value would
     be silently ignored, so it raises."""
@@ -57,6 +56,7 @@ def _check_constant(name: str, captured, given) -> None:
         raise InputError(f"input {name!r} is {given!r}, but the model was captured with {captured!r}: "
                          "torch.export bakes Python values into the graph; convert again with this value, "
                          "or pass it as a tensor")
+
 
 class Program:
     """A lowered graph plus the maps from its placeholders to state and user inputs."""

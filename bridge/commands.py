@@ -127,7 +127,13 @@ def _latest_step(path: Path):
     if not steps:
         raise BridgeError(f"{root}: no trainer checkpoints found")
     meta_file = root.parent / STATE_META
-    return root / str(steps[-1]), StateMeta.from_json(meta_file.read_text()) if meta_file.is_file() else None
+    if not meta_file.is_file():
+        return root / str(steps[-1]), None
+    try:
+        return root / str(steps[-1]), StateMeta.from_json(meta_file.read_text())
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise BridgeError(f"{meta_file}: not a readable record of the model's state ({type(e).__name__}: {e}); "
+                          "delete it to export the checkpoint's arrays as they are") from e
 
 
 def _trained_state(path: Path):

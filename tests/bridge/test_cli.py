@@ -154,6 +154,10 @@ def test_export_of_a_run_dir_writes_the_models_state_dict(tmp_path, capsys):
     assert re.search(r"features\.1\.num_batches_tracked +buffer int32 +int64 +\(\)", out), out
     assert re.search(r"head\.weight +param +float32 +bfloat16 +\(10, 32\)", out), out
     assert f"step 2, {len(got)} tensors, {sum(p.numel() for p in model.parameters()):,} parameters" in out
+    (tmp_path / "run" / "state_meta.json").write_text("{not json")
+    assert cli.main(["export", str(tmp_path / "run"), "--to", str(tmp_path / "bad.pt")]) == 2
+    assert "state_meta.json: not a readable record" in capsys.readouterr().err
+    assert not (tmp_path / "bad.pt").exists()
     (tmp_path / "run" / "state_meta.json").unlink()     # an older run: every key still comes back
     assert cli.main(["export", str(tmp_path / "run"), "--to", str(tmp_path / "bare.pt")]) == 0
     assert set(torch.load(tmp_path / "bare.pt", weights_only=True)) == set(got)

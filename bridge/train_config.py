@@ -101,7 +101,8 @@ def run_from_toml(path: str) -> int:
     vocab = int(getattr(model.config, "vocab_size", 256))
     example = next(make_batches(data, tok, vocab, 1))
     ex = {k: torch.from_numpy(v.astype(np.int64)) for k, v in example.items()}
-    jm = bridge.convert(model, kwargs=ex, train=True, dynamic="batch+seq")
+    compute = getattr(torch, train.compute_dtype) if train.compute_dtype else None   # graph in that dtype
+    jm = bridge.convert(model, kwargs=ex, train=True, dynamic="batch+seq", compute_dtype=compute)
     opt = dict(cfg.get("optimizer", {}))
     optimizer = adamw(opt.pop("lr", 3e-4), total_steps=train.steps, **opt)
     trainer = Trainer(jm, optimizer, loss_fn=pair_contrastive() if kind == "pairs" else model_loss, config=train)

@@ -4,6 +4,7 @@ The data position (batches consumed) is saved beside the state, so resume skips 
 """
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import jax
@@ -30,20 +31,20 @@ class Checkpointer:
         if step in self.manager.all_steps():
             return
         self.manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave({"data_position": data_position})),
+            state=ocp.args.StandardSave(_fields(state)), meta=ocp.args.JsonSave({"data_position": data_position})),
             force=force)
 
     def restore(self, step: int, abstract_state):
         """Restore into the given shardings (abstract_state: ShapeDtypeStructs with .sharding)."""
         try:
             out = self.manager.restore(step, args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+                state=ocp.args.StandardRestore(_fields(abstract_state)), meta=ocp.args.JsonRestore()))
         except ValueError as e:   # orbax: the saved tree's structure, shapes or dtypes differ
             raise CheckpointError(
                 f"{self.directory / str(step)}: this checkpoint does not fit the run as now configured "
                 "(another model, optimizer or frozen-parameter set?); resume with the configuration that "
                 f"wrote it, or start a new run_dir. orbax: {str(e).splitlines()[0]}") from e
-        return out["state"], int(out["meta"]["data_position"])
+        return type(abstract_state)(**out["state"]), int(out["meta"]["data_position"])
 
     def wait(self) -> None:
         self.manager.wait_until_finished()
@@ -51,6 +52,12 @@ class Checkpointer:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def _fields(state) -> dict:
+    """The state's fields by name, leaving out unused optional ones (a TrainState without loss scaling
+    is stored as before loss scaling existed, so older checkpoints still resume)."""
+    return {f.name: getattr(state, f.name) for f in dataclasses.fields(state) if getattr(state, f.name) is not None}
 
 
 def abstract(state, shardings):

@@ -17,7 +17,10 @@ class TrainConfig:
     mesh: dict | None = None              # e.g. {"data": 2, "fsdp": 4}; default: all devices on data
     num_devices: int | None = None        # use only the first N devices (e.g. 1 for a reference run)
     grad_accum: int = 1                   # micro-batches per step (the batch's leading dim splits)
-    compute_dtype: str | None = None      # "bfloat16": bf16 compute from fp32 master weights
+    compute_dtype: str | None = None      # "bfloat16" / "float16": compute from fp32 master weights
+    loss_scale: str | float | None = "auto"   # "dynamic", a static number, None; auto: dynamic for float16
+    loss_scale_init: float = 2.0 ** 16    # dynamic scaling's start (torch.amp.GradScaler's init_scale)
+    loss_scale_growth_interval: int = 2000   # finite steps in a row before the scale doubles
     param_dtype: str = "float32"          # master weights
     remat: str | None = None              # None, "full" or "dots"
     nan_policy: str = "stop"              # "stop": raise with step + last checkpoint; "skip": drop the update

@@ -1,7 +1,7 @@
 """TrainState: everything a step reads and writes, as one pytree.
 
 Example:
-    >>> state = TrainState.create(params, buffers, optimizer, seed=0)
+    >>> state = TrainState.create(params, buffers, optimizer, seed=0)   # loss_scale=LossScale.create(...) for fp16
 """
 from __future__ import annotations
 
@@ -20,13 +20,15 @@ class TrainState:
     buffers: Any              # BatchNorm stats, constants
     opt_state: Any
     rng: jax.Array            # raw uint32 key data (checkpoints as a plain array)
+    loss_scale: Any = None    # trainers.LossScale for float16 training, else None
 
     @classmethod
-    def create(cls, params, buffers, optimizer: optax.GradientTransformation, seed: int = 0) -> "TrainState":
+    def create(cls, params, buffers, optimizer: optax.GradientTransformation, seed: int = 0,
+               loss_scale=None) -> "TrainState":
         with jax.numpy_dtype_promotion("standard"):  # optax's internals rely on implicit promotion
             opt_state = optimizer.init(params)
         return cls(step=jnp.zeros((), jnp.int32), params=params, buffers=buffers,
-                   opt_state=opt_state, rng=jax.random.key_data(jax.random.key(seed)))
+                   opt_state=opt_state, rng=jax.random.key_data(jax.random.key(seed)), loss_scale=loss_scale)
 
     def key(self) -> jax.Array:
         return jax.random.wrap_key_data(self.rng)

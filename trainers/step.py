@@ -1,8 +1,9 @@
 """The pure train and eval steps. Built once per Trainer and jitted with explicit shardings.
 
-`train_step(state, batch) -> (state, metrics)`: forward (optionally in bf16 from fp32 master
-weights, optionally rematerialised), gradient accumulation over micro-batches with `lax.scan`,
-global-norm metric, optimizer update, and NaN/Inf handling ("stop" reports it, "skip" keeps the old state).
+`train_step(state, batch) -> (state, metrics)`: forward (optionally in bf16/fp16 from fp32 master
+weights, optionally rematerialised), loss scaling when the state holds a LossScale, gradient
+accumulation over micro-batches with `lax.scan`, global-norm metric, optimizer update, and NaN/Inf
+handling ("stop" reports it, "skip" keeps the old state; dynamic loss scaling always skips an overflow).
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import jax.numpy as jnp
 import optax
 
 from bridge.tree import as_torch_grads
+from trainers.loss_scale import all_finite
 from trainers.state import TrainState
 
 REMAT_POLICIES = {
@@ -59,18 +61,22 @@ def make_forward(jm, loss_fn, inputs_fn, *, compute_dtype=None, remat: str | Non
 
 
 def make_train_step(forward, optimizer: optax.GradientTransformation, *, accum: int = 1, nan_policy: str = "stop"):
-    grad_fn = jax.value_and_grad(forward, has_aux=True)
+    def scaled_forward(params, buffers, batch, key, loss_scale):
+        loss, new_buffers = forward(params, buffers, batch, key)
+        return (loss if loss_scale is None else loss_scale.scale(loss)), (loss, new_buffers)
 
-    def micro_grads(params, buffers, batch, key):
+    grad_fn = jax.grad(scaled_forward, has_aux=True)
+
+    def micro_grads(params, buffers, batch, key, loss_scale):
         if accum == 1:
-            (loss, buffers), grads = grad_fn(params, buffers, batch, key)
+            grads, (loss, buffers) = grad_fn(params, buffers, batch, key, loss_scale)
             return loss, grads, buffers
         micro = jax.tree.map(lambda x: x.reshape((accum, x.shape[0] // accum) + x.shape[1:]), batch)
 
         def body(carry, xs):
             loss_sum, grad_sum, bufs = carry
             mb, i = xs
-            (loss, bufs), grads = grad_fn(params, bufs, mb, jax.random.fold_in(key, i))
+            grads, (loss, bufs) = grad_fn(params, bufs, mb, jax.random.fold_in(key, i), loss_scale)
             return (loss_sum + loss, jax.tree.map(jnp.add, grad_sum, grads), bufs), None
 
         zeros = jax.tree.map(jnp.zeros_like, params)
@@ -80,19 +86,28 @@ def make_train_step(forward, optimizer: optax.GradientTransformation, *, accum: 
 
     def train_step(state: TrainState, batch):
         key = jax.random.fold_in(state.key(), state.step)
-        loss, grads, buffers = micro_grads(state.params, state.buffers, batch, key)
+        loss_scale = state.loss_scale
+        loss, grads, buffers = micro_grads(state.params, state.buffers, batch, key, loss_scale)
+        if loss_scale is not None:
+            grads = loss_scale.unscale(grads)
         grads = as_torch_grads(grads)   # complex parameters descend as in torch (optax expects that direction)
         grad_norm = optax.global_norm(grads)
+        grads_finite = all_finite(grads)
         with jax.numpy_dtype_promotion("standard"):  # optax's internals rely on implicit promotion
             updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        if nan_policy == "skip":
+        finite = jnp.isfinite(loss) & grads_finite
+        metrics = {"loss": loss, "grad_norm": grad_norm, "finite": finite, "grads_finite": grads_finite}
+        if nan_policy == "skip" or (loss_scale is not None and loss_scale.dynamic):
             keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
             params, opt_state, buffers = (keep(params, state.params), keep(opt_state, state.opt_state),
                                           keep(buffers, state.buffers))
-        new = state.replace(step=state.step + 1, params=params, buffers=buffers, opt_state=opt_state)
-        return new, {"loss": loss, "grad_norm": grad_norm, "finite": finite}
+        if loss_scale is not None:
+            metrics["loss_scale"] = loss_scale.value       # the scale this step ran with
+            loss_scale = loss_scale.update(grads_finite)
+        new = state.replace(step=state.step + 1, params=params, buffers=buffers, opt_state=opt_state,
+                            loss_scale=loss_scale)
+        return new, metrics
 
     return train_step
 

@@ -32,6 +32,7 @@ from bridge.atomic import atomic_path
 from bridge.errors import NonFiniteLossError
 from bridge.state import STATE_META
 from trainers import data as data_lib
+from trainers import loss_scale as loss_scale_lib
 from trainers.checkpoints import Checkpointer, abstract
 from trainers.config import TrainConfig
 from trainers.distributed import maybe_initialize
@@ -67,6 +68,8 @@ class Trainer:
         master = jax.tree.map(lambda x: x.astype(config.param_dtype)
                               if jnp.issubdtype(x.dtype, jnp.floating) else x, jm.params)
         self._params0 = master
+        self._loss_scale0 = loss_scale_lib.from_config(config.loss_scale, compute, init=config.loss_scale_init,
+                                                       growth_interval=config.loss_scale_growth_interval)
         self.specs = param_specs(master, self.mesh, rules)
         self.report = replication_report(master, self.specs)
         self.batch_sharding = batch_sharding(self.mesh)
@@ -91,27 +94,28 @@ class Trainer:
     def _state_shardings(self) -> TrainState:
         rep = NamedSharding(self.mesh, P())
         param_sh = jax.tree.map(lambda s: NamedSharding(self.mesh, s), self.specs, is_leaf=lambda x: isinstance(x, P))
-        shapes = jax.eval_shape(lambda p, b: TrainState.create(p, b, self.optimizer, self.config.seed),
-                                self._params0, self.jm.buffers)
+        shapes = self._abstract_state()
         masked = lambda x: isinstance(x, optax.MaskedNode)  # noqa: E731  (frozen params: no state)
         opt_sh = optax.tree_map_params(self.optimizer, lambda v, s: v if masked(v) else s, shapes.opt_state,
                                        param_sh, transform_non_params=lambda _: rep, is_leaf=masked)
         return TrainState(step=rep, params=param_sh, buffers=jax.tree.map(lambda _: rep, self.jm.buffers),
-                          opt_state=opt_sh, rng=rep)
+                          opt_state=opt_sh, rng=rep, loss_scale=jax.tree.map(lambda _: rep, shapes.loss_scale))
+
+    def _create(self, params, buffers) -> TrainState:
+        return TrainState.create(params, buffers, self.optimizer, self.config.seed, loss_scale=self._loss_scale0)
+
+    def _abstract_state(self) -> TrainState:
+        return jax.eval_shape(self._create, self._params0, self.jm.buffers)
 
     def init_state(self) -> TrainState:
         """Initialise directly into the shardings (eval_shape → shardings → jit(init, out_shardings))."""
-        create = jax.jit(lambda p, b: TrainState.create(p, b, self.optimizer, self.config.seed),
-                         out_shardings=self.state_shardings)
-        return create(self._params0, self.jm.buffers)
+        return jax.jit(self._create, out_shardings=self.state_shardings)(self._params0, self.jm.buffers)
 
     def restore_or_init(self) -> tuple[TrainState, int]:
         latest = self.checkpointer.latest()
         if latest is None:
             return self.init_state(), 0
-        shapes = jax.eval_shape(lambda p, b: TrainState.create(p, b, self.optimizer, self.config.seed),
-                                self._params0, self.jm.buffers)
-        return self.checkpointer.restore(latest, abstract(shapes, self.state_shardings))
+        return self.checkpointer.restore(latest, abstract(self._abstract_state(), self.state_shardings))
 
     def export_model(self, state: TrainState):
         """The JaxModule with the trained params/buffers (in the model's own dtypes), ready for bridge.export."""
@@ -173,12 +177,12 @@ class Trainer:
                     loss, gnorm = float(metrics["loss"]), float(metrics["grad_norm"])
                     dt = time.perf_counter() - t0
                     done = step + 1
-                    if not np.isfinite(loss) and cfg.nan_policy == "stop":
-                        raise NonFiniteLossError(
-                            f"loss is {loss} at step {done}; last good checkpoint: "
-                            f"{self.checkpointer.directory / str(last_good) if last_good else 'none (no checkpoint yet)'}")
+                    if cfg.nan_policy == "stop":
+                        self._stop_if_not_finite(loss, metrics, done, last_good)
                     record = {"step": done, "loss": loss, "grad_norm": gnorm, "step_time_s": dt,
                               "skipped": not bool(metrics["finite"])}
+                    if "loss_scale" in metrics:
+                        record["loss_scale"] = float(metrics["loss_scale"])
                     n, unit = throughput_unit(batch)
                     record[f"{unit}_per_s"] = n / dt
                     if cfg.eval_every and eval_batches is not None and done % cfg.eval_every == 0:
@@ -205,6 +209,16 @@ class Trainer:
         if cfg.plot and jax.process_index() == 0:
             plot_losses(metrics_path, self.run_dir / "loss.png")
         return state
+
+    def _stop_if_not_finite(self, loss: float, metrics: dict, step: int, last_good) -> None:
+        """nan_policy="stop": a non-finite loss, or non-finite gradients (which would have put NaN in the
+        weights) raise; an overflow that dynamic loss scaling skipped and answered does not."""
+        scaled = self._loss_scale0 is not None and self._loss_scale0.dynamic
+        if np.isfinite(loss) and (scaled or bool(metrics["grads_finite"])):
+            return
+        what = f"loss is {loss}" if not np.isfinite(loss) else f"gradients are not finite (loss {loss:.6g})"
+        where = self.checkpointer.directory / str(last_good) if last_good else "none (no checkpoint yet)"
+        raise NonFiniteLossError(f"{what} at step {step}; last good checkpoint: {where}")
 
     def _on_sigterm(self, signum, frame):
         self._stop_requested = True

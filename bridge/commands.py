@@ -100,15 +100,16 @@ def verify(model: str, rtol: float) -> int:
     return 1
 
 
-def export(ckpt: str, to: str, like: str | None, max_shard_size: str) -> int:
+def export(ckpt: str, to: str, like: str | None, max_shard_size: str, dtype: str | None = None) -> int:
     import jax
     import bridge
     src = Path(ckpt)
+    opts = {"like": like, "max_shard_size": max_shard_size, "dtype": dtype}
     if _is_run(src):
-        written = bridge.export(_trained_state(src), to, like=like, max_shard_size=max_shard_size)
+        written = bridge.export(_trained_state(src), to, **opts)
     else:
         with jax.enable_x64(True):   # a checkpoint file or HF directory: 64-bit tensors keep width and values
-            written = bridge.export(bridge.load_weights(src), to, like=like, max_shard_size=max_shard_size)
+            written = bridge.export(bridge.load_weights(src), to, **opts)
     print(f"wrote {written}")
     return 0
 

@@ -24,7 +24,7 @@ from bridge.errors import ExportError
 from bridge.safetensors_io import CODES, write_file
 from bridge.state import gathered as _gathered, to_state_dict
 from bridge.tree import flatten
-from converters.dtypes import numpy_dtype, torch_dtype
+from converters.dtypes import numpy_dtype, to_numpy, to_torch, torch_dtype
 
 WEIGHT_FILE = re.compile(r".*\.(safetensors|bin|pt|pth|msgpack|h5|ckpt)$|.*\.index\.json$")
 _UNITS = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
@@ -40,7 +40,26 @@ def parse_size(size: int | str) -> int:
     return int(float(m.group(1)) * _UNITS[m.group(2)])
 
 
-def _entries(obj) -> list[tuple[str, torch.dtype, tuple, Any]]:
+def cast_dtype(dtype) -> torch.dtype | None:
+    """The floating torch dtype an export casts to (`torch.bfloat16`, "bfloat16", jnp.float16), or None."""
+    if dtype is None:
+        return None
+    try:
+        out = getattr(torch, dtype) if isinstance(dtype, str) else \
+            dtype if isinstance(dtype, torch.dtype) else torch_dtype(dtype)
+    except (AttributeError, TypeError):
+        out = None
+    if not isinstance(out, torch.dtype) or not out.is_floating_point:
+        raise ExportError(f"dtype={dtype!r}: exports cast to a floating dtype such as 'bfloat16' or 'float16'")
+    return out
+
+
+def _casts(dtype: torch.dtype, cast: torch.dtype | None) -> bool:
+    """Whether `module.to(cast)` would change a tensor of `dtype` (floating point, not complex)."""
+    return cast is not None and dtype.is_floating_point and dtype != cast
+
+
+def _entries(obj, cast: torch.dtype | None = None) -> list[tuple[str, torch.dtype, tuple, Any]]:
     """(key, torch dtype, shape, producer) for each distinct tensor, in state_dict order."""
     meta = getattr(obj, "meta", None)   # a JaxModule or SavedState
     if meta is not None:
@@ -51,15 +70,19 @@ def _entries(obj) -> list[tuple[str, torch.dtype, tuple, Any]]:
             if canon in seen:
                 continue  # tied: written once, under its first name (as transformers does)
             seen.add(canon)
-            out.append(_entry(key, flat[canon], meta.torch_dtypes.get(canon)))
+            out.append(_entry(key, flat[canon], meta.torch_dtypes.get(canon), cast))
         return out
-    return [_entry(k, v, None) for k, v in flatten(obj).items()]
+    return [_entry(k, v, None, cast) for k, v in flatten(obj).items()]
 
 
-def _entry(key, leaf, dtype):
-    dtype = dtype or torch_dtype(leaf.dtype)
+def _entry(key, leaf, dtype, cast):
     if not hasattr(leaf, "__array__") or not hasattr(leaf, "shape"):
         raise ExportError(f"cannot export {key!r}: {type(leaf).__name__} is not an array (weights never loaded?)")
+    dtype = dtype or torch_dtype(leaf.dtype)
+    if _casts(dtype, cast):
+        def produce():   # torch's own rounding (Tensor.to), bit for bit
+            return to_numpy(to_torch(np.asarray(leaf), dtype).to(cast))
+        return key, cast, tuple(leaf.shape), produce
 
     def produce():  # gathers this one (possibly sharded) array to host
         arr = np.asarray(leaf)
@@ -67,6 +90,27 @@ def _entry(key, leaf, dtype):
         return arr if arr.dtype == want else arr.astype(want)
 
     return key, dtype, tuple(leaf.shape), produce
+
+
+def _cast_state_dict(sd, cast):
+    """`sd` with floating tensors cast as `module.to(cast)` casts them; tied tensors stay shared."""
+    made = {}
+    for k, t in sd.items():
+        if _casts(t.dtype, cast):
+            sd[k] = made.setdefault(id(t), t.to(cast))
+    return sd
+
+
+def _set_config_dtype(folder: Path, cast: torch.dtype) -> None:
+    """config.json records the dtype the weights are stored in (from_pretrained(dtype="auto") reads it)."""
+    path = folder / "config.json"
+    if cast is None or not path.is_file():
+        return
+    cfg = json.loads(path.read_text())
+    name = str(cast).removeprefix("torch.")
+    keys = [k for k in ("dtype", "torch_dtype") if k in cfg] or ["torch_dtype"]
+    cfg.update({k: name for k in keys})
+    path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
 
 
 def _nbytes(entry) -> int:
@@ -125,7 +169,7 @@ def _copy_like(like, folder: Path) -> None:
 
 
 def export(obj, path: str | os.PathLike, *, like=None, max_shard_size: int | str = "5GB",
-           format: str | None = None) -> Path:
+           format: str | None = None, dtype=None) -> Path:
     """Write a JaxModule's (or params pytree's) weights for PyTorch.
 
     Args:
@@ -133,6 +177,8 @@ def export(obj, path: str | os.PathLike, *, like=None, max_shard_size: int | str
         directory (a Hugging Face model directory: weights + files copied from `like`).
       like: a Hugging Face directory, model or config whose config/tokenizer files to copy.
       format: "safetensors", "pt" or "hf" to override the choice by suffix.
+      dtype: cast floating tensors as `module.to(dtype)` would (e.g. "bfloat16" for serving); integer,
+        bool and complex tensors keep theirs; a Hugging Face config.json records the new dtype.
     Returns the path written (for sharded files: the index).
 
     Multi-host: call it on every process. Arrays sharded across processes are gathered (each process
@@ -147,14 +193,14 @@ def export(obj, path: str | os.PathLike, *, like=None, max_shard_size: int | str
                      "pt" if path.suffix in (".pt", ".pth", ".bin") else "hf")
     if fmt not in ("safetensors", "pt", "hf"):
         raise ExportError(f"format={format!r}: expected 'safetensors', 'pt' or 'hf'")
-    max_bytes = parse_size(max_shard_size)
+    max_bytes, cast = parse_size(max_shard_size), cast_dtype(dtype)
     if jax.process_count() == 1:
-        return _export(obj, path, fmt, like, max_bytes)
+        return _export(obj, path, fmt, like, max_bytes, cast)
     obj = _gathered(obj)
     written, error = None, None
     if jax.process_index() == 0:
         try:
-            written = _export(obj, path, fmt, like, max_bytes)
+            written = _export(obj, path, fmt, like, max_bytes, cast)
         except Exception as e:   # the other processes must still hear of it, not wait forever
             error = e
     ok = multihost_utils.process_allgather(np.array(error is None))
@@ -163,7 +209,7 @@ def export(obj, path: str | os.PathLike, *, like=None, max_shard_size: int | str
     if not np.all(ok):
         raise ExportError(f"process 0 failed to write {path}; see its log")
     if written is None:          # where process 0 wrote: one safetensors file, or shards and their index
-        shards = len(_plan(_entries(obj), max_bytes)) if fmt == "safetensors" else 1
+        shards = len(_plan(_entries(obj, cast), max_bytes)) if fmt == "safetensors" else 1
         suffix = ".safetensors" if shards == 1 else ".safetensors.index.json"
         written = path.parent / f"{_stem(path)}{suffix}" if fmt == "safetensors" else path
     return written
@@ -173,17 +219,18 @@ def _stem(path: Path) -> str:
     return path.name[: -len(".safetensors")] if path.name.endswith(".safetensors") else path.name
 
 
-def _export(obj, path: Path, fmt: str, like, max_bytes: int) -> Path:
+def _export(obj, path: Path, fmt: str, like, max_bytes: int, cast: torch.dtype | None) -> Path:
     if fmt == "pt":
-        sd = to_state_dict(obj)
+        sd = _cast_state_dict(to_state_dict(obj), cast)
         with atomic_path(path) as tmp:
             torch.save(sd, tmp)
         return path
-    entries = _entries(obj)
+    entries = _entries(obj, cast)
     if fmt == "hf":
         with atomic_path(path, directory=True) as tmp:
             _write_safetensors(tmp, "model", entries, max_bytes)
             _copy_like(like, tmp)
+            _set_config_dtype(tmp, cast)
         return path
     stem = _stem(path)
     with staging_dir(path) as tmp:

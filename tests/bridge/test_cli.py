@@ -211,3 +211,19 @@ to = "{tmp_path / name / 'out.safetensors'}"
     assert cli.main(["export", str(tmp_path / dtype), "--to", str(tmp_path / "again.safetensors")]) == 0
     again = safetensors.torch.load_file(tmp_path / "again.safetensors")   # the run dir holds the loss scale too
     assert set(again) == set(sd) and all(torch.equal(again[k], sd[k]) for k in sd)
+
+
+def test_export_casts_with_dtype(tmp_path):
+    """`bridge export HF_DIR --to DIR --like HF_DIR --dtype bfloat16`: torch's bf16 rounding of every float
+    tensor, the int64 position ids kept, and a config that from_pretrained(dtype="auto") loads as bf16."""
+    import transformers
+    out = tmp_path / "bf16"
+    assert cli.main(["export", MINILM, "--to", str(out), "--like", MINILM, "--dtype", "bfloat16"]) == 0
+    src = safetensors.torch.load_file(f"{MINILM}/model.safetensors")
+    got = safetensors.torch.load_file(out / "model.safetensors")
+    assert set(got) == set(src)
+    for k, t in src.items():
+        assert torch.equal(got[k], t.to(torch.bfloat16) if t.is_floating_point() else t), k
+    assert transformers.AutoModel.from_pretrained(out, dtype="auto").dtype == torch.bfloat16
+    assert cli.main(["export", MINILM, "--to", str(tmp_path / "x.pt"), "--dtype", "int8"]) == 2
+    assert not (tmp_path / "x.pt").exists()

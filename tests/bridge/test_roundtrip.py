@@ -106,3 +106,40 @@ def test_checkpoint_to_bridge_to_checkpoint(tmp_path):
     assert set(back) == set(tensors)
     for k, t in tensors.items():
         assert back[k].dtype == t.dtype and torch.equal(back[k], t), k
+
+
+@pytest.mark.parametrize("fmt", ["model.safetensors", "model.pt", "hf_dir"])
+@pytest.mark.parametrize("cast", [torch.bfloat16, torch.float16, torch.float8_e4m3fn])
+@pytest.mark.parametrize("name", ["gpt2", "cnn"])
+def test_export_cast_is_module_to(name, cast, fmt, tmp_path):
+    """bridge.export(dtype=...) writes the bytes `module.to(dtype).state_dict()` holds: torch's rounding,
+    integer buffers (BatchNorm's counter) untouched, tied weights still tied; an HF config records it."""
+    module, jm = _converted(name, torch.float32)
+    if fmt == "hf_dir" and name != "gpt2":
+        pytest.skip("Hugging Face directories hold Hugging Face models")
+    if fmt == "hf_dir" and cast == torch.float8_e4m3fn:
+        pytest.skip("transformers does not load a float8 model as its dtype")
+    import copy
+    want = copy.deepcopy(module).to(cast).state_dict()
+    out = bridge.export(jm, tmp_path / fmt, dtype=str(cast).removeprefix("torch."), like=module if fmt == "hf_dir" else None)
+    if fmt == "hf_dir":
+        back = transformers.AutoModelForCausalLM.from_pretrained(out, dtype="auto")
+        assert back.dtype == cast
+        got = back.state_dict()
+    else:
+        got = safetensors.torch.load_file(out) if fmt.endswith(".safetensors") else torch.load(out, weights_only=True)
+        assert sorted(got) == sorted(k for k in want if fmt == "model.pt" or k != "lm_head.weight")
+    for k, t in got.items():
+        assert t.dtype == want[k].dtype, k
+        assert torch.equal(t.view(torch.uint8) if t.dtype.itemsize == 1 else t, want[k].view(torch.uint8)
+                           if t.dtype.itemsize == 1 else want[k]), k
+    if fmt == "model.pt" and name == "gpt2":
+        assert got["lm_head.weight"].data_ptr() == got["transformer.wte.weight"].data_ptr()
+
+
+@pytest.mark.parametrize("dtype", ["int8", "float64x", torch.complex64])
+def test_export_cast_to_a_non_floating_dtype_is_refused(dtype, tmp_path):
+    _, jm = _converted("mlp", torch.float32)
+    with pytest.raises(bridge.errors.ExportError, match="exports cast to a floating dtype"):
+        bridge.export(jm, tmp_path / "m.safetensors", dtype=dtype)
+    assert not list(tmp_path.iterdir())

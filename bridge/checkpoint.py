@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import pickle
+import re
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
@@ -35,7 +36,7 @@ class TensorSource:
     name: str
     dtype: torch.dtype
     shape: tuple[int, ...]
-    file: Path
+    file: Path | str         # the file, or a label for an in-memory state_dict
     _read: Callable[[tuple | None, str], np.ndarray]
 
     def read(self, index: tuple | None = None, mode: str = "copy") -> np.ndarray:
@@ -72,12 +73,25 @@ def _torch_sources(path: Path) -> list[TensorSource]:
                 raise
             sd = torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
     except pickle.UnpicklingError as e:
+        found = re.search(r"GLOBAL ([\w.]+)", str(e))
+        what = f"it pickles a {found.group(1)} object" if found else str(e).splitlines()[0]
         raise CheckpointError(f"{path}: refused to load: it is not a weights-only checkpoint (it would run "
-                              f"code or build objects while unpickling): {str(e).splitlines()[0]}") from e
+                              f"code or build objects while unpickling; {what}). Save model.state_dict() "
+                              "instead, or, if you trust the file, pass the state_dict of "
+                              "torch.load(path, weights_only=False) to jm.load_weights") from e
     except Exception as e:  # torch raises RuntimeError/EOFError/ValueError/... for non-checkpoint bytes
+        if "TorchScript" in str(e):
+            raise CheckpointError(f"{path}: a TorchScript archive (torch.jit.save), which bridge does not open "
+                                  "(loading runs its code); if you trust it, pass "
+                                  "torch.jit.load(path).state_dict() to jm.load_weights instead") from e
         raise CheckpointError(f"{path}: not a readable torch checkpoint ({type(e).__name__}: "
                               f"{str(e).splitlines()[0] if str(e) else ''})") from e
-    flat = _model_state(path, sd)
+    return state_dict_sources(sd, path)
+
+
+def state_dict_sources(obj: Mapping, label: str | Path = "the given state_dict") -> list[TensorSource]:
+    """The tensors of an in-memory torch state_dict (or training checkpoint dict) as sources."""
+    flat = _model_state(label, obj)
 
     def reader(t: torch.Tensor):
         def read(index, mode):
@@ -87,14 +101,14 @@ def _torch_sources(path: Path) -> list[TensorSource]:
             return arr.copy()
         return read
 
-    return [TensorSource(k, t.dtype, tuple(t.shape), path, reader(t)) for k, t in flat.items()]
+    return [TensorSource(k, t.dtype, tuple(t.shape), label, reader(t)) for k, t in flat.items()]
 
 
 # where training checkpoints keep the model's weights beside optimizer state, epoch, config...
 WRAPPERS = ("state_dict", "model_state_dict", "model", "module", "net", "network", "weights")
 
 
-def _model_state(path: Path, obj) -> dict[str, torch.Tensor]:
+def _model_state(path: Path | str, obj) -> dict[str, torch.Tensor]:
     """The flat state_dict in a torch.load result: the object itself, or the entry of a training
     checkpoint that holds it ({"model": ..., "optimizer": ..., "epoch": 3}, Lightning's "state_dict")."""
     if not isinstance(obj, Mapping):
@@ -133,17 +147,30 @@ def _index_sources(path: Path) -> list[TensorSource]:
     return sources
 
 
+def _sniff(path: Path) -> str | None:
+    """"torch" (torch.save's zip or legacy pickle), "safetensors" (u64 header length, then '{') or None."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(9)
+        size = path.stat().st_size
+    except OSError:
+        return None
+    if head.startswith(b"PK") or head[:1] == b"\x80":
+        return "torch"
+    if len(head) == 9 and head[8:9] == b"{" and 8 < int.from_bytes(head[:8], "little") <= size - 8:
+        return "safetensors"
+    return None
+
+
 def _file_sources(path: Path) -> list[TensorSource]:
+    """By content first (a safetensors file named .bin loads), then by suffix (which names the problem)."""
     name = path.name
     if name.endswith(".index.json"):
         return _index_sources(path)
-    if name.endswith(".safetensors"):
-        return _safetensors_sources(path)
-    if name.endswith(TORCH_SUFFIXES):
-        return _torch_sources(path)
-    with open(path, "rb") as f:  # unknown suffix: sniff the zip magic of torch.save
-        magic = f.read(4)
-    return _torch_sources(path) if magic.startswith(b"PK") else _safetensors_sources(path)
+    kind = _sniff(path)
+    if kind is None:
+        kind = "torch" if name.endswith(TORCH_SUFFIXES) else "safetensors"
+    return _torch_sources(path) if kind == "torch" else _safetensors_sources(path)
 
 
 def open_checkpoint(path: str | Path) -> list[TensorSource]:

@@ -77,13 +77,14 @@ class JaxModule:
                          self.buffers if buffers is None else buffers, self.meta)
 
     def load_weights(self, source, *, strict: bool = True, dtype=None, shardings=None):
-        """Put checkpoint weights (a path or a params pytree) into a copy of this module.
+        """Put checkpoint weights (a path, a torch state_dict or a params pytree) into a copy of this module.
 
         Returns (JaxModule, KeyReport). With strict=True a missing, unexpected, shape- or
         dtype-mismatched key raises `KeyMismatchError` listing all of them.
 
         Example:
           >>> jm, report = jm.load_weights("model.safetensors")
+          >>> jm, report = jm.load_weights(torch_model.state_dict())
         """
         from bridge.state import load_into
         return load_into(self, source, strict=strict, dtype=dtype, shardings=shardings)

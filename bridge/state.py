@@ -145,22 +145,25 @@ def _base_model_names(names: dict[str, str], known: set[str]) -> tuple[dict[str,
 
 
 def load_into(jm, source, *, strict: bool = True, dtype=None, shardings=None):
-    """(new JaxModule with the weights of `source`, KeyReport). `source`: a path or a params pytree.
+    """(new JaxModule with the weights of `source`, KeyReport). `source`: a path, a torch state_dict
+    (or a training checkpoint dict holding one) or a params pytree of JAX/numpy arrays.
 
     Keys are matched before any tensor is read, so a strict failure costs no I/O.
     """
-    from bridge.checkpoint import load_sources, open_checkpoint
+    from bridge.checkpoint import load_sources, open_checkpoint, state_dict_sources
 
     cast = None if dtype is None else torch_dtype(jnp.dtype(dtype))
-    if isinstance(source, Mapping):
+    torch_dict = isinstance(source, Mapping) and not all(hasattr(v, "__array__") and not isinstance(v, torch.Tensor)
+                                                         for v in flatten(source).values())
+    if isinstance(source, Mapping) and not torch_dict:
         given_arrays = flatten(source)
         given = {k: (tuple(v.shape), torch_dtype(v.dtype)) for k, v in given_arrays.items()}
         label = "the given pytree"
     else:
-        sources = {s.name: s for s in open_checkpoint(source)}
+        sources = {s.name: s for s in (state_dict_sources(source) if torch_dict else open_checkpoint(source))}
         given = {k: (s.shape, cast if cast is not None and s.dtype.is_floating_point else s.dtype)
                  for k, s in sources.items()}
-        label = str(source)
+        label = "the given state_dict" if torch_dict else str(source)
     expected = _expected(jm)
     names, renamed = _base_model_names(_unwrapped_names(given, expected), set(expected) | set(jm.meta.aliases))
     take, report = match_state(expected, {names[k]: v for k, v in given.items()}, aliases=jm.meta.aliases,
@@ -170,7 +173,7 @@ def load_into(jm, source, *, strict: bool = True, dtype=None, shardings=None):
     take = {canon: original[key] for canon, key in take.items()}
     if strict and not report.clean:
         raise KeyMismatchError(report, label)
-    if isinstance(source, Mapping):
+    if isinstance(source, Mapping) and not torch_dict:
         got = {canon: given_arrays[key] for canon, key in take.items()}
     else:
         loaded = load_sources([sources[key] for key in take.values()], dtype=dtype, shardings=shardings)

@@ -52,6 +52,10 @@ CASES = {
     "no such path": (lambda p: p / "nowhere.safetensors", "no such file"),
     "unknown dtype": (lambda p: _st(p, {"a": {"dtype": "F4", "shape": [2], "data_offsets": [0, 1]}}, b"\0"),
                       "'a' has dtype 'F4', which bridge does not read"),
+    "whole module": (lambda p: torch.save(torch.nn.Linear(2, 2), p / "m.pt") or p / "m.pt",
+                     "it pickles a torch.nn.modules.linear.Linear object). Save model.state_dict()"),
+    "torchscript": (lambda p: torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), p / "m.pt") or p / "m.pt",
+                    "a TorchScript archive (torch.jit.save)"),
 }
 
 

@@ -48,6 +48,17 @@ def test_sharded_safetensors_with_index_and_hf_dir(tmp_path):
     _check(bridge.load_weights(tmp_path))                     # a Hugging Face directory
 
 
+@pytest.mark.parametrize("name,writer", [("pytorch_model.bin", "safetensors"), ("m.pt", "safetensors"),
+                                         ("weights", "safetensors"), ("weights", "torch")])
+def test_the_bytes_decide_the_format_not_the_name(tmp_path, name, writer):
+    """A safetensors file saved as pytorch_model.bin or .pt (or without a suffix) loads as what it is."""
+    if writer == "torch":
+        torch.save(TENSORS, tmp_path / name)
+    else:
+        safetensors.torch.save_file(TENSORS, tmp_path / name)
+    _check(bridge.load_weights(tmp_path / name))
+
+
 @pytest.mark.parametrize("name", ["m.pt", "pytorch_model.bin", "m.pth"])
 def test_torch_files_weights_only(tmp_path, name):
     torch.save(TENSORS, tmp_path / name)
@@ -153,6 +164,35 @@ def test_training_checkpoints_and_wrapped_modules_load(tmp_path, layout):
     got = {**flatten(jm.params), **flatten(jm.buffers)}
     for k, t in sd.items():
         np.testing.assert_array_equal(np.asarray(got[k]), t.numpy(), err_msg=k)
+
+
+@pytest.mark.parametrize("form", ["state_dict", "training dict", "ddp", "fp16, cast"])
+def test_in_memory_torch_state_dicts_load(form):
+    """jm.load_weights(model.state_dict()) — and the dicts training scripts keep — as a file would load."""
+    model, opt = _trained_mlp()
+    sd = model.state_dict()
+    source = {"state_dict": sd, "training dict": {"model": sd, "optimizer": opt.state_dict(), "epoch": 1},
+              "ddp": {f"module.{k}": v for k, v in sd.items()},
+              "fp16, cast": {k: v.half() if v.is_floating_point() else v for k, v in sd.items()}}[form]
+    dtype = jnp.float32 if form == "fp16, cast" else None
+    fresh = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4)).eval()
+    jm, report = bridge.convert(fresh, (torch.randn(3, 4),)).load_weights(source, dtype=dtype)
+    assert report.clean and len(report.loaded) == len(sd)
+    got = {**flatten(jm.params), **flatten(jm.buffers)}
+    for k, t in sd.items():
+        want = source[k].float() if dtype is not None and t.is_floating_point() else t
+        assert got[k].dtype == jax_dtype(t.dtype), k
+        np.testing.assert_array_equal(np.asarray(got[k]).astype(np.float64), want.double().numpy(), err_msg=k)
+
+
+def test_in_memory_state_dict_errors_name_the_key():
+    model, _ = _trained_mlp()
+    jm = bridge.convert(model.eval(), (torch.randn(3, 4),))
+    sd = {**model.state_dict(), "1.num_batches_tracked": torch.tensor(2**40)}
+    with pytest.raises(CheckpointError, match=r"the given state_dict: '1.num_batches_tracked'.*jax_enable_x64"):
+        jm.load_weights(sd)
+    with pytest.raises(KeyMismatchError, match=r"the given state_dict[\s\S]*missing \(1\): 0.bias"):
+        jm.load_weights({k: v for k, v in model.state_dict().items() if k != "0.bias"})
 
 
 def test_training_checkpoint_without_a_state_dict_is_named(tmp_path):

@@ -26,7 +26,8 @@ def convert(module: torch.nn.Module, args=(), kwargs: dict | None = None, *, dyn
     """Capture `module` on example inputs and return the equivalent JAX model.
 
     Args:
-      module: any torch.nn.Module (Hugging Face models get `use_cache=False`).
+      module: any torch.nn.Module (Hugging Face models get `use_cache=False`); a torch.compile'd or
+        (Distributed)DataParallel model is converted as the model it wraps (its keys, unprefixed).
       args, kwargs: example inputs, as you would call the module.
       dynamic_shapes: torch.export dynamic shape spec; or `dynamic="batch"` / `"batch+seq"`.
       train: capture in train mode (dropout active, BatchNorm updates its buffers).
@@ -43,6 +44,7 @@ def convert(module: torch.nn.Module, args=(), kwargs: dict | None = None, *, dyn
       >>> jm = bridge.convert(model, kwargs={"input_ids": ids}, dynamic="batch+seq")
       >>> logits = jax.jit(jm.apply)(jm.params, input_ids=ids_jax)["logits"]
     """
+    module = unwrapped(module)
     captured = module
     if compute_dtype is not None:   # the module and its floating example inputs, as torch would run them
         captured = _cast_copy(module, compute_dtype)
@@ -78,6 +80,20 @@ def convert(module: torch.nn.Module, args=(), kwargs: dict | None = None, *, dyn
     if weights is not None:
         jm, _ = jm.load_weights(weights, strict=True, dtype=weights_dtype, shardings=shardings)
     return jm
+
+
+def unwrapped(module: torch.nn.Module) -> torch.nn.Module:
+    """The model inside torch.compile's OptimizedModule and (Distributed)DataParallel: their state_dicts
+    only prefix the model's keys ("_orig_mod.", "module."), which Hugging Face directories, the
+    trainer's sharding rules and `model.load_state_dict` on the bare model do not expect."""
+    from torch._dynamo.eval_frame import OptimizedModule
+    while True:
+        if isinstance(module, OptimizedModule):
+            module = module._orig_mod
+        elif isinstance(module, (torch.nn.DataParallel, torch.nn.parallel.DistributedDataParallel)):
+            module = module.module
+        else:
+            return module
 
 
 def _cast_copy(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:

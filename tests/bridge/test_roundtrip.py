@@ -4,6 +4,7 @@ from __future__ import annotations
 import functools
 
 import jax
+import numpy as np
 import pytest
 import safetensors.torch
 import torch
@@ -143,3 +144,30 @@ def test_export_cast_to_a_non_floating_dtype_is_refused(dtype, tmp_path):
     with pytest.raises(bridge.errors.ExportError, match="exports cast to a floating dtype"):
         bridge.export(jm, tmp_path / "m.safetensors", dtype=dtype)
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("wrapper", ["compile", "data_parallel", "ddp", "ddp of compiled"])
+def test_wrapped_models_convert_as_the_model_inside(wrapper, tmp_path):
+    """torch.compile / DataParallel / DDP wrappers: the JAX model and its export carry the bare model's
+    keys (a Hugging Face directory or model.load_state_dict needs them) and its outputs."""
+    import torch.distributed as dist
+    torch.manual_seed(0)
+    model = MODELS["mlp"]().module.eval()
+    x = torch.randn(3, 32)
+    if "ddp" in wrapper:
+        dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        wrapped = {"compile": lambda: torch.compile(model), "data_parallel": lambda: torch.nn.DataParallel(model),
+                   "ddp": lambda: torch.nn.parallel.DistributedDataParallel(model),
+                   "ddp of compiled": lambda: torch.nn.parallel.DistributedDataParallel(torch.compile(model))}[wrapper]()
+        jm = bridge.convert(wrapped, (x,))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    assert list(bridge.to_state_dict(jm)) == list(model.state_dict())
+    with torch.no_grad():
+        np.testing.assert_allclose(np.asarray(jm(x)), model(x).numpy(), rtol=1e-5, atol=1e-6)
+    fresh = MODELS["mlp"]().module
+    fresh.load_state_dict(torch.load(bridge.export(jm, tmp_path / "m.pt"), weights_only=True), strict=True)
+    for k, t in model.state_dict().items():
+        assert torch.equal(fresh.state_dict()[k], t), k

@@ -42,12 +42,24 @@ def nonzero_static(x, *, size, fill_value=-1):
     return jnp.argwhere(x, size=size, fill_value=fill_value).reshape(size, x.ndim)
 
 
+def no_negatives(index, size):
+    """Negative indices made out of bounds (torch's embedding, index_select and gather reject them)."""
+    return jnp.where(index < 0, size, index)
+
+
+def get_or_fill(x, idx):
+    """x[idx] where torch raises on an out-of-bounds index and JAX would clamp it silently: those
+    positions read NaN (floats; the lowest integer for ints), so a bad index cannot pass for a result.
+    Negative indices in [-n, -1] wrap, as torch's advanced indexing does."""
+    return x.at[idx].get(mode="fill")
+
+
 @lowering(aten.index.Tensor)
 def index(x, indices):
     masks = [i for i in indices if i is not None and i.dtype == jnp.bool_]
     if masks and not _concrete(*masks):
         raise _data_dependent("indexing with a boolean mask")
-    return x[_index_tuple(indices)]
+    return x[_index_tuple(indices)] if masks else get_or_fill(x, _index_tuple(indices))
 
 
 @lowering(aten.masked_select.default)
@@ -110,7 +122,10 @@ def _put_jvp(layout, primals, tangents):
 
 @lowering(aten.index_select.default)
 def index_select(x, dim, index):
-    return jnp.take(x, index, axis=dim_(dim, x.ndim), mode="clip") if x.ndim else x
+    if not x.ndim:
+        return x
+    d = dim_(dim, x.ndim)
+    return jnp.take(x, no_negatives(index, x.shape[d]), axis=d, mode="fill")
 
 
 def along(x, dim, index):
@@ -126,7 +141,7 @@ def gather(x, dim, index, *, sparse_grad=False):
         return jnp.zeros(index.shape, x.dtype)
     if x.ndim == 0:
         return x.reshape(index.shape)
-    return x[along(x, dim, index)]
+    return get_or_fill(x, along(x, dim, no_negatives(index, x.shape[dim_(dim, x.ndim)])))
 
 
 @lowering(aten.masked_fill.Scalar, aten.masked_fill.Tensor)
@@ -142,7 +157,7 @@ def scale_grad(rows, indices, num_weights):
 
 @lowering(aten.embedding.default)
 def embedding(weight, indices, padding_idx=-1, scale_grad_by_freq=False, sparse=False):
-    out = weight[indices]
+    out = get_or_fill(weight, no_negatives(indices, weight.shape[0]))   # an id >= vocab size reads NaN
     if scale_grad_by_freq:
         out = scale_grad(out, indices, weight.shape[0])
     if padding_idx is not None and padding_idx >= 0:  # torch gives the padding row no gradient

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from converters.ops.common import aten, dim_
-from converters.ops.indexing import along, scale_grad
+from converters.ops.indexing import along, get_or_fill, no_negatives, scale_grad
 from converters.registry import lowering
 
 _ALIASES = {"add": "sum", "multiply": "prod", "max": "amax", "min": "amin"}
@@ -128,7 +128,7 @@ def put(x, index, source, accumulate=False):
 
 @lowering(aten.take.default)
 def take(x, index):
-    return x.reshape(-1)[index]
+    return get_or_fill(x.reshape(-1), index)   # negatives wrap, as torch.take's do; out of range reads NaN
 
 
 @lowering(aten.masked_scatter.default)
@@ -182,7 +182,7 @@ def _embedding_bag(weight, indices, offsets, scale_grad_by_freq=False, mode=0, s
     num_bags = offsets.shape[0] - int(include_last_offset)
     bag = jnp.clip(jnp.searchsorted(offsets, jnp.arange(n), side="right") - 1, 0, max(num_bags - 1, 0))
     keep = indices != padding_idx if padding_idx is not None and padding_idx >= 0 else jnp.ones(n, bool)
-    rows = weight[indices].astype(jnp.promote_types(weight.dtype, jnp.float32))   # torch accumulates in fp32
+    rows = get_or_fill(weight, no_negatives(indices, nw)).astype(jnp.promote_types(weight.dtype, jnp.float32))  # fp32 sums
     if scale_grad_by_freq:
         rows = scale_grad(rows, indices, nw)
     if per_sample_weights is not None:

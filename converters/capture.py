@@ -20,6 +20,7 @@ from torch.export import Dim
 
 from bridge.errors import CaptureError
 from converters import ops as _ops  # noqa: F401  (registers every lowering)
+from converters.autograd_functions import inlined_functions, recording_functions
 from converters.registry import registered
 
 DYNAMIC_PRESETS = {"batch": (0,), "batch+seq": (0, 1)}
@@ -178,7 +179,15 @@ def capture(module: torch.nn.Module, args: tuple = (), kwargs: dict | None = Non
         warnings.filterwarnings("ignore", message=".*side effects happened in the model.forward.*")
         for mode in modes:
             try:
-                ep = torch.export.export(module, args, kwargs, dynamic_shapes=dynamic_shapes, strict=mode)
+                with contextlib.nullcontext() if mode else recording_functions():
+                    ep = torch.export.export(module, args, kwargs, dynamic_shapes=dynamic_shapes, strict=mode)
+                if mode and inlined_functions(ep.graph_module):
+                    if strict is None:
+                        raise CaptureError("strict export inlined a custom autograd.Function's forward; "
+                                           "non-strict keeps its backward")
+                    warnings.warn("strict=True inlined a custom autograd.Function's forward: JAX will differentiate "
+                                  "that forward instead of the Function's backward; leave strict=None (or pass "
+                                  "strict=False) to keep its backward", stacklevel=3)
                 _detach_no_grad_inputs(ep.graph_module)
                 # inside the loop: a strict program can fail to decompose (torch.autocast blocks), non-strict not
                 ep = ep.run_decompositions(decomposition_table())

@@ -23,7 +23,7 @@ from torch.fx.node import map_arg
 
 from bridge.errors import InputError, LoweringError, MissingRngError, UnsupportedOpsError
 from converters.capture import Captured
-from converters.dtypes import jax_dtype
+from converters.dtypes import jax_dtype, to_jax
 from converters.registry import draws_random, lookup, op_name
 from converters.structure import spec_structure
 
@@ -263,12 +263,15 @@ def run_graph(gm: torch.fx.GraphModule, inputs, key=None) -> list:
     nodes = list(gm.graph.nodes)
     for n, value in zip([n for n in nodes if n.op == "placeholder"], inputs):
         env[n.name] = value
-    for i, n in enumerate(nodes):
-        if n.op == "get_attr":
-            env[n.name] = _attr(gm, n.target)
-        elif n.op == "call_function":
-            draws = key is not None and draws_random(n)
-            env[n.name] = eval_node(n, env, jax.random.fold_in(key, i) if draws else None)
+    # as in Program.run: a custom_vjp backward runs later, outside it
+    with jax.numpy_rank_promotion("allow"), jax.numpy_dtype_promotion("standard"):
+        for i, n in enumerate(nodes):
+            if n.op == "get_attr":
+                value = _attr(gm, n.target)
+                env[n.name] = to_jax(value) if isinstance(value, torch.Tensor) else value   # make_fx constants
+            elif n.op == "call_function":
+                draws = key is not None and draws_random(n)
+                env[n.name] = eval_node(n, env, jax.random.fold_in(key, i) if draws else None)
     out = map_arg(next(n for n in reversed(nodes) if n.op == "output").args[0], lambda n: env[n.name])
     return list(out) if isinstance(out, (list, tuple)) else [out]
 

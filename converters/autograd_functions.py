@@ -1,0 +1,152 @@
+"""Custom `torch.autograd.Function`s keep their own backward.
+
+torch.export records only a Function's forward, so JAX would differentiate that forward: a
+straight-through estimator (`round` forward, identity backward) would get zero gradients, a gradient
+reversal layer the unreversed ones. While capturing, `Function.apply` of every user Function with its own
+backward becomes one `bridge::autograd_function` node; its lowering (converters/ops/custom_grad.py) is a
+`jax.custom_vjp` whose forward and backward are the Function's own `forward` and `backward`, traced to
+ATen with make_fx at the shapes JAX runs them and evaluated with the same lowerings.
+
+Example:
+    >>> with recording_functions():            # around torch.export (non-strict)
+    ...     ep = torch.export.export(model, args, strict=False)
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import itertools
+import threading
+
+import torch
+
+_CALLS: dict[int, "Call"] = {}        # call id -> what the node needs to trace forward/backward again
+_IDS = itertools.count()
+_ORIGINAL_APPLY = torch.autograd.Function.apply.__func__
+
+
+@dataclasses.dataclass
+class Call:
+    cls: type                          # the autograd.Function subclass
+    template: tuple                    # apply's arguments, tensors replaced by _Slot(i)
+    single: bool = True                # forward returned one tensor (else a tuple)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Slot:
+    index: int
+
+
+class Ctx:
+    """What forward/backward see as `ctx`: saved tensors, attributes, needs_input_grad."""
+
+    def __init__(self, needs_input_grad=()):
+        self.needs_input_grad = tuple(needs_input_grad)
+        self.saved_tensors: tuple = ()
+        self.materialize_grads = True
+
+    def save_for_backward(self, *tensors):
+        self.saved_tensors = tuple(tensors)
+
+    def save_for_forward(self, *tensors):
+        pass
+
+    def mark_non_differentiable(self, *tensors):
+        pass
+
+    def mark_dirty(self, *tensors):
+        pass
+
+    def set_materialize_grads(self, value: bool):
+        self.materialize_grads = value
+
+
+def _own_backward(cls) -> bool:
+    """A Function whose gradient is its own backward (torch's internal Functions are left inlined)."""
+    base = torch.autograd.Function
+    return (getattr(cls, "backward", None) is not getattr(base, "backward", None)
+            or getattr(cls, "vjp", None) is not getattr(base, "vjp", None)) \
+        and not cls.__module__.startswith("torch.")
+
+
+def _uses_setup_context(cls) -> bool:
+    return cls.setup_context is not torch.autograd.function._SingleLevelFunction.setup_context
+
+
+def rebuild(template: tuple, tensors) -> list:
+    return [tensors[a.index] if isinstance(a, _Slot) else a for a in template]
+
+
+def run_forward(call: Call, tensors, ctx: Ctx):
+    """The Function's forward on `tensors` (its other arguments as recorded), filling `ctx`."""
+    args = rebuild(call.template, tensors)
+    if _uses_setup_context(call.cls):
+        out = call.cls.forward(*args)
+        call.cls.setup_context(ctx, tuple(args), out)
+        return out
+    return call.cls.forward(ctx, *args)
+
+
+def _outputs(call: Call, tensors) -> list[torch.Tensor]:
+    with torch.no_grad(), _inside():   # Functions this forward calls are part of it (inlined)
+        out = run_forward(call, tensors, Ctx([False] * len(tensors)))
+    call.single = isinstance(out, torch.Tensor)
+    return [out] if call.single else list(out)
+
+
+@torch.library.custom_op("bridge::autograd_function", mutates_args=())
+def autograd_function(call_id: int, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """A captured Function call: its outputs (copies, never aliases of the inputs)."""
+    return [o.clone() for o in _outputs(_CALLS[call_id], tensors)]
+
+
+@autograd_function.register_fake
+def _(call_id, tensors):
+    return [torch.empty_like(o) for o in _outputs(_CALLS[call_id], tensors)]
+
+
+_STATE = threading.local()
+
+
+@contextlib.contextmanager
+def _inside():
+    depth = getattr(_STATE, "depth", 0)
+    _STATE.depth = depth + 1
+    try:
+        yield
+    finally:
+        _STATE.depth = depth
+
+
+def _apply(cls, *args, **kwargs):
+    if kwargs or not _own_backward(cls) or getattr(_STATE, "depth", 0):
+        return _ORIGINAL_APPLY(cls, *args, **kwargs)
+    tensors = [a for a in args if isinstance(a, torch.Tensor)]
+    slots = iter(range(len(tensors)))
+    template = tuple(_Slot(next(slots)) if isinstance(a, torch.Tensor) else a for a in args)
+    call_id = next(_IDS)
+    _CALLS[call_id] = call = Call(cls, template)
+    outs = torch.ops.bridge.autograd_function(call_id, tensors)
+    return outs[0] if call.single else tuple(outs)
+
+
+@contextlib.contextmanager
+def recording_functions():
+    """Route user Functions' `apply` through `bridge::autograd_function` while this is active."""
+    previous = torch.autograd.Function.__dict__["apply"]   # the classmethod itself, not a bound method
+    torch.autograd.Function.apply = classmethod(_apply)
+    try:
+        yield
+    finally:
+        torch.autograd.Function.apply = previous
+
+
+def inlined_functions(graph_module: torch.fx.GraphModule) -> bool:
+    """Whether a strict (dynamo) export inlined a custom Function's forward (its backward is then lost)."""
+    from converters.interpreter import _call_nodes
+    return any(any(entry[0] == "autograd.function" for entry in n.meta.get("source_fn_stack", ()) or ())
+               for n in _call_nodes(graph_module.graph))
+
+
+def call(call_id: int) -> Call:
+    return _CALLS[call_id]

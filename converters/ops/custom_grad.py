@@ -1,0 +1,131 @@
+"""`bridge::autograd_function`: a user `torch.autograd.Function` as a `jax.custom_vjp`.
+
+The Function's `forward` (with what it saves on ctx) and its `backward` are traced to ATen by make_fx at
+the shapes and dtypes JAX runs them with (cached per call site and signature), then evaluated with the
+same lowerings as the rest of the program; see converters/autograd_functions.py for the capture side.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+from torch.fx.experimental.proxy_tensor import make_fx
+
+from bridge.errors import LoweringError
+from converters import autograd_functions as af
+from converters.dtypes import torch_dtype
+from converters.registry import lowering
+
+_CTX_FIELDS = ("needs_input_grad", "saved_tensors", "materialize_grads")
+
+
+@dataclasses.dataclass
+class _Traced:
+    forward: torch.fx.GraphModule      # tensors -> outputs + saved tensors + tensor attributes of ctx
+    backward: torch.fx.GraphModule     # saved + tensor attributes + output grads -> input grads
+    n_out: int
+    float_out: list[bool]              # outputs that take a gradient
+    grad_none: list[bool]              # backward returned None for this tensor input
+
+
+def _is_float(dtype: torch.dtype) -> bool:
+    return dtype.is_floating_point or dtype.is_complex
+
+
+def _graph_outputs(gm: torch.fx.GraphModule) -> list:
+    out = next(n for n in reversed(gm.graph.nodes) if n.op == "output").args[0]
+    return [n.meta["val"] for n in out]
+
+
+@functools.lru_cache(maxsize=None)
+def _trace(call_id: int, specs: tuple) -> _Traced:
+    from converters.capture import decomposition_table
+    call = af.call(call_id)
+    examples = [torch.zeros(shape, dtype=torch_dtype(dtype)) for shape, dtype in specs]
+    needs = [_is_float(t.dtype) for t in examples]
+    seen: dict = {}
+
+    def forward(*tensors):
+        ctx = af.Ctx(needs)
+        out = af.run_forward(call, list(tensors), ctx)
+        outs = [out] if isinstance(out, torch.Tensor) else list(out)
+        extra = {k: v for k, v in vars(ctx).items() if k not in _CTX_FIELDS}
+        seen.update(n_out=len(outs), saved_none=[t is None for t in ctx.saved_tensors],
+                    tensor_attrs=[k for k, v in extra.items() if isinstance(v, torch.Tensor)],
+                    attrs={k: v for k, v in extra.items() if not isinstance(v, torch.Tensor)})
+        saved = [t for t in ctx.saved_tensors if t is not None]
+        return [*outs, *saved, *(extra[k] for k in seen["tensor_attrs"])]
+
+    table = decomposition_table()
+    fwd = make_fx(forward, decomposition_table=table, tracing_mode="fake")(*examples)
+    vals = _graph_outputs(fwd)
+    n_out, n_saved = seen["n_out"], seen["saved_none"].count(False)
+    outs, saved, tattrs = vals[:n_out], vals[n_out:n_out + n_saved], vals[n_out + n_saved:]
+    float_out = [_is_float(o.dtype) for o in outs]
+    grad_none: list[bool] = []
+
+    def backward(*flat):
+        it = iter(flat)
+        ctx = af.Ctx(needs)
+        kept = [next(it) for _ in range(n_saved)]
+        ctx.saved_tensors = tuple(None if none else kept.pop(0) for none in seen["saved_none"])
+        for k in seen["tensor_attrs"]:
+            setattr(ctx, k, next(it))
+        for k, v in seen["attrs"].items():
+            setattr(ctx, k, v)
+        grads_out = [next(it) if f else None for f in float_out]
+        grads = call.cls.backward(ctx, *grads_out)
+        grads = [grads] if isinstance(grads, torch.Tensor) or grads is None else list(grads)
+        per_tensor = [g for g, a in zip(grads, call.template) if isinstance(a, af._Slot)]
+        grad_none[:] = [g is None for g in per_tensor]
+        return [g for g in per_tensor if g is not None]
+
+    like = lambda v: torch.zeros(v.shape, dtype=v.dtype)  # noqa: E731
+    bwd_examples = [like(v) for v in [*saved, *tattrs]] + [like(o) for o, f in zip(outs, float_out) if f]
+    bwd = make_fx(backward, decomposition_table=table, tracing_mode="fake")(*bwd_examples)
+    return _Traced(fwd, bwd, n_out, float_out, grad_none)
+
+
+def _run(gm, inputs):
+    from converters.interpreter import run_graph   # the interpreter imports every op family
+    return run_graph(gm, inputs)
+
+
+@lowering(torch.ops.bridge.autograd_function.default)
+def autograd_function(call_id, tensors):
+    tensors = list(tensors)
+    specs = tuple((tuple(x.shape), jnp.dtype(x.dtype)) for x in tensors)
+    try:
+        tr = _trace(call_id, specs)
+    except Exception as e:   # make_fx could not trace the Function's forward/backward at these shapes
+        name = af.call(call_id).cls.__qualname__
+        raise LoweringError(f"autograd.Function {name}: tracing its forward/backward failed "
+                            f"({type(e).__name__}: {e})") from e
+
+    @jax.custom_vjp
+    def fn(*xs):
+        return tuple(_run(tr.forward, list(xs))[:tr.n_out])
+
+    def fwd(*xs):
+        res = _run(tr.forward, list(xs))
+        return tuple(res[:tr.n_out]), (tuple(res[tr.n_out:]), xs)
+
+    def bwd(residual, cts):
+        saved, xs = residual
+        grads = iter(_run(tr.backward, [*saved, *(c for c, f in zip(cts, tr.float_out) if f)]))
+        out = []
+        for x, none in zip(xs, tr.grad_none):
+            if not jnp.issubdtype(x.dtype, jnp.inexact):
+                out.append(np.zeros(x.shape, jax.dtypes.float0))
+            elif none:
+                out.append(jnp.zeros_like(x))
+            else:
+                out.append(jnp.broadcast_to(next(grads), x.shape).astype(x.dtype))
+        return tuple(out)
+
+    fn.defvjp(fwd, bwd)
+    return list(fn(*tensors))

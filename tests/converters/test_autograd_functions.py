@@ -1,0 +1,140 @@
+"""User torch.autograd.Functions keep their own backward: JAX gradients are the Function's `backward`,
+not the derivative of its forward, matched against torch autograd for the usual kinds."""
+from __future__ import annotations
+
+import jax
+import numpy as np
+import pytest
+import torch
+
+import bridge
+from bridge.tree import flatten
+
+
+class STE(torch.autograd.Function):          # straight-through rounding (quantization-aware training)
+    @staticmethod
+    def forward(ctx, x):
+        return torch.round(x * 4) / 4
+
+    @staticmethod
+    def backward(ctx, g):
+        return g
+
+
+class GradReverse(torch.autograd.Function):  # domain-adversarial training: a non-tensor argument on ctx
+    @staticmethod
+    def forward(ctx, x, alpha):
+        ctx.alpha = alpha
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return -ctx.alpha * g, None
+
+
+class PairOps(torch.autograd.Function):     # two outputs, saved inputs, a scaled custom gradient
+    @staticmethod
+    def forward(ctx, a, b):
+        ctx.save_for_backward(a, b)
+        return a * b, a + b
+
+    @staticmethod
+    def backward(ctx, g_prod, g_sum):
+        a, b = ctx.saved_tensors
+        return 2 * g_prod * b + g_sum, g_prod * a
+
+
+class ClipGrad(torch.autograd.Function):    # functorch style: forward without ctx, setup_context
+    @staticmethod
+    def forward(x):
+        return x.clone()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.mask = inputs[0] > 0                  # a tensor kept as a ctx attribute
+
+    @staticmethod
+    def backward(ctx, g):
+        return g.clamp(-0.05, 0.05) * ctx.mask
+
+
+class Scaled(torch.autograd.Function):      # backward gives None for a differentiable input
+    @staticmethod
+    def forward(ctx, x, scale):
+        ctx.save_for_backward(scale)
+        return x * scale
+
+    @staticmethod
+    def backward(ctx, g):
+        (scale,) = ctx.saved_tensors
+        return g * scale, None
+
+
+class TripleGrad(torch.autograd.Function):  # its forward calls another Function: the outer backward rules
+    @staticmethod
+    def forward(ctx, x):
+        return STE.apply(x) + 1
+
+    @staticmethod
+    def backward(ctx, g):
+        return 3 * g
+
+
+class Net(torch.nn.Module):
+    def __init__(self, kind):
+        super().__init__()
+        self.kind = kind
+        self.a = torch.nn.Linear(6, 5)
+        self.b = torch.nn.Linear(6, 5)
+        self.scale = torch.nn.Parameter(torch.full((5,), 1.5))
+
+    def forward(self, x):
+        h, k = self.a(x), self.b(x)
+        if self.kind == "ste":
+            y = STE.apply(h)
+        elif self.kind == "grad_reverse":
+            y = GradReverse.apply(h, 0.5) + k
+        elif self.kind == "two_outputs":
+            p, s = PairOps.apply(h, k)
+            y = p + s.sin()
+        elif self.kind == "nested":
+            y = TripleGrad.apply(h)
+        elif self.kind == "setup_context":
+            y = ClipGrad.apply(h) * k
+        else:
+            y = Scaled.apply(h, self.scale)
+        return (y * y).sum(-1)
+
+
+@pytest.mark.parametrize("kind", ["ste", "grad_reverse", "two_outputs", "setup_context", "none_grad", "nested"])
+def test_custom_backward_is_kept(kind):
+    torch.manual_seed(0)
+    model = Net(kind)
+    x = torch.randn(4, 6)
+    jm = bridge.convert(model, (x,), dynamic="batch")
+    for batch in (4, 7):                                    # the trace follows JAX's shapes
+        xb = torch.randn(batch, 6)
+        out = model(xb)
+        np.testing.assert_allclose(np.asarray(jm(xb)), out.detach().numpy(), rtol=1e-5, atol=1e-6)
+        model.zero_grad()
+        out.sum().backward()
+        grads = flatten(jax.jit(jax.grad(lambda p, v: jm.apply(p, v).sum()))(jm.params, xb.numpy()))
+        for name, p in model.named_parameters():
+            want = p.grad if p.grad is not None else torch.zeros_like(p)
+            np.testing.assert_allclose(np.asarray(grads[name]), want.numpy(), rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+def test_the_derivative_of_the_forward_would_differ():
+    """The check above can fail: for STE the forward's own derivative is zero almost everywhere."""
+    torch.manual_seed(0)
+    model = Net("ste")
+    x = torch.randn(4, 6)
+    jm = bridge.convert(model, (x,))
+    grads = jax.grad(lambda p: jm.apply(p, x.numpy()).sum())(jm.params)
+    assert np.abs(np.asarray(grads["a"]["weight"])).max() > 0.1
+    assert torch.autograd.Function.apply.__func__ is not None and STE.apply(torch.ones(1)).item() == 1.0
+
+
+def test_forcing_strict_export_says_the_backward_is_lost():
+    with pytest.warns(UserWarning, match="strict=True inlined a custom autograd.Function"):
+        bridge.convert(Net("ste"), (torch.randn(2, 6),), strict=True)

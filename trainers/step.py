@@ -62,8 +62,11 @@ def make_forward(jm, loss_fn, inputs_fn, *, compute_dtype=None, remat: str | Non
 
 def make_train_step(forward, optimizer: optax.GradientTransformation, *, accum: int = 1, nan_policy: str = "stop"):
     def scaled_forward(params, buffers, batch, key, loss_scale):
+        """Differentiates loss / accum (times the loss scale): micro-batch gradients then sum to the
+        batch's, within float16's range exactly as torch's `scaler.scale(loss / accum).backward()`."""
         loss, new_buffers = forward(params, buffers, batch, key)
-        return (loss if loss_scale is None else loss_scale.scale(loss)), (loss, new_buffers)
+        objective = loss if accum == 1 else loss / accum
+        return (objective if loss_scale is None else loss_scale.scale(objective)), (loss, new_buffers)
 
     grad_fn = jax.grad(scaled_forward, has_aux=True)
 
@@ -82,7 +85,7 @@ def make_train_step(forward, optimizer: optax.GradientTransformation, *, accum: 
         zeros = jax.tree.map(jnp.zeros_like, params)
         (loss, grads, buffers), _ = jax.lax.scan(body, (jnp.zeros((), jnp.float32), zeros, buffers),
                                                  (micro, jnp.arange(accum)))
-        return loss / accum, jax.tree.map(lambda g: g / accum, grads), buffers
+        return loss / accum, grads, buffers
 
     def train_step(state: TrainState, batch):
         key = jax.random.fold_in(state.key(), state.step)

@@ -43,18 +43,19 @@ def _batches(n, rows=16, target_noise=1.0, module=None, seed=1):
     return out
 
 
-def _torch_amp(module, batches, **scaler):
-    """torch's own fp16 recipe: autocast + GradScaler + SGD; (params, scale each step ran with)."""
+def _torch_amp(module, batches, accum=1, **scaler):
+    """torch's own fp16 recipe: autocast + GradScaler (+ accumulation over micro-batches) + SGD;
+    (params, scale each step ran with)."""
     opt = torch.optim.SGD(module.parameters(), lr=LR)
     gs = torch.amp.GradScaler("cpu", **scaler)
     scales = []
     for b in batches:
-        with torch.autocast("cpu", dtype=torch.float16):
-            out = module(torch.from_numpy(b["x"]))
-        loss = torch.nn.functional.mse_loss(out.float(), torch.from_numpy(b["target"]))
         opt.zero_grad()
         scales.append(gs.get_scale())
-        gs.scale(loss).backward()
+        for x, t in zip(torch.from_numpy(b["x"]).chunk(accum), torch.from_numpy(b["target"]).chunk(accum)):
+            with torch.autocast("cpu", dtype=torch.float16):
+                out = module(x)
+            gs.scale(torch.nn.functional.mse_loss(out.float(), t) / accum).backward()
         gs.step(opt)
         gs.update()
     return {k: v.detach().numpy() for k, v in module.named_parameters()}, scales
@@ -86,13 +87,14 @@ def test_scale_schedule_matches_grad_scaler_kernel():
             assert float(ls.value) == float(scale) and int(ls.good_steps) == int(tracker)
 
 
-def test_fp16_training_follows_torch_amp_grad_scaler(tmp_path):
+@pytest.mark.parametrize("accum", [1, 2])
+def test_fp16_training_follows_torch_amp_grad_scaler(tmp_path, accum):
     """Overflowing steps are skipped and back the scale off, finite ones grow it: the same steps, scales
-    and weights as torch.autocast(float16) + GradScaler + SGD."""
+    and weights as torch.autocast(float16) + GradScaler + SGD (with accumulation: loss / accum per micro-batch)."""
     batches = _batches(10)
-    ref, ref_scales = _torch_amp(_module(), batches, init_scale=2.0 ** 24, growth_interval=2)
+    ref, ref_scales = _torch_amp(_module(), batches, accum, init_scale=2.0 ** 24, growth_interval=2)
     _, state, rows = _bridge_fp16(_module(), batches, tmp_path, loss_scale_init=2.0 ** 24,
-                                  loss_scale_growth_interval=2)
+                                  loss_scale_growth_interval=2, grad_accum=accum)
     assert [r["loss_scale"] for r in rows] == ref_scales
     skipped = [r["skipped"] for r in rows]
     assert skipped[:2] == [True, True] and not all(skipped)       # overflow first, then train

@@ -195,5 +195,7 @@ def capture(module: torch.nn.Module, args: tuple = (), kwargs: dict | None = Non
             except Exception as e:  # torch raises many unrelated types here; we report them all
                 errors.append(f"{'strict' if mode else 'non-strict'}: {type(e).__name__}: {e}")
         else:
-            raise CaptureError(f"torch.export failed for {type(module).__name__}:\n" + "\n".join(errors))
+            hint = ("\nhint: a Python branch on tensor values cannot be captured; write it with torch.where, or "
+                    "torch.cond (lowered to lax.cond)" if any("data-dependent" in e.lower() for e in errors) else "")
+            raise CaptureError(f"torch.export failed for {type(module).__name__}:\n" + "\n".join(errors) + hint)
     return Captured(ep, state_aliases(module), extra, mode, train)

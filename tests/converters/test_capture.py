@@ -160,3 +160,13 @@ def test_autograd_function_gradients_flow():
     m(x).sum().backward()
     grad = jax.grad(lambda p: jm.apply(p, to_jax(x)).sum())(jm.params)
     assert_close(grad["lin"]["weight"], m.lin.weight.grad, what="grad through the Function")
+
+
+class BranchesOnValues(torch.nn.Module):
+    def forward(self, x):
+        return x * 2 if x.sum() > 0 else x
+
+
+def test_a_branch_on_tensor_values_names_the_line_and_the_rewrite():
+    with pytest.raises(CaptureError, match=r"(?s)test_capture.py.*hint: a Python branch on tensor values.*torch.cond"):
+        bridge.convert(BranchesOnValues(), (torch.randn(2, 3),))

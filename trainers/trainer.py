@@ -153,10 +153,15 @@ class Trainer:
             batch, consumed = next(it), consumed + 1
         return batch, consumed
 
-    def fit(self, batches: Iterable, *, eval_batches: Callable[[], Iterable] | None = None) -> TrainState:
-        """Train for config.steps (resuming from the run directory's latest checkpoint)."""
+    def fit(self, batches: Iterable, *, eval_batches: Callable[[], Iterable] | None = None,
+            state: TrainState | None = None) -> TrainState:
+        """Train for config.steps, resuming from the run directory's latest checkpoint; without one, from
+        `state` if given (e.g. `init_state()` with a torch optimizer's moments loaded), else a fresh state."""
         cfg = self.config
-        state, position = self.restore_or_init()
+        if state is None or self.checkpointer.latest() is not None:
+            state, position = self.restore_or_init()
+        else:
+            state, position = jax.device_put(state, self.state_shardings), 0
         start = int(state.step)
         it = data_lib.Prefetcher(itertools.islice(batches, position, None), self._convert, cfg.prefetch)
         metrics_path = self.run_dir / "metrics.jsonl"

@@ -173,7 +173,9 @@ def capture(module: torch.nn.Module, args: tuple = (), kwargs: dict | None = Non
         dynamic_shapes = _dynamic_spec(module, args, kwargs, dynamic)
     modes = [True, False] if strict is None else [strict]
     errors = []
-    with _mode(module, train), _config_cache_off(module, kwargs), warnings.catch_warnings():
+    _warn_module_backward_hooks(module)
+    with _mode(module, train), _config_cache_off(module, kwargs), _tensor_hooks() as hooks, \
+            warnings.catch_warnings():
         # torch's own deprecation chatter and dynamo's side-effect notes say nothing about the user's model
         warnings.filterwarnings("ignore", category=FutureWarning)
         warnings.filterwarnings("ignore", message=".*side effects happened in the model.forward.*")
@@ -198,4 +200,38 @@ def capture(module: torch.nn.Module, args: tuple = (), kwargs: dict | None = Non
             hint = ("\nhint: a Python branch on tensor values cannot be captured; write it with torch.where, or "
                     "torch.cond (lowered to lax.cond)" if any("data-dependent" in e.lower() for e in errors) else "")
             raise CaptureError(f"torch.export failed for {type(module).__name__}:\n" + "\n".join(errors) + hint)
+    if hooks:
+        code = [h.__code__ for h in hooks if hasattr(h, "__code__") and "/torch/" not in h.__code__.co_filename]
+        where = ", ".join(sorted({f"{c.co_filename}:{c.co_firstlineno}" for c in code}))
+        warnings.warn(f"forward registers gradient hooks (Tensor.register_hook{' at ' + where if where else ''}); "
+                      "torch.export does not record them, so JAX gradients do not run them — a "
+                      "torch.autograd.Function with that backward is kept", stacklevel=3)
     return Captured(ep, state_aliases(module), extra, mode, train)
+
+
+def _warn_module_backward_hooks(module: torch.nn.Module) -> None:
+    """Module backward hooks change torch's gradients; torch.export drops them: say so, naming the modules."""
+    from torch.nn.modules import module as nn_module
+    owners = [repr(name) if name else type(module).__name__ for name, m in module.named_modules()
+              if m._backward_hooks or m._backward_pre_hooks]
+    if nn_module._global_backward_hooks or nn_module._global_backward_pre_hooks:
+        owners.append("(global nn.Module backward hooks)")
+    if owners:
+        warnings.warn(f"backward hooks on module {', '.join(owners[:5])}{' ...' if len(owners) > 5 else ''}: torch.export "
+                      "does not record them, so JAX gradients do not run them", stacklevel=4)
+
+
+@contextlib.contextmanager
+def _tensor_hooks():
+    """Collects the hooks forward registers with Tensor.register_hook while torch.export traces it."""
+    original, seen = torch.Tensor.register_hook, []
+
+    def record(self, hook):
+        seen.append(hook)
+        return original(self, hook)
+
+    torch.Tensor.register_hook = record
+    try:
+        yield seen
+    finally:
+        torch.Tensor.register_hook = original

@@ -138,3 +138,29 @@ def test_the_derivative_of_the_forward_would_differ():
 def test_forcing_strict_export_says_the_backward_is_lost():
     with pytest.warns(UserWarning, match="strict=True inlined a custom autograd.Function"):
         bridge.convert(Net("ste"), (torch.randn(2, 6),), strict=True)
+
+
+class HooksGradient(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(6, 5)
+
+    def forward(self, x):
+        y = self.lin(x)
+        if y.requires_grad:
+            y.register_hook(lambda g: g * 10)
+        return y
+
+
+@pytest.mark.parametrize("where", ["tensor", "module"])
+def test_gradient_hooks_torch_export_drops_are_named(where):
+    """Hooks change torch's gradients and torch.export does not record them: convert says so."""
+    torch.manual_seed(0)
+    if where == "tensor":
+        model, match = HooksGradient(), "forward registers gradient hooks"
+    else:
+        model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Linear(5, 5))
+        model[1].register_full_backward_hook(lambda mod, gi, go: (gi[0] * 0,))
+        match = "backward hooks on module '1'"
+    with pytest.warns(UserWarning, match=match):
+        bridge.convert(model, (torch.randn(2, 6),))

@@ -179,27 +179,34 @@ def capture(module: torch.nn.Module, args: tuple = (), kwargs: dict | None = Non
         # torch's own deprecation chatter and dynamo's side-effect notes say nothing about the user's model
         warnings.filterwarnings("ignore", category=FutureWarning)
         warnings.filterwarnings("ignore", message=".*side effects happened in the model.forward.*")
+        inlined = None   # a strict program that inlined a custom autograd.Function (its backward lost)
         for mode in modes:
             try:
                 with contextlib.nullcontext() if mode else recording_functions():
                     ep = torch.export.export(module, args, kwargs, dynamic_shapes=dynamic_shapes, strict=mode)
                 if mode and inlined_functions(ep.graph_module):
                     if strict is None:
+                        inlined = ep
                         raise CaptureError("strict export inlined a custom autograd.Function's forward; "
                                            "non-strict keeps its backward")
-                    warnings.warn("strict=True inlined a custom autograd.Function's forward: JAX will differentiate "
-                                  "that forward instead of the Function's backward; leave strict=None (or pass "
-                                  "strict=False) to keep its backward", stacklevel=3)
-                _detach_no_grad_inputs(ep.graph_module)
+                    warnings.warn(_INLINED + "; leave strict=None (or pass strict=False) to keep its backward",
+                                  stacklevel=3)
                 # inside the loop: a strict program can fail to decompose (torch.autocast blocks), non-strict not
-                ep = ep.run_decompositions(decomposition_table())
+                ep = _decomposed(ep)
                 break
             except Exception as e:  # torch raises many unrelated types here; we report them all
                 errors.append(f"{'strict' if mode else 'non-strict'}: {type(e).__name__}: {e}")
         else:
             hint = ("\nhint: a Python branch on tensor values cannot be captured; write it with torch.where, or "
                     "torch.cond (lowered to lax.cond)" if any("data-dependent" in e.lower() for e in errors) else "")
-            raise CaptureError(f"torch.export failed for {type(module).__name__}:\n" + "\n".join(errors) + hint)
+            failed = CaptureError(f"torch.export failed for {type(module).__name__}:\n" + "\n".join(errors) + hint)
+            if inlined is None:
+                raise failed
+            warnings.warn(f"{_INLINED} (non-strict export, which keeps it, failed: {errors[-1]})", stacklevel=3)
+            try:
+                ep, mode = _decomposed(inlined), True
+            except Exception as e:
+                raise failed from e
     if hooks:
         code = [h.__code__ for h in hooks if hasattr(h, "__code__") and "/torch/" not in h.__code__.co_filename]
         where = ", ".join(sorted({f"{c.co_filename}:{c.co_firstlineno}" for c in code}))
@@ -207,6 +214,15 @@ def capture(module: torch.nn.Module, args: tuple = (), kwargs: dict | None = Non
                       "torch.export does not record them, so JAX gradients do not run them — a "
                       "torch.autograd.Function with that backward is kept", stacklevel=3)
     return Captured(ep, state_aliases(module), extra, mode, train)
+
+
+_INLINED = ("strict export inlined a custom torch.autograd.Function's forward: JAX will differentiate that forward "
+            "instead of the Function's backward")
+
+
+def _decomposed(ep):
+    _detach_no_grad_inputs(ep.graph_module)
+    return ep.run_decompositions(decomposition_table())
 
 
 def _warn_module_backward_hooks(module: torch.nn.Module) -> None:

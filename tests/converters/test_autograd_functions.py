@@ -136,7 +136,7 @@ def test_the_derivative_of_the_forward_would_differ():
 
 
 def test_forcing_strict_export_says_the_backward_is_lost():
-    with pytest.warns(UserWarning, match="strict=True inlined a custom autograd.Function"):
+    with pytest.warns(UserWarning, match="strict export inlined a custom torch.autograd.Function"):
         bridge.convert(Net("ste"), (torch.randn(2, 6),), strict=True)
 
 
@@ -164,3 +164,23 @@ def test_gradient_hooks_torch_export_drops_are_named(where):
         match = "backward hooks on module '1'"
     with pytest.warns(UserWarning, match=match):
         bridge.convert(model, (torch.randn(2, 6),))
+
+
+def test_when_only_strict_export_works_it_is_used_with_a_warning(monkeypatch):
+    """A model non-strict export cannot take still converts (strict, forward exact), and says that its
+    Functions' gradients are now their forwards' derivatives."""
+    import contextlib
+
+    import converters.capture as capture
+
+    @contextlib.contextmanager
+    def failing():
+        raise RuntimeError("non-strict export refused")
+        yield
+
+    monkeypatch.setattr(capture, "recording_functions", failing)
+    torch.manual_seed(0)
+    model, x = Net("grad_reverse"), torch.randn(3, 6)
+    with pytest.warns(UserWarning, match=r"(?s)inlined a custom torch.autograd.Function.*non-strict export refused"):
+        jm = bridge.convert(model, (x,))
+    np.testing.assert_allclose(np.asarray(jm(x)), model(x).detach().numpy(), rtol=1e-5, atol=1e-6)

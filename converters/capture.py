@@ -228,12 +228,13 @@ def _decomposed(ep):
 def _warn_module_backward_hooks(module: torch.nn.Module) -> None:
     """Module backward hooks change torch's gradients; torch.export drops them: say so, naming the modules."""
     from torch.nn.modules import module as nn_module
-    owners = [repr(name) if name else type(module).__name__ for name, m in module.named_modules()
+    owners = [f"module {name!r}" if name else type(module).__name__ for name, m in module.named_modules()
               if m._backward_hooks or m._backward_pre_hooks]
+    owners += [f"parameter {name!r}" for name, p in module.named_parameters() if p._backward_hooks]
     if nn_module._global_backward_hooks or nn_module._global_backward_pre_hooks:
         owners.append("(global nn.Module backward hooks)")
     if owners:
-        warnings.warn(f"backward hooks on module {', '.join(owners[:5])}{' ...' if len(owners) > 5 else ''}: torch.export "
+        warnings.warn(f"backward hooks on {', '.join(owners[:5])}{' ...' if len(owners) > 5 else ''}: torch.export "
                       "does not record them, so JAX gradients do not run them", stacklevel=4)
 
 

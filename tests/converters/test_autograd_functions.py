@@ -152,12 +152,16 @@ class HooksGradient(torch.nn.Module):
         return y
 
 
-@pytest.mark.parametrize("where", ["tensor", "module"])
+@pytest.mark.parametrize("where", ["tensor", "module", "parameter"])
 def test_gradient_hooks_torch_export_drops_are_named(where):
     """Hooks change torch's gradients and torch.export does not record them: convert says so."""
     torch.manual_seed(0)
     if where == "tensor":
         model, match = HooksGradient(), "forward registers gradient hooks"
+    elif where == "parameter":
+        model = torch.nn.Sequential(torch.nn.Linear(6, 5))
+        model[0].weight.register_hook(lambda g: g.clamp(-1, 1))
+        match = "backward hooks on parameter '0.weight'"
     else:
         model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Linear(5, 5))
         model[1].register_full_backward_hook(lambda mod, gi, go: (gi[0] * 0,))

@@ -17,6 +17,7 @@ import contextlib
 import dataclasses
 import itertools
 import threading
+from typing import Any
 
 import torch
 
@@ -130,15 +131,59 @@ def _apply(cls, *args, **kwargs):
     return outs[0] if call.single else tuple(outs)
 
 
+_HOOKS: dict[int, Any] = {}   # hook id -> a gradient hook forward registered on an intermediate tensor
+
+
+@torch.library.custom_op("bridge::grad_hook", mutates_args=())
+def grad_hook(x: torch.Tensor, hook_id: int) -> torch.Tensor:
+    """Identity forward; its lowering runs the hook on the gradient (Tensor.register_hook's semantics)."""
+    return x.clone()
+
+
+@grad_hook.register_fake
+def _(x, hook_id):
+    return torch.empty_like(x)
+
+
+def _hooking(original):
+    def register_hook(self, hook):
+        """An intermediate's later uses read grad_hook(self): its gradient passes through `hook`."""
+        if self.is_leaf or getattr(_STATE, "depth", 0):   # parameters and inputs are not graph values
+            return original(self, hook)
+        hook_id = next(_IDS)
+        _HOOKS[hook_id] = hook
+        self.copy_(torch.ops.bridge.grad_hook(self, hook_id))
+        return _Handle(hook_id)
+    return register_hook
+
+
+class _Handle:
+    """What register_hook returns; removing it during capture makes the hook a no-op."""
+
+    def __init__(self, hook_id: int):
+        self.hook_id = hook_id
+
+    def remove(self):
+        _HOOKS[self.hook_id] = lambda g: None
+
+
+def hook(hook_id: int):
+    return _HOOKS[hook_id]
+
+
 @contextlib.contextmanager
 def recording_functions():
-    """Route user Functions' `apply` through `bridge::autograd_function` while this is active."""
+    """Route user Functions' `apply` through `bridge::autograd_function`, and gradient hooks forward
+    registers on intermediate tensors through `bridge::grad_hook`, while this is active."""
     previous = torch.autograd.Function.__dict__["apply"]   # the classmethod itself, not a bound method
+    previous_hook = torch.Tensor.register_hook
     torch.autograd.Function.apply = classmethod(_apply)
+    torch.Tensor.register_hook = _hooking(previous_hook)
     try:
         yield
     finally:
         torch.autograd.Function.apply = previous
+        torch.Tensor.register_hook = previous_hook
 
 
 def inlined_functions(graph_module: torch.fx.GraphModule) -> bool:

@@ -179,11 +179,15 @@ def capture(module: torch.nn.Module, args: tuple = (), kwargs: dict | None = Non
         # torch's own deprecation chatter and dynamo's side-effect notes say nothing about the user's model
         warnings.filterwarnings("ignore", category=FutureWarning)
         warnings.filterwarnings("ignore", message=".*side effects happened in the model.forward.*")
-        inlined = None   # a strict program that inlined a custom autograd.Function (its backward lost)
+        inlined, strict_hooks = None, []   # a strict program that lost a custom backward or gradient hook
         for mode in modes:
+            hooks.clear()   # hooks the attempt that succeeds leaves out
             try:
                 with contextlib.nullcontext() if mode else recording_functions():
                     ep = torch.export.export(module, args, kwargs, dynamic_shapes=dynamic_shapes, strict=mode)
+                if mode and strict is None and hooks:
+                    inlined, strict_hooks = ep, list(hooks)
+                    raise CaptureError("strict export drops gradient hooks; non-strict keeps them")
                 if mode and inlined_functions(ep.graph_module):
                     if strict is None:
                         inlined = ep
@@ -202,7 +206,9 @@ def capture(module: torch.nn.Module, args: tuple = (), kwargs: dict | None = Non
             failed = CaptureError(f"torch.export failed for {type(module).__name__}:\n" + "\n".join(errors) + hint)
             if inlined is None:
                 raise failed
-            warnings.warn(f"{_INLINED} (non-strict export, which keeps it, failed: {errors[-1]})", stacklevel=3)
+            hooks[:] = strict_hooks
+            if not hooks:
+                warnings.warn(f"{_INLINED} (non-strict export, which keeps it, failed: {errors[-1]})", stacklevel=3)
             try:
                 ep, mode = _decomposed(inlined), True
             except Exception as e:
@@ -210,9 +216,9 @@ def capture(module: torch.nn.Module, args: tuple = (), kwargs: dict | None = Non
     if hooks:
         code = [h.__code__ for h in hooks if hasattr(h, "__code__") and "/torch/" not in h.__code__.co_filename]
         where = ", ".join(sorted({f"{c.co_filename}:{c.co_firstlineno}" for c in code}))
-        warnings.warn(f"forward registers gradient hooks (Tensor.register_hook{' at ' + where if where else ''}); "
-                      "torch.export does not record them, so JAX gradients do not run them — a "
-                      "torch.autograd.Function with that backward is kept", stacklevel=3)
+        warnings.warn(f"forward registers gradient hooks (Tensor.register_hook{' at ' + where if where else ''}) "
+                      "on tensors the captured graph cannot hook (parameters, inputs, or a strict-only export), "
+                      "so JAX gradients do not run them", stacklevel=3)
     return Captured(ep, state_aliases(module), extra, mode, train)
 
 

@@ -1,4 +1,5 @@
-"""`bridge::autograd_function`: a user `torch.autograd.Function` as a `jax.custom_vjp`.
+"""`bridge::autograd_function`: a user `torch.autograd.Function` as a `jax.custom_vjp`; `bridge::grad_hook`:
+a gradient hook forward registered on an intermediate tensor, the same way.
 
 The Function's `forward` (with what it saves on ctx) and its `backward` are traced to ATen by make_fx at
 the shapes and dtypes JAX runs them with (cached per call site and signature), then evaluated with the
@@ -129,3 +130,31 @@ def autograd_function(call_id, tensors):
 
     fn.defvjp(fwd, bwd)
     return list(fn(*tensors))
+
+
+@functools.lru_cache(maxsize=None)
+def _trace_hook(hook_id: int, shape: tuple, dtype) -> torch.fx.GraphModule:
+    from converters.capture import decomposition_table
+    user_hook = af.hook(hook_id)
+
+    def run(g):
+        out = user_hook(g)
+        return [g if out is None else out]
+
+    return make_fx(run, decomposition_table=decomposition_table(), tracing_mode="fake")(
+        torch.zeros(shape, dtype=torch_dtype(dtype)))
+
+
+@lowering(torch.ops.bridge.grad_hook.default)
+def grad_hook(x, hook_id):
+    """Identity whose gradient is the hook's result on it, as Tensor.register_hook gives torch."""
+    @jax.custom_vjp
+    def fn(v):
+        return v
+
+    def bwd(_, g):
+        gm = _trace_hook(hook_id, tuple(g.shape), jnp.dtype(g.dtype))
+        return (jnp.broadcast_to(_run(gm, [g])[0], g.shape).astype(g.dtype),)
+
+    fn.defvjp(lambda v: (v, None), bwd)
+    return fn(x)

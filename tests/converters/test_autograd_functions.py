@@ -1,5 +1,5 @@
-"""User torch.autograd.Functions keep their own backward: JAX gradients are the Function's `backward`,
-not the derivative of its forward, matched against torch autograd for the usual kinds."""
+"""User torch.autograd.Functions keep their own backward and gradient hooks forward registers still run:
+JAX gradients are torch autograd's, not the derivative of the forward alone."""
 from __future__ import annotations
 
 import jax
@@ -144,26 +144,37 @@ class HooksGradient(torch.nn.Module):
     def __init__(self):
         super().__init__()
         self.lin = torch.nn.Linear(6, 5)
+        self.out = torch.nn.Linear(5, 3)
 
     def forward(self, x):
         y = self.lin(x)
         if y.requires_grad:
-            y.register_hook(lambda g: g * 10)
-        return y
+            y.register_hook(lambda g: g.clamp(-0.01, 0.01) * 10)   # changes the gradient
+            y.register_hook(lambda g: None)                         # only looks at it
+        return self.out(torch.tanh(y))
 
 
-@pytest.mark.parametrize("where", ["tensor", "module", "parameter"])
-def test_gradient_hooks_torch_export_drops_are_named(where):
-    """Hooks change torch's gradients and torch.export does not record them: convert says so."""
+def test_gradient_hooks_forward_registers_change_jax_gradients_as_torchs():
     torch.manual_seed(0)
-    if where == "tensor":
-        model, match = HooksGradient(), "forward registers gradient hooks"
-    elif where == "parameter":
-        model = torch.nn.Sequential(torch.nn.Linear(6, 5))
+    model, x = HooksGradient(), torch.randn(4, 6)
+    jm = bridge.convert(model, (x,))
+    (model(x) ** 2).sum().backward()
+    grads = flatten(jax.grad(lambda p: (jm.apply(p, x.numpy()) ** 2).sum())(jm.params))
+    for name, p in model.named_parameters():
+        np.testing.assert_allclose(np.asarray(grads[name]), p.grad.numpy(), rtol=1e-5, atol=1e-7, err_msg=name)
+    assert np.abs(model.lin.weight.grad.numpy()).max() > 0
+
+
+@pytest.mark.parametrize("where", ["module", "parameter"])
+def test_gradient_hooks_torch_export_drops_are_named(where):
+    """Module backward hooks and hooks on parameters change torch's gradients and torch.export does not
+    record them: convert says so."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Linear(5, 5))
+    if where == "parameter":
         model[0].weight.register_hook(lambda g: g.clamp(-1, 1))
         match = "backward hooks on parameter '0.weight'"
     else:
-        model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Linear(5, 5))
         model[1].register_full_backward_hook(lambda mod, gi, go: (gi[0] * 0,))
         match = "backward hooks on module '1'"
     with pytest.warns(UserWarning, match=match):

@@ -97,7 +97,9 @@ def _cast_state_dict(sd, cast):
     made = {}
     for k, t in sd.items():
         if _casts(t.dtype, cast):
-            sd[k] = made.setdefault(id(t), t.to(cast))
+            if id(t) not in made:
+                made[id(t)] = t.to(cast)
+            sd[k] = made[id(t)]
     return sd
 
 

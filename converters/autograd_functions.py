@@ -17,6 +17,7 @@ import contextlib
 import dataclasses
 import itertools
 import threading
+import warnings
 from typing import Any
 
 import torch
@@ -195,3 +196,43 @@ def inlined_functions(graph_module: torch.fx.GraphModule) -> bool:
 
 def call(call_id: int) -> Call:
     return _CALLS[call_id]
+
+
+def warn_backward_hooks(module: torch.nn.Module) -> None:
+    """Module backward hooks change torch's gradients; torch.export drops them: say so, naming the modules."""
+    from torch.nn.modules import module as nn_module
+    owners = [f"module {name!r}" if name else type(module).__name__ for name, m in module.named_modules()
+              if m._backward_hooks or m._backward_pre_hooks]
+    owners += [f"parameter {name!r}" for name, p in module.named_parameters() if p._backward_hooks]
+    if nn_module._global_backward_hooks or nn_module._global_backward_pre_hooks:
+        owners.append("(global nn.Module backward hooks)")
+    if owners:
+        warnings.warn(f"backward hooks on {', '.join(owners[:5])}{' ...' if len(owners) > 5 else ''}: torch.export "
+                      "does not record them, so JAX gradients do not run them", stacklevel=4)
+
+
+@contextlib.contextmanager
+def collecting_hooks():
+    """Collects the hooks forward registers with Tensor.register_hook while torch.export traces it."""
+    original, seen = torch.Tensor.register_hook, []
+
+    def record(self, hook):
+        seen.append(hook)
+        return original(self, hook)
+
+    torch.Tensor.register_hook = record
+    try:
+        yield seen
+    finally:
+        torch.Tensor.register_hook = original
+
+
+def warn_dropped_hooks(hooks: list) -> None:
+    """The hooks forward registered that the captured program does not run (see collecting_hooks)."""
+    if not hooks:
+        return
+    code = [h.__code__ for h in hooks if hasattr(h, "__code__") and "/torch/" not in h.__code__.co_filename]
+    where = ", ".join(sorted({f"{c.co_filename}:{c.co_firstlineno}" for c in code}))
+    warnings.warn(f"forward registers gradient hooks (Tensor.register_hook{' at ' + where if where else ''}) "
+                  "on tensors the captured graph cannot hook (parameters, inputs, or a strict-only export), "
+                  "so JAX gradients do not run them", stacklevel=4)

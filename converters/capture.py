@@ -20,7 +20,8 @@ from torch.export import Dim
 
 from bridge.errors import CaptureError
 from converters import ops as _ops  # noqa: F401  (registers every lowering)
-from converters.autograd_functions import inlined_functions, recording_functions
+from converters.autograd_functions import (collecting_hooks, inlined_functions, recording_functions,
+                                          warn_backward_hooks, warn_dropped_hooks)
 from converters.registry import registered
 
 DYNAMIC_PRESETS = {"batch": (0,), "batch+seq": (0, 1)}
@@ -173,8 +174,8 @@ def capture(module: torch.nn.Module, args: tuple = (), kwargs: dict | None = Non
         dynamic_shapes = _dynamic_spec(module, args, kwargs, dynamic)
     modes = [True, False] if strict is None else [strict]
     errors = []
-    _warn_module_backward_hooks(module)
-    with _mode(module, train), _config_cache_off(module, kwargs), _tensor_hooks() as hooks, \
+    warn_backward_hooks(module)
+    with _mode(module, train), _config_cache_off(module, kwargs), collecting_hooks() as hooks, \
             warnings.catch_warnings():
         # torch's own deprecation chatter and dynamo's side-effect notes say nothing about the user's model
         warnings.filterwarnings("ignore", category=FutureWarning)
@@ -213,12 +214,7 @@ def capture(module: torch.nn.Module, args: tuple = (), kwargs: dict | None = Non
                 ep, mode = _decomposed(inlined), True
             except Exception as e:
                 raise failed from e
-    if hooks:
-        code = [h.__code__ for h in hooks if hasattr(h, "__code__") and "/torch/" not in h.__code__.co_filename]
-        where = ", ".join(sorted({f"{c.co_filename}:{c.co_firstlineno}" for c in code}))
-        warnings.warn(f"forward registers gradient hooks (Tensor.register_hook{' at ' + where if where else ''}) "
-                      "on tensors the captured graph cannot hook (parameters, inputs, or a strict-only export), "
-                      "so JAX gradients do not run them", stacklevel=3)
+    warn_dropped_hooks(hooks)
     return Captured(ep, state_aliases(module), extra, mode, train)
 
 
@@ -229,32 +225,3 @@ _INLINED = ("strict export inlined a custom torch.autograd.Function's forward: J
 def _decomposed(ep):
     _detach_no_grad_inputs(ep.graph_module)
     return ep.run_decompositions(decomposition_table())
-
-
-def _warn_module_backward_hooks(module: torch.nn.Module) -> None:
-    """Module backward hooks change torch's gradients; torch.export drops them: say so, naming the modules."""
-    from torch.nn.modules import module as nn_module
-    owners = [f"module {name!r}" if name else type(module).__name__ for name, m in module.named_modules()
-              if m._backward_hooks or m._backward_pre_hooks]
-    owners += [f"parameter {name!r}" for name, p in module.named_parameters() if p._backward_hooks]
-    if nn_module._global_backward_hooks or nn_module._global_backward_pre_hooks:
-        owners.append("(global nn.Module backward hooks)")
-    if owners:
-        warnings.warn(f"backward hooks on {', '.join(owners[:5])}{' ...' if len(owners) > 5 else ''}: torch.export "
-                      "does not record them, so JAX gradients do not run them", stacklevel=4)
-
-
-@contextlib.contextmanager
-def _tensor_hooks():
-    """Collects the hooks forward registers with Tensor.register_hook while torch.export traces it."""
-    original, seen = torch.Tensor.register_hook, []
-
-    def record(self, hook):
-        seen.append(hook)
-        return original(self, hook)
-
-    torch.Tensor.register_hook = record
-    try:
-        yield seen
-    finally:
-        torch.Tensor.register_hook = original

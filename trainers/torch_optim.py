@@ -20,6 +20,7 @@ import torch
 from jax.tree_util import DictKey, GetAttrKey
 
 from bridge.errors import CheckpointError
+from bridge.state import gathered
 from bridge.tree import flatten
 from converters.dtypes import to_jax, to_torch
 
@@ -89,16 +90,13 @@ def torch_optimizer_state(state, jm, *, like: dict) -> dict:
     names = _index_names(like["param_groups"], jm)
     found: dict[str, dict] = {}
     counts = []
-
-    def take(path, leaf):
+    leaves, _ = jax.tree_util.tree_flatten_with_path(gathered(state.opt_state))   # multi-host: whole arrays
+    for path, leaf in leaves:
         kind, name = _param_name(path)
-        if kind == "count" and not counts:
+        if kind == "count":
             counts.append(int(np.asarray(leaf)))
-        elif kind in _MOMENTS and hasattr(leaf, "shape"):
+        elif kind in _MOMENTS:
             found.setdefault(name, {})[_MOMENTS[kind]] = to_torch(np.asarray(leaf))
-        return leaf
-
-    jax.tree_util.tree_map_with_path(take, state.opt_state)
     if not found:
         raise CheckpointError("the optimizer state holds no Adam moments (mu/nu)")
     step = torch.tensor(float(counts[0] if counts else int(state.step)))

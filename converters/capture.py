@@ -147,6 +147,19 @@ def _autograd_function_forward(gm: torch.fx.GraphModule, node: torch.fx.Node) ->
 
 
 @contextlib.contextmanager
+def _distribution_checks_off():
+    """torch.distributions validates arguments and samples with a Python branch on tensor values (raise if any is
+    out of support), which no traced program can carry, so capture runs with validation off, as JAX does:
+    valid inputs give the same values. A distribution built with validate_args=True still fails, with a hint."""
+    default = torch.distributions.Distribution._validate_args
+    torch.distributions.Distribution.set_default_validate_args(False)
+    try:
+        yield
+    finally:
+        torch.distributions.Distribution.set_default_validate_args(default)
+
+
+@contextlib.contextmanager
 def _mode(module: torch.nn.Module, train: bool):
     states = {m: m.training for m in module.modules()}
     module.train(train)
@@ -176,7 +189,7 @@ def capture(module: torch.nn.Module, args: tuple = (), kwargs: dict | None = Non
     errors = []
     warn_backward_hooks(module)
     with _mode(module, train), _config_cache_off(module, kwargs), collecting_hooks() as hooks, \
-            warnings.catch_warnings():
+            _distribution_checks_off(), warnings.catch_warnings():
         # torch's own deprecation chatter and dynamo's side-effect notes say nothing about the user's model
         warnings.filterwarnings("ignore", category=FutureWarning)
         warnings.filterwarnings("ignore", message=".*side effects happened in the model.forward.*")
@@ -204,6 +217,8 @@ def capture(module: torch.nn.Module, args: tuple = (), kwargs: dict | None = Non
         else:
             hint = ("\nhint: a Python branch on tensor values cannot be captured; write it with torch.where, or "
                     "torch.cond (lowered to lax.cond)" if any("data-dependent" in e.lower() for e in errors) else "")
+            if hint and any("torch/distributions" in e for e in errors):
+                hint += "; a torch.distributions object built with validate_args=True checks its values so: drop it"
             failed = CaptureError(f"torch.export failed for {type(module).__name__}:\n" + "\n".join(errors) + hint)
             if inlined is None:
                 raise failed

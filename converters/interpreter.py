@@ -242,8 +242,10 @@ def eval_node(node: torch.fx.Node, env: dict, key):
         if isinstance(e, (LoweringError, MissingRngError)):
             raise
         shapes = [getattr(a, "shape", a) for a in args if hasattr(a, "shape")]
+        hint = ("\nhint: torch computes this in 64 bits; call jax.config.update('jax_enable_x64', True) before "
+                "converting" if isinstance(e, OverflowError) and not jax.config.jax_enable_x64 else "")
         raise LoweringError(f"{op_name(node.target)} failed at {source_line(node)} "
-                            f"(input shapes {shapes}): {type(e).__name__}: {e}") from e
+                            f"(input shapes {shapes}): {type(e).__name__}: {e}{hint}") from e
 
 
 def _size_arithmetic(node: torch.fx.Node, args, kwargs) -> bool:

@@ -10,7 +10,7 @@ import safetensors.torch
 import torch
 
 import bridge
-from bridge.errors import CheckpointError, InputError, StateError
+from bridge.errors import CheckpointError, InputError, LoweringError, StateError
 from bridge.tree import flatten
 from converters.dtypes import jax_dtype, to_jax, to_torch
 from tests.conftest import rel_err, TOL
@@ -130,3 +130,20 @@ def test_64_bit_integers_that_do_not_fit_raise_instead_of_wrapping(tmp_path, big
         jm = bridge.convert(_BigIds(big), (x,))
         assert np.asarray(jm(to_jax(x))).tolist() == [4, big + 4]
         assert int(flatten(bridge.load_weights(tmp_path / "w.safetensors"))["ids"][1]) == big
+
+
+class _Hash(torch.nn.Module):
+    def forward(self, ids):
+        return (ids * 2654435761 + 97) % 1000003
+
+
+def test_64_bit_graph_arithmetic_names_the_op_and_x64():
+    """A Python int past int32 in the graph (a multiplicative hash) fails naming op, line and the x64 switch;
+    with x64 the hash equals torch's."""
+    ids = torch.randint(0, 10**6, (6,))
+    jm = bridge.convert(_Hash(), (ids,))
+    with pytest.raises(LoweringError, match=r"(?s)aten.mul.Tensor failed at .*test_dtypes.py.*jax_enable_x64"):
+        jm(to_jax(ids))
+    with jax.enable_x64(True):
+        jm = bridge.convert(_Hash(), (ids,))
+        np.testing.assert_array_equal(np.asarray(jm(to_jax(ids))), _Hash()(ids).numpy())

@@ -157,6 +157,26 @@ class VAE(nn.Module):
         return self.dec(z), mu, logvar, z
 
 
+class Policy(nn.Module):
+    """An RL / probabilistic head through torch.distributions, whose default argument validation branches on
+    tensor values in Python (capture turns it off): log-probs, entropies and a KL term."""
+
+    def __init__(self):
+        super().__init__()
+        self.l = nn.Linear(4, 6)
+        self.tril = nn.Parameter(torch.eye(2) + 0.1 * torch.randn(2, 2).tril())
+
+    def forward(self, x, a, y):
+        h = self.l(x)
+        cat = torch.distributions.Categorical(logits=h[:, :3])
+        n = torch.distributions.Normal(h[:, 3:5], h[:, 5:].exp())
+        mvn = torch.distributions.MultivariateNormal(h[:, 3:5], scale_tril=self.tril.tril())
+        beta = torch.distributions.Beta(h[:, 0].exp(), h[:, 1].exp())
+        kl = torch.distributions.kl_divergence(n, torch.distributions.Normal(torch.zeros(2), torch.ones(2)))
+        return (cat.log_prob(a), cat.entropy(), torch.distributions.Independent(n, 1).log_prob(y), mvn.log_prob(y),
+                beta.log_prob(torch.sigmoid(y[:, 0])), beta.entropy(), kl)
+
+
 class RNNHead(nn.Module):
     """An RNN with optional initial state; returns every output the RNN gives."""
 
@@ -827,6 +847,7 @@ CASES = [
          lambda: (r(2, 3, 7, 6),), slow=True),
     Case("eval_buffer_update", Counter, lambda: (r(4, 5),)),
     Case("vae_reparameterised", VAE, lambda: (r(3, 12),)),
+    Case("distributions_policy", Policy, lambda: (r(5, 4), torch.randint(0, 3, (5,)), r(5, 2))),
 ]
 
 BY_NAME = {c.name: c for c in CASES}

@@ -101,7 +101,12 @@ class JaxModule:
     def user_leaves(self, args: tuple, kwargs: dict) -> list:
         """Flatten (args, kwargs) in the exported order, converting torch/numpy arrays."""
         spec = self.program.in_spec
-        kwargs = {**self.program.captured.extra_kwargs, **kwargs}
+        cap = self.program.captured
+        kwargs = {**cap.extra_kwargs, **cap.static_kwargs, **kwargs}   # left-out flags: their exported values
+        n_static = len(cap.static_args)
+        n_all = children(spec)[0].num_children if spec.num_children == 2 else 0
+        if n_all - n_static <= len(args) < n_all:
+            args = (*args, *cap.static_args[len(args) - (n_all - n_static):])
         names = list(children(spec)[1].context) if spec.num_children == 2 else []
         unknown = sorted(set(kwargs) - set(names))
         if unknown:

@@ -34,6 +34,10 @@ class Captured:
     extra_kwargs: dict[str, Any]       # kwargs bridge injected at capture (e.g. use_cache=False)
     strict: bool                       # which export mode succeeded
     train: bool
+    # example inputs holding no tensor (flags such as output_hidden_states=True, None): torch.export bakes them
+    # into the program, so calls may leave them out; kwargs by name, positional ones as the trailing run
+    static_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
+    static_args: tuple = ()
 
 
 def state_aliases(module: torch.nn.Module) -> dict[str, str]:
@@ -230,7 +234,15 @@ def capture(module: torch.nn.Module, args: tuple = (), kwargs: dict | None = Non
             except Exception as e:
                 raise failed from e
     warn_dropped_hooks(hooks)
-    return Captured(ep, state_aliases(module), extra, mode, train)
+    return Captured(ep, state_aliases(module), extra, mode, train, *_static_inputs(args, kwargs, extra))
+
+
+def _static_inputs(args: tuple, kwargs: dict, extra: dict) -> tuple[dict, tuple]:
+    """The example inputs without tensors: kwargs by name, and positional args after the last with a tensor."""
+    def static(v):
+        return not any(isinstance(x, torch.Tensor) for x in torch.utils._pytree.tree_leaves(v))
+    n = max((i + 1 for i, a in enumerate(args) if not static(a)), default=0)
+    return {k: v for k, v in kwargs.items() if k not in extra and static(v)}, tuple(args[n:])
 
 
 _INLINED = ("strict export inlined a custom torch.autograd.Function's forward: JAX will differentiate that forward "

@@ -113,6 +113,24 @@ class _Scaled(torch.nn.Module):
         return (h.sum(-1) if mode == "sum" else h.amax(-1)) * (1.0 if flag else -1.0)
 
 
+def test_python_values_given_at_convert_may_be_left_out_of_calls():
+    """Flags given to convert (kwargs, or trailing positional values) are the program's: a call may leave
+    them out and runs with them, as torch does with the same flags; only tensors are required."""
+    torch.manual_seed(0)
+    model, x = _Scaled(), torch.randn(3, 4)
+    with torch.no_grad():
+        want = model(x, 3.0, mode="max", flag=False)
+    by_name = bridge.convert(model, (x,), {"scale": 3.0, "flag": False, "mode": "max"})
+    assert_close(by_name(x), want)
+    assert_close(jax.jit(by_name.apply)(by_name.params, to_jax(x)), want)
+    assert_close(by_name(x, flag=False), want)
+    positional = bridge.convert(model, (x, 3.0, False), {"mode": "max"})
+    assert_close(positional(x), want)
+    assert_close(positional(x, 3.0), want)
+    with pytest.raises(InputError, match="input 'flag' is True, but the model was captured with False"):
+        positional(x, 3.0, True)
+
+
 @pytest.mark.parametrize("changed", [{"scale": 5.0}, {"flag": False}, {"mode": "max"}, {"scale": float("nan")}])
 def test_python_values_are_part_of_the_capture(changed):
     """torch.export bakes Python arguments into the graph: the same values run, another value raises

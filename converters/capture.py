@@ -23,6 +23,7 @@ from converters import ops as _ops  # noqa: F401  (registers every lowering)
 from converters.autograd_functions import (collecting_hooks, inlined_functions, recording_functions,
                                           warn_backward_hooks, warn_dropped_hooks)
 from converters.registry import registered
+from converters.structure import registering_outputs
 
 DYNAMIC_PRESETS = {"batch": (0,), "batch+seq": (0, 1)}
 
@@ -201,7 +202,8 @@ def capture(module: torch.nn.Module, args: tuple = (), kwargs: dict | None = Non
         for mode in modes:
             hooks.clear()   # hooks the attempt that succeeds leaves out
             try:
-                with contextlib.nullcontext() if mode else recording_functions():
+                with contextlib.nullcontext() if mode else recording_functions(), \
+                        contextlib.nullcontext() if mode else registering_outputs(module):
                     ep = torch.export.export(module, args, kwargs, dynamic_shapes=dynamic_shapes, strict=mode)
                 if mode and strict is None and hooks:
                     inlined, strict_hooks = ep, list(hooks)

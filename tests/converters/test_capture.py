@@ -1,7 +1,9 @@
 """Capture: strict with non-strict fallback, dynamic presets, Hugging Face conventions, input checks."""
 from __future__ import annotations
 
+import dataclasses
 import types
+import typing
 
 import jax
 import numpy as np
@@ -170,3 +172,46 @@ class BranchesOnValues(torch.nn.Module):
 def test_a_branch_on_tensor_values_names_the_line_and_the_rewrite():
     with pytest.raises(CaptureError, match=r"(?s)test_capture.py.*hint: a Python branch on tensor values.*torch.cond"):
         bridge.convert(BranchesOnValues(), (torch.randn(2, 3),))
+
+
+@dataclasses.dataclass
+class _Out:
+    hidden: torch.Tensor
+    aux: torch.Tensor | None = None
+    extra: torch.Tensor | None = None
+
+
+class _Pair(typing.NamedTuple):
+    pos: torch.Tensor
+    neg: torch.Tensor
+
+
+class Containers(torch.nn.Module):
+    """List and dict inputs; a user dataclass (one field None), a NamedTuple and nested dict/list outputs."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(4, 4)
+
+    def forward(self, xs: list, extra: dict):
+        h = sum(self.lin(x) for x in xs) * extra["scale"]
+        return _Out(h, aux=h.sum(-1)), _Pair(h, -h.tanh()), {"z": [h.exp(), (h[:, :2],)]}
+
+
+def test_dataclass_namedtuple_and_nested_outputs_keep_their_structure():
+    """A user's own @dataclass output (torch.export knows only registered pytrees) becomes a dict of its fields,
+    a NamedTuple stays that NamedTuple, values equal torch's under jit and their gradients torch autograd's."""
+    torch.manual_seed(0)
+    model, xs, extra = Containers(), [torch.randn(2, 4), torch.randn(2, 4)], {"scale": torch.randn(2, 1)}
+    jm = bridge.convert(model, (xs, extra))
+    got = jax.jit(jm.apply)(jm.params, [to_jax(x) for x in xs], {"scale": to_jax(extra["scale"])})
+    ref = model(xs, extra)
+    assert set(got[0]) == {"hidden", "aux", "extra"} and got[0]["extra"] is None
+    assert isinstance(got[1], _Pair) and isinstance(got[2]["z"], list) and isinstance(got[2]["z"][1], tuple)
+    for g, r in [(got[0]["hidden"], ref[0].hidden), (got[0]["aux"], ref[0].aux), (got[1].neg, ref[1].neg),
+                 (got[2]["z"][0], ref[2]["z"][0]), (got[2]["z"][1][0], ref[2]["z"][1][0])]:
+        assert_close(g, r.detach())
+    (ref[0].aux.sum() + ref[1].neg.sum()).backward()
+    grad = jax.grad(lambda p: (lambda o: o[0]["aux"].sum() + o[1].neg.sum())(
+        jm.apply(p, [to_jax(x) for x in xs], {"scale": to_jax(extra["scale"])})))(jm.params)
+    assert_close(grad["lin"]["weight"], model.lin.weight.grad, what="weight grad")

@@ -19,6 +19,7 @@ _EXPORTS = {
     "empty_weights": "bridge.meta_init",
     "to_flax": "converters.nnx",
     "from_flax": "converters.nnx",
+    "as_jax_inputs": "converters.structure",
 }
 __all__ = ["errors", *_EXPORTS]
 

@@ -13,13 +13,12 @@ import json
 import jax
 import numpy as np
 import torch
-import torch.utils._pytree as torch_pytree
 
 from bridge.errors import InputError, StateError
 from bridge.tree import flatten, nest
 from converters.dtypes import narrow, to_jax
 from converters.interpreter import Program
-from converters.structure import children
+from converters.structure import children, spec_leaves
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -117,10 +116,15 @@ class JaxModule:
         n_pos = children(spec)[0].num_children if spec.num_children == 2 else 0
         if len(args) != n_pos:
             raise InputError(f"expected {n_pos} positional input(s) as exported, got {len(args)}")
-        ordered = {n: kwargs[n] for n in names}
-        leaves, got = torch_pytree.tree_flatten((tuple(args), ordered))
-        if got != spec:
-            raise InputError(f"inputs do not match the exported structure:\n  expected {spec}\n  got      {got}")
+        try:
+            if spec.num_children == 2:   # (args, kwargs): paths start at the argument's name
+                args_spec, kwargs_spec = children(spec)
+                leaves = spec_leaves(args_spec, tuple(args), "args") + [
+                    x for k, c in zip(kwargs_spec.context, children(kwargs_spec)) for x in spec_leaves(c, kwargs[k], k)]
+            else:
+                leaves = spec_leaves(spec, (tuple(args), kwargs), "inputs")
+        except ValueError as e:
+            raise InputError(f"inputs do not match the exported structure: {e}") from None
         leaves = [_to_leaf(x) for x in leaves]
         self.program.check_inputs(leaves)
         return leaves

@@ -23,6 +23,7 @@ from converters import ops as _ops  # noqa: F401  (registers every lowering)
 from converters.autograd_functions import (collecting_hooks, inlined_functions, recording_functions,
                                           warn_backward_hooks, warn_dropped_hooks)
 from converters.registry import registered
+from converters.caches import is_cache, register_objects, register_transformers_caches
 from converters.structure import registering_outputs
 
 DYNAMIC_PRESETS = {"batch": (0,), "batch+seq": (0, 1)}
@@ -54,10 +55,12 @@ def state_aliases(module: torch.nn.Module) -> dict[str, str]:
 
 
 def _hf_kwargs(module: torch.nn.Module, kwargs: dict) -> dict:
-    """Hugging Face models: turn the KV cache off unless the caller chose otherwise."""
+    """Hugging Face models: turn the KV cache off unless the caller chose otherwise (or passed a cache)."""
     extra = {}
     params = inspect.signature(module.forward).parameters
-    if getattr(module, "config", None) is not None and "use_cache" in params and "use_cache" not in kwargs:
+    given_cache = any(is_cache(v) for v in kwargs.values())
+    if getattr(module, "config", None) is not None and "use_cache" in params and "use_cache" not in kwargs \
+            and not given_cache:
         extra["use_cache"] = False
     return extra
 
@@ -67,7 +70,7 @@ def _config_cache_off(module: torch.nn.Module, kwargs: dict):
     """Hugging Face models whose forward passes `use_cache` on only through **kwargs read it from the config:
     turned off there while capturing (as a keyword it would hit torch.export's **kwargs dynamic-shape bug)."""
     config = getattr(module, "config", None)
-    if "use_cache" in kwargs or not getattr(config, "use_cache", False):
+    if "use_cache" in kwargs or not getattr(config, "use_cache", False) or any(map(is_cache, kwargs.values())):
         yield
         return
     config.use_cache = False
@@ -77,11 +80,45 @@ def _config_cache_off(module: torch.nn.Module, kwargs: dict):
         config.use_cache = True
 
 
-def _dynamic_spec(module, args, kwargs, dynamic: str):
+def _flat_signature(module: torch.nn.Module, kwargs: dict) -> inspect.Signature | None:
+    """forward's signature with the kwargs that would land in `**kwargs` as keyword-only parameters, or None:
+    torch.export cannot match dynamic_shapes to `**kwargs` (HF models take use_cache, past_key_values so)."""
+    sig = inspect.signature(module.forward)
+    params = list(sig.parameters.values())
+    loose = [k for k in kwargs if k not in sig.parameters]
+    if not loose or not any(p.kind is p.VAR_KEYWORD for p in params):
+        return None
+    return sig.replace(parameters=[p for p in params if p.kind is not p.VAR_KEYWORD]
+                       + [inspect.Parameter(k, inspect.Parameter.KEYWORD_ONLY) for k in loose])
+
+
+@contextlib.contextmanager
+def _flat_forward(module: torch.nn.Module, sig: inspect.Signature | None):
+    """module.forward seen with `sig` (see _flat_signature) while exporting."""
+    if sig is None:
+        yield
+        return
+    own, forward = module.__dict__.get("forward"), module.forward
+
+    def flat(*args, **kwargs):
+        return forward(*args, **kwargs)
+
+    flat.__signature__ = sig
+    module.forward = flat
+    try:
+        yield
+    finally:
+        if own is None:
+            del module.forward
+        else:
+            module.forward = own
+
+
+def _dynamic_spec(module, args, kwargs, dynamic: str, sig: inspect.Signature | None = None):
     if dynamic not in DYNAMIC_PRESETS:
         raise CaptureError(f"dynamic={dynamic!r} is not one of {sorted(DYNAMIC_PRESETS)}")
     dims = DYNAMIC_PRESETS[dynamic]
-    bound = inspect.signature(module.forward).bind(*args, **kwargs)
+    bound = (sig or inspect.signature(module.forward)).bind(*args, **kwargs)
 
     def spec(name, value):
         if isinstance(value, torch.Tensor):
@@ -94,6 +131,14 @@ def _dynamic_spec(module, args, kwargs, dynamic: str):
                             "torch.export specializes sizes 0 and 1, use an example with size >= 2")
                     out[d] = Dim.AUTO
             return out or None
+        if is_cache(value):   # its tensors (B, heads, length, dim): any size the code does not fix may vary
+            return [{d: Dim.AUTO for d in range(t.dim()) if t.shape[d] >= 2}
+                    for t in torch.utils._pytree.tree_leaves(value)]
+        node = torch.utils._pytree.SUPPORTED_NODES.get(type(value))
+        builtin = getattr(torch.utils._pytree, "BUILTIN_TYPES", (list, tuple, dict))
+        if node is not None and type(value) not in builtin and not hasattr(value, "_fields"):
+            # a registered class (ModelOutput, dataclass): torch.export matches its flattened children
+            return [spec(f"{name}[{i}]", v) for i, v in enumerate(node.flatten_fn(value)[0])]
         if isinstance(value, (list, tuple)):
             return type(value)(spec(f"{name}[{i}]", v) for i, v in enumerate(value))
         if isinstance(value, dict):
@@ -182,6 +227,8 @@ def capture(module: torch.nn.Module, args: tuple = (), kwargs: dict | None = Non
     if not isinstance(args, tuple):
         args = (args,)
     kwargs = dict(kwargs or {})
+    register_transformers_caches()   # KV caches in inputs or outputs flatten to their tensors
+    register_objects((args, kwargs))
     # torch.export traces the examples' strides (size-1 dims included); JAX arrays have none
     args, kwargs = torch.utils._pytree.tree_map_only(torch.Tensor, _row_major, (args, kwargs))
     extra = _hf_kwargs(module, kwargs)
@@ -189,8 +236,12 @@ def capture(module: torch.nn.Module, args: tuple = (), kwargs: dict | None = Non
     if dynamic is not None:
         if dynamic_shapes is not None:
             raise CaptureError("pass either dynamic= or dynamic_shapes=, not both")
-        dynamic_shapes = _dynamic_spec(module, args, kwargs, dynamic)
-    modes = [True, False] if strict is None else [strict]
+        dynamic_shapes = _dynamic_spec(module, args, kwargs, dynamic, _flat_signature(module, kwargs))
+    flat = _flat_signature(module, kwargs) if dynamic_shapes is not None else None
+    # a cache passed in is updated in place, and counts may live in Python: non-strict runs forward as Python,
+    # where registering_outputs checks them (HF's own exporter uses non-strict for caches too)
+    given_cache = any(is_cache(v) for v in (*args, *kwargs.values()))
+    modes = ([False] if given_cache else [True, False]) if strict is None else [strict]
     errors = []
     warn_backward_hooks(module)
     with _mode(module, train), _config_cache_off(module, kwargs), collecting_hooks() as hooks, \
@@ -202,7 +253,7 @@ def capture(module: torch.nn.Module, args: tuple = (), kwargs: dict | None = Non
         for mode in modes:
             hooks.clear()   # hooks the attempt that succeeds leaves out
             try:
-                with contextlib.nullcontext() if mode else recording_functions(), \
+                with contextlib.nullcontext() if mode else recording_functions(), _flat_forward(module, flat), \
                         contextlib.nullcontext() if mode else registering_outputs(module):
                     ep = torch.export.export(module, args, kwargs, dynamic_shapes=dynamic_shapes, strict=mode)
                 if mode and strict is None and hooks:

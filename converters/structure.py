@@ -1,9 +1,12 @@
-"""Rebuild torch output structures (TreeSpec) as JAX-friendly containers.
+"""torch pytree structures (TreeSpec) as JAX-friendly containers, both ways.
 
-tuple/list stay tuple/list, dicts, `ModelOutput`-like classes and dataclasses become dicts, None stays None.
+tuple/list and NamedTuples stay, dicts, `ModelOutput`-like classes and dataclasses become dicts, None stays
+None, registered objects (KV caches) become dicts of their tensor-holding attributes (converters/caches.py).
+`spec_leaves` reads a user's JAX inputs in a spec's leaf order, by key, so dict order does not matter.
 
 Example:
     >>> spec_structure(ep.call_spec.out_spec, [logits])   # {'logits': Array(...)}
+    >>> spec_leaves(ep.call_spec.in_spec, ((ids,), {}))   # [ids]
 """
 from __future__ import annotations
 
@@ -14,6 +17,10 @@ from typing import Any
 
 import torch
 import torch.utils._pytree as torch_pytree
+
+from converters.caches import (check_state_numbers, fill, is_object_node, object_view, pairs, register_objects,
+                               state_numbers)
+from converters.dtypes import to_jax
 
 
 def spec_structure(spec, leaves: list) -> Any:
@@ -30,6 +37,9 @@ def _build(spec, it):
         return next(it)
     kids = [_build(c, it) for c in children(spec)]
     typ = spec.type
+    layout = object_view(spec) if is_object_node(spec) else None
+    if layout is not None:
+        return fill(layout, kids)
     if typ is None or typ is type(None):
         return None
     if typ in (tuple, list):
@@ -46,6 +56,45 @@ def _build(spec, it):
     if spec.context is not None and hasattr(spec.context, "__len__") and len(spec.context) == len(kids):
         return dict(zip(list(spec.context), kids))
     return tuple(kids)
+
+
+def spec_leaves(spec, value: Any, path: str = "inputs") -> list:
+    """The leaves of `value` in `spec`'s order, read by key and position (the inverse of spec_structure);
+    a mismatch raises ValueError naming the path."""
+    if spec.is_leaf():
+        return [value]
+    typ, kids = spec.type, children(spec)
+    if typ is None or typ is type(None):
+        if value is not None:
+            raise ValueError(f"{path}: expected None, got {type(value).__name__}")
+        return []
+    if is_object_node(spec):
+        layout = object_view(spec)
+        if layout is None:   # no JAX face: the object itself, flattened by its own registration
+            leaves, got = torch_pytree.tree_flatten(value)
+            if got != spec:
+                raise ValueError(f"{path}: expected {spec}, got {got}")
+            return leaves
+        try:
+            got = sorted(pairs(layout, value, path), key=lambda p: p[0])
+        except KeyError as e:
+            raise ValueError(e.args[0]) from None
+        return [x for (i, v, p) in got for x in spec_leaves(kids[i], v, p)]
+    if dataclasses.is_dataclass(typ) and not issubclass(typ, dict):
+        names = list(spec.context[0])
+        value = value if isinstance(value, dict) else {n: getattr(value, n, None) for n in names}
+        keys = names
+    elif typ is dict or (isinstance(typ, type) and issubclass(typ, dict)):
+        keys = list(spec.context)
+    else:   # tuple, list, NamedTuple
+        if not isinstance(value, (list, tuple)) or len(value) != len(kids):
+            raise ValueError(f"{path}: expected a {typ.__name__} of {len(kids)}, got {type(value).__name__}"
+                             f"{f' of {len(value)}' if isinstance(value, (list, tuple)) else ''}")
+        return [x for i, (k, v) in enumerate(zip(kids, value)) for x in spec_leaves(k, v, f"{path}[{i}]")]
+    if not isinstance(value, dict) or not set(keys) <= set(value) or (typ is dict and set(value) != set(keys)):
+        got = sorted(value) if isinstance(value, dict) else type(value).__name__
+        raise ValueError(f"{path}: expected a dict with keys {keys}, got {got}")
+    return [x for k, c in zip(keys, kids) for x in spec_leaves(c, value[k], f"{path}[{k!r}]")]
 
 
 def register_dataclasses(tree: Any) -> None:
@@ -73,8 +122,12 @@ def registering_outputs(module: torch.nn.Module):
 
     @functools.wraps(forward)
     def wrapped(*args, **kwargs):
+        named = {**{f"args[{i}]": a for i, a in enumerate(args)}, **kwargs}
+        before = state_numbers(named)
         out = forward(*args, **kwargs)
+        check_state_numbers(before, state_numbers(named))
         register_dataclasses(out)
+        register_objects(out)
         return out
 
     module.forward = wrapped
@@ -85,3 +138,15 @@ def registering_outputs(module: torch.nn.Module):
             del module.forward
         else:
             module.forward = own
+
+
+def as_jax_inputs(tree: Any) -> Any:
+    """A torch input structure in its JAX face: tensors become arrays, registered objects (KV caches)
+    dicts of their tensors, containers stay; what `jm.apply` takes, under jit too.
+
+    Example:
+        >>> cache = as_jax_inputs(static_cache)    # {'layers': [{'keys': Array, 'values': Array, ...}, ...]}
+    """
+    register_objects(tree)
+    leaves, spec = torch_pytree.tree_flatten(tree)
+    return spec_structure(spec, [to_jax(x, "an input") if isinstance(x, torch.Tensor) else x for x in leaves])

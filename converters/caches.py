@@ -1,0 +1,222 @@
+"""Stateful containers as inputs and outputs: Hugging Face KV caches and other registered pytree objects.
+
+torch.export flattens only registered pytrees. Capture registers transformers' cache classes
+(`DynamicCache`, `StaticCache`, their layers, model-specific `*Cache` classes) as nodes whose children are
+the tensors inside them and whose context describes everything else. In JAX an object node is a dict of its
+tensor-holding attributes, e.g. a cache is `{'layers': [{'keys': k, 'values': v}, ...]}`: the converted
+model returns it and takes it back, so a decode step runs as a pure function.
+
+Example:
+    >>> decode = bridge.convert(lm, kwargs={"input_ids": ids, "past_key_values": cache}, dynamic="batch+seq")
+    >>> out = decode(input_ids=nxt, past_key_values=out["past_key_values"])   # the cache prefill returned
+"""
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import torch
+import torch.utils._pytree as torch_pytree
+
+
+class _Leaf:
+    """Stands for the i-th child while rebuilding an object node's layout."""
+
+    def __init__(self, i: int):
+        self.i = i
+
+
+def _is_cache_class(cls: type) -> bool:
+    cache_utils = sys.modules.get("transformers.cache_utils")
+    base = getattr(cache_utils, "Cache", None)
+    layer = getattr(cache_utils, "CacheLayerMixin", None)
+    return (cls.__name__.endswith("Cache") or (base is not None and issubclass(cls, base))
+            or (layer is not None and issubclass(cls, layer)))
+
+
+def _describe(obj: Any, tensors: list, path: str = "") -> tuple:
+    """A hashable description of `obj` with its tensors replaced by their index in `tensors`."""
+    if isinstance(obj, torch.Tensor):
+        tensors.append(obj)
+        return ("T", len(tensors) - 1)
+    if isinstance(obj, (torch.SymInt, torch.SymFloat, torch.SymBool)):
+        raise ValueError(f"cache attribute {path.lstrip('.')} is a Python number that follows the input's size "
+                         f"({obj}); a JAX program cannot carry it: convert without dynamic shapes, or use a "
+                         "cache that keeps its state in tensors (StaticCache)")
+    if isinstance(obj, (list, tuple)):
+        return (type(obj), tuple(_describe(x, tensors, f"{path}[{i}]") for i, x in enumerate(obj)))
+    if isinstance(obj, dict):
+        return (dict, tuple((k, _describe(v, tensors, f"{path}[{k!r}]")) for k, v in obj.items()))
+    if hasattr(obj, "__dict__") and not isinstance(obj, (type, torch.nn.Module)):
+        n = len(tensors)
+        desc = (object, type(obj), tuple((k, _describe(v, tensors, f"{path}.{k}")) for k, v in vars(obj).items()))
+        if len(tensors) > n or _is_cache_class(type(obj)):   # a layer of a cache: rebuilt around its tensors
+            return desc
+    return ("C", obj)   # a constant: int, bool, device, dtype, config...
+
+
+def _build(desc: tuple, leaves: list) -> Any:
+    kind = desc[0]
+    if kind == "T":
+        return leaves[desc[1]]
+    if kind == "C":
+        return desc[1]
+    if kind is dict:
+        return {k: _build(v, leaves) for k, v in desc[1]}
+    if kind is object:
+        obj = desc[1].__new__(desc[1])
+        obj.__dict__.update({k: _build(v, leaves) for k, v in desc[2]})
+        return obj
+    return kind(_build(v, leaves) for v in desc[1])
+
+
+def _flatten(obj):
+    tensors: list = []
+    return tensors, _describe(obj, tensors, type(obj).__name__)
+
+
+def _flatten_with_keys(obj):
+    tensors, context = _flatten(obj)
+    return [(torch_pytree.SequenceKey(i), t) for i, t in enumerate(tensors)], context
+
+
+def _unflatten(leaves, context):
+    return _build(context, list(leaves))
+
+
+def register(cls: type) -> None:
+    """Register `cls` as a torch pytree node of its tensors (no-op where someone registered it already)."""
+    if cls in torch_pytree.SUPPORTED_NODES:
+        return
+    torch_pytree.register_pytree_node(cls, _flatten, _unflatten, flatten_with_keys_fn=_flatten_with_keys,
+                                      serialized_type_name=f"{cls.__module__}.{cls.__qualname__}")
+
+
+def register_transformers_caches() -> None:
+    """Every cache class transformers has loaded (nothing is imported here)."""
+    cache_utils = sys.modules.get("transformers.cache_utils")
+    base = getattr(cache_utils, "Cache", None)
+    if base is None:
+        return
+    todo = [base]
+    while todo:
+        cls = todo.pop()
+        register(cls)
+        todo.extend(cls.__subclasses__())
+
+
+def is_cache(obj: Any) -> bool:
+    return hasattr(obj, "__dict__") and not isinstance(obj, (type, torch.Tensor)) and _is_cache_class(type(obj))
+
+
+def register_objects(tree: Any) -> None:
+    """Register the cache objects inside `tree` (example inputs, a forward's outputs)."""
+    if isinstance(tree, (list, tuple)):
+        for x in tree:
+            register_objects(x)
+    elif isinstance(tree, dict):
+        for x in tree.values():
+            register_objects(x)
+    elif is_cache(tree):
+        register(type(tree))
+
+
+def state_numbers(tree: Any, path: str = "", inside: bool = False) -> dict[str, Any]:
+    """Python numbers kept inside the cache objects of `tree`, by attribute path (bools excluded: flags)."""
+    out: dict[str, Any] = {}
+    if isinstance(tree, (list, tuple)):
+        for i, x in enumerate(tree):
+            out.update(state_numbers(x, f"{path}[{i}]", inside))
+    elif isinstance(tree, dict):
+        for k, x in tree.items():
+            out.update(state_numbers(x, f"{path}[{k!r}]" if path else str(k), inside))
+    elif is_cache(tree) or (inside and hasattr(tree, "__dict__") and not isinstance(tree, (type, torch.Tensor))):
+        for k, x in vars(tree).items():
+            if isinstance(x, (int, float, torch.SymInt, torch.SymFloat)) and not isinstance(x, bool):
+                out[f"{path}.{k}"] = x
+            else:
+                out.update(state_numbers(x, f"{path}.{k}", True))
+    return out
+
+
+def check_state_numbers(before: dict, after: dict) -> None:
+    """A cache that counts in Python (a sliding window's cumulative length) cannot be a JAX program's state:
+    the count would be baked in, and the next call would reuse it."""
+    changed = [k for k in before if k in after and (after[k] is not before[k] and after[k] != before[k])]
+    if changed:
+        k = changed[0]
+        raise ValueError(f"cache attribute {k} is a Python number the forward changes ({before[k]} -> {after[k]}); "
+                         "a converted program would bake it in: use a cache that keeps its state in tensors "
+                         "(StaticCache), or run without a cache (use_cache=False)")
+
+
+def is_object_node(spec) -> bool:
+    """A registered node that is neither a builtin container, a NamedTuple, a dataclass nor a dict-like output."""
+    typ = spec.type
+    return (isinstance(typ, type) and typ not in (tuple, list, dict, type(None))
+            and not issubclass(typ, (tuple, dict)) and typ in torch_pytree.SUPPORTED_NODES
+            and not hasattr(typ, "__dataclass_fields__") and not isinstance(spec.context, type))
+
+
+def _view(obj: Any) -> Any:
+    """The JAX face of an object rebuilt around `_Leaf`s: dicts of the attributes holding leaves."""
+    if isinstance(obj, _Leaf):
+        return obj
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_view(x) for x in obj) if not hasattr(obj, "_fields") else type(obj)(*map(_view, obj))
+    items = obj.items() if isinstance(obj, dict) else vars(obj).items() if hasattr(obj, "__dict__") else None
+    if items is None:
+        return None
+    out = {k: _view(v) for k, v in items}
+    return {k: v for k, v in out.items() if _has_leaf(v)}
+
+
+def _has_leaf(v: Any) -> bool:
+    if isinstance(v, _Leaf):
+        return True
+    if isinstance(v, (list, tuple)):
+        return any(_has_leaf(x) for x in v)
+    return isinstance(v, dict) and any(_has_leaf(x) for x in v.values())
+
+
+def object_view(spec) -> Any:
+    """The layout of an object node: its JAX structure with `_Leaf(i)` where child i goes, or None where its
+    unflatten does more than store its children (then the node is not given a JAX face)."""
+    node = torch_pytree.SUPPORTED_NODES[spec.type]
+    try:
+        return _view(node.unflatten_fn([_Leaf(i) for i in range(spec.num_children)], spec.context))
+    except Exception:  # a user's own node type computing on its children: no layout to read
+        return None
+
+
+def fill(layout: Any, leaves: list) -> Any:
+    """`layout` with each `_Leaf(i)` replaced by leaves[i]."""
+    if isinstance(layout, _Leaf):
+        return leaves[layout.i]
+    if isinstance(layout, dict):
+        return {k: fill(v, leaves) for k, v in layout.items()}
+    if isinstance(layout, (list, tuple)):
+        return type(layout)(fill(v, leaves) for v in layout)
+    return layout
+
+
+def pairs(layout: Any, value: Any, path: str):
+    """Yield (child index, value, path) for every leaf of `layout`, read from the user's `value` by key."""
+    if isinstance(layout, _Leaf):
+        yield layout.i, value, path
+    elif isinstance(layout, dict):
+        if is_cache(value):   # the torch object itself (e.g. a fresh StaticCache for the first call)
+            value = {k: v for k, v in vars(value).items() if k in layout}
+        if not isinstance(value, dict) or set(value) != set(layout):
+            raise KeyError(f"{path}: expected a dict with keys {sorted(layout)}, got "
+                           f"{sorted(value) if isinstance(value, dict) else type(value).__name__}")
+        for k, v in layout.items():
+            yield from pairs(v, value[k], f"{path}[{k!r}]")
+    elif isinstance(layout, (list, tuple)):
+        if not isinstance(value, (list, tuple)) or len(value) != len(layout):
+            raise KeyError(f"{path}: expected a sequence of {len(layout)}, got {type(value).__name__}"
+                           f"{f' of {len(value)}' if isinstance(value, (list, tuple)) else ''}")
+        for i, (v, x) in enumerate(zip(layout, value)):
+            yield from pairs(v, x, f"{path}[{i}]")
+    elif value is not None:
+        raise KeyError(f"{path}: expected None, got {type(value).__name__}")

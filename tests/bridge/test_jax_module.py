@@ -146,3 +146,34 @@ def test_python_values_are_part_of_the_capture(changed):
     if changed.get("scale") != changed.get("scale"):     # a nan captured is matched by a nan given
         nan = bridge.convert(model, (x,), {**kwargs, **changed})
         assert np.isnan(np.asarray(nan(x, **{**kwargs, **changed}))).all()
+
+
+class _Consts(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(4, 3)
+
+    def forward(self, x, scale: float = 1.0):
+        return {"y": self.lin(x) * scale, "n": 3, "tag": "ok", "none": None}
+
+
+def test_calling_the_module_compiles_once_per_input_signature(monkeypatch):
+    """jm(...) runs apply under jit (one trace per shape and Python values) and accepts torch, numpy and JAX
+    inputs; Python values the program returns come back as they are."""
+    torch.manual_seed(0)
+    model, x = _Consts(), torch.randn(2, 4)
+    jm = bridge.convert(model, (x,), {"scale": 2.0})
+    traces = []
+    run = jm.program.run
+    monkeypatch.setattr(jm.program, "run", lambda *a, **k: traces.append(1) or run(*a, **k))
+    with torch.no_grad():
+        want = model(x, scale=2.0)["y"]
+    for given in (x, x.numpy(), to_jax(x)):
+        out = jm(given)
+        assert_close(out["y"], want)
+        assert (out["n"], out["tag"], out["none"]) == (3, "ok", None)
+    assert len(traces) == 1
+    jm(x, scale=2.0)               # the captured value given explicitly: another signature, same program
+    assert len(traces) == 2
+    with pytest.raises(InputError, match="input 'scale' is 3.0, but the model was captured with 2.0"):
+        jm(x, scale=3.0)

@@ -197,16 +197,23 @@ def _autograd_function_forward(gm: torch.fx.GraphModule, node: torch.fx.Node) ->
 
 
 @contextlib.contextmanager
-def _distribution_checks_off():
-    """torch.distributions validates arguments and samples with a Python branch on tensor values (raise if any is
-    out of support), which no traced program can carry, so capture runs with validation off, as JAX does:
-    valid inputs give the same values. A distribution built with validate_args=True still fails, with a hint."""
-    default = torch.distributions.Distribution._validate_args
+def _value_checks_off():
+    """Checks in torch's own Python that branch on tensor values, which no traced program can carry, are off
+    while capturing; neither changes a result:
+    - torch.distributions validates arguments and samples (raise if any is out of support): valid inputs give
+      the same values. A distribution built with validate_args=True still fails, with a hint.
+    - nn.Transformer* compare a mask without is_causal to a causal one (`_detect_is_causal_mask`) only to
+      pick a faster kernel ("is_causal=False for a causal mask may lead to reduced performance"): the mask is
+      applied as given."""
+    transformer = torch.nn.modules.transformer
+    default, detect = torch.distributions.Distribution._validate_args, transformer._detect_is_causal_mask
     torch.distributions.Distribution.set_default_validate_args(False)
+    transformer._detect_is_causal_mask = lambda mask, is_causal=None, size=None: is_causal is True
     try:
         yield
     finally:
         torch.distributions.Distribution.set_default_validate_args(default)
+        transformer._detect_is_causal_mask = detect
 
 
 @contextlib.contextmanager
@@ -245,7 +252,7 @@ def capture(module: torch.nn.Module, args: tuple = (), kwargs: dict | None = Non
     errors = []
     warn_backward_hooks(module)
     with _mode(module, train), _config_cache_off(module, kwargs), collecting_hooks() as hooks, \
-            _distribution_checks_off(), warnings.catch_warnings():
+            _value_checks_off(), warnings.catch_warnings():
         # torch's own deprecation chatter and dynamo's side-effect notes say nothing about the user's model
         warnings.filterwarnings("ignore", category=FutureWarning)
         warnings.filterwarnings("ignore", message=".*side effects happened in the model.forward.*")

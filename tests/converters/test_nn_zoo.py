@@ -580,9 +580,7 @@ CASES = [
          lambda: (r(6, 2, 16), r(4, 2, 16)), slow=True),
     Case("transformer_mask_without_is_causal",
          fmod(lambda s, a, b: s.t(a, b, tgt_mask=causal(4)), t=nn.Transformer(16, 2, 1, 1, 32, dropout=0.0)),
-         lambda: (r(6, 2, 16), r(4, 2, 16)),
-         skip="torch.export: nn.Transformer* compares a mask with a causal one (_detect_is_causal_mask, torch.equal), "
-              "a data-dependent branch; pass is_causal=True / tgt_is_causal=True"),
+         lambda: (r(6, 2, 16), r(4, 2, 16))),
     # frozen weights: the eval fast path exports as _transformer_encoder_layer_fwd (torch has no autograd for
     # it; the input gradients compare with torch's slow path, which inputs requiring grad select). Nested
     # tensors stay off: torch.export takes the padded path, where eager zeroes its nested output's padding.

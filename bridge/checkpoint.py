@@ -83,7 +83,8 @@ def _torch_sources(path: Path) -> list[TensorSource]:
         if "TorchScript" in str(e):
             raise CheckpointError(f"{path}: a TorchScript archive (torch.jit.save), which bridge does not open "
                                   "(loading runs its code); if you trust it, pass "
-                                  "torch.jit.load(path).state_dict() to jm.load_weights instead") from e
+                                  "torch.jit.load(path).state_dict() to jm.load_weights, or the module "
+                                  "torch.jit.load(path) to bridge.convert") from e
         raise CheckpointError(f"{path}: not a readable torch checkpoint ({type(e).__name__}: "
                               f"{str(e).splitlines()[0] if str(e) else ''})") from e
     return state_dict_sources(sd, path)

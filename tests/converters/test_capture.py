@@ -13,6 +13,7 @@ import transformers
 
 import bridge
 from bridge.errors import CaptureError, InputError
+from bridge.tree import flatten
 from converters.dtypes import to_jax
 from tests.conftest import assert_close
 from tests.models import MODELS
@@ -215,3 +216,40 @@ def test_dataclass_namedtuple_and_nested_outputs_keep_their_structure():
     grad = jax.grad(lambda p: (lambda o: o[0]["aux"].sum() + o[1].neg.sum())(
         jm.apply(p, [to_jax(x) for x in xs], {"scale": to_jax(extra["scale"])})))(jm.params)
     assert_close(grad["lin"]["weight"], model.lin.weight.grad, what="weight grad")
+
+
+class _Scriptable(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv1d(3, 4, 3, padding=1)
+        self.bn = torch.nn.BatchNorm1d(4)
+        self.head = torch.nn.Linear(4, 2)
+        self.register_buffer("scale", torch.tensor([2.0, 0.5]))
+
+    def forward(self, x):
+        h = torch.relu(self.bn(self.conv(x)))
+        if h.shape[-1] > 1:             # scripting keeps the branch, tracing records the taken one
+            h = h.mean(-1)
+        return self.head(h) * self.scale
+
+
+@pytest.mark.parametrize("how", ["script", "trace", "saved"])
+def test_torchscript_modules_convert(how, tmp_path):
+    """torch.jit.script / trace / a torch.jit.load'ed archive: converted through torch's TorchScript converter
+    with the module's own names; forward and every parameter gradient equal the original module's."""
+    torch.manual_seed(0)
+    model, x = _Scriptable().eval(), torch.randn(5, 3, 7)
+    with torch.no_grad():
+        model.bn.running_mean.normal_()
+        model.bn.running_var.uniform_(0.5, 2.0)
+    ts = torch.jit.trace(model, (x,)) if how == "trace" else torch.jit.script(model)
+    if how == "saved":
+        torch.jit.save(ts, tmp_path / "m.pt")
+        ts = torch.jit.load(tmp_path / "m.pt")
+    jm = bridge.convert(ts, (x,))
+    assert sorted(flatten(jm.params)) == sorted(n for n, _ in model.named_parameters())
+    assert_close(jax.jit(jm.apply)(jm.params, to_jax(x)), model(x).detach())
+    model(x).square().sum().backward()
+    grads = jax.grad(lambda p: jax.numpy.sum(jax.numpy.square(jm.apply(p, to_jax(x)))))(jm.params)
+    for name, p in model.named_parameters():
+        assert_close(flatten(grads)[name], p.grad, what=name)

@@ -34,8 +34,11 @@ def _is_cache_class(cls: type) -> bool:
             or (layer is not None and issubclass(cls, layer)))
 
 
-def _describe(obj: Any, tensors: list, path: str = "") -> tuple:
+def _describe(obj: Any, tensors: list, path: str = "", seen: frozenset = frozenset()) -> tuple:
     """A hashable description of `obj` with its tensors replaced by their index in `tensors`."""
+    if id(obj) in seen:   # a back-reference: kept as it is
+        return ("C", obj)
+    seen = seen | {id(obj)}
     if isinstance(obj, torch.Tensor):
         tensors.append(obj)
         return ("T", len(tensors) - 1)
@@ -44,12 +47,13 @@ def _describe(obj: Any, tensors: list, path: str = "") -> tuple:
                          f"({obj}); a JAX program cannot carry it: convert without dynamic shapes, or use a "
                          "cache that keeps its state in tensors (StaticCache)")
     if isinstance(obj, (list, tuple)):
-        return (type(obj), tuple(_describe(x, tensors, f"{path}[{i}]") for i, x in enumerate(obj)))
+        return (type(obj), tuple(_describe(x, tensors, f"{path}[{i}]", seen) for i, x in enumerate(obj)))
     if isinstance(obj, dict):
-        return (dict, tuple((k, _describe(v, tensors, f"{path}[{k!r}]")) for k, v in obj.items()))
+        return (dict, tuple((k, _describe(v, tensors, f"{path}[{k!r}]", seen)) for k, v in obj.items()))
     if hasattr(obj, "__dict__") and not isinstance(obj, (type, torch.nn.Module)):
         n = len(tensors)
-        desc = (object, type(obj), tuple((k, _describe(v, tensors, f"{path}.{k}")) for k, v in vars(obj).items()))
+        desc = (object, type(obj),
+                tuple((k, _describe(v, tensors, f"{path}.{k}", seen)) for k, v in vars(obj).items()))
         if len(tensors) > n or _is_cache_class(type(obj)):   # a layer of a cache: rebuilt around its tensors
             return desc
     return ("C", obj)   # a constant: int, bool, device, dtype, config...
@@ -121,28 +125,33 @@ def register_objects(tree: Any) -> None:
         register(type(tree))
 
 
-def state_numbers(tree: Any, path: str = "", inside: bool = False) -> dict[str, Any]:
+def state_numbers(tree: Any, path: str = "", inside: bool = False, seen: frozenset = frozenset()) -> dict:
     """Python numbers kept inside the cache objects of `tree`, by attribute path (bools excluded: flags)."""
     out: dict[str, Any] = {}
+    if id(tree) in seen:   # a back-reference (a layer pointing at its cache)
+        return out
+    seen = seen | {id(tree)}
     if isinstance(tree, (list, tuple)):
         for i, x in enumerate(tree):
-            out.update(state_numbers(x, f"{path}[{i}]", inside))
+            out.update(state_numbers(x, f"{path}[{i}]", inside, seen))
     elif isinstance(tree, dict):
         for k, x in tree.items():
-            out.update(state_numbers(x, f"{path}[{k!r}]" if path else str(k), inside))
+            out.update(state_numbers(x, f"{path}[{k!r}]" if path else str(k), inside, seen))
     elif is_cache(tree) or (inside and hasattr(tree, "__dict__") and not isinstance(tree, (type, torch.Tensor))):
         for k, x in vars(tree).items():
             if isinstance(x, (int, float, torch.SymInt, torch.SymFloat)) and not isinstance(x, bool):
                 out[f"{path}.{k}"] = x
             else:
-                out.update(state_numbers(x, f"{path}.{k}", True))
+                out.update(state_numbers(x, f"{path}.{k}", True, seen))
     return out
 
 
 def check_state_numbers(before: dict, after: dict) -> None:
     """A cache that counts in Python (a sliding window's cumulative length) cannot be a JAX program's state:
     the count would be baked in, and the next call would reuse it."""
-    changed = [k for k in before if k in after and (after[k] is not before[k] and after[k] != before[k])]
+    symbolic = (torch.SymInt, torch.SymFloat)   # a size expression now: changed (no comparison, which would guard)
+    changed = [k for k in before if k in after and after[k] is not before[k]
+               and (isinstance(after[k], symbolic) or after[k] != before[k])]
     if changed:
         k = changed[0]
         raise ValueError(f"cache attribute {k} is a Python number the forward changes ({before[k]} -> {after[k]}); "
@@ -205,7 +214,7 @@ def pairs(layout: Any, value: Any, path: str):
     if isinstance(layout, _Leaf):
         yield layout.i, value, path
     elif isinstance(layout, dict):
-        if is_cache(value):   # the torch object itself (e.g. a fresh StaticCache for the first call)
+        if not isinstance(value, dict) and hasattr(value, "__dict__"):   # the torch object itself (a StaticCache)
             value = {k: v for k, v in vars(value).items() if k in layout}
         if not isinstance(value, dict) or set(value) != set(layout):
             raise KeyError(f"{path}: expected a dict with keys {sorted(layout)}, got "

@@ -119,12 +119,16 @@ def _dynamic_spec(module, args, kwargs, dynamic: str, sig: inspect.Signature | N
         raise CaptureError(f"dynamic={dynamic!r} is not one of {sorted(DYNAMIC_PRESETS)}")
     dims = DYNAMIC_PRESETS[dynamic]
     bound = (sig or inspect.signature(module.forward)).bind(*args, **kwargs)
+    # a decode step (a cache among the inputs) is written with one new token: that size-1 dim stays static
+    decode = any(is_cache(v) for v in (*args, *kwargs.values()))
 
     def spec(name, value):
         if isinstance(value, torch.Tensor):
             out = {}
             for d in dims:
                 if d < value.dim():
+                    if value.shape[d] < 2 and decode:
+                        continue
                     if value.shape[d] < 2:
                         raise CaptureError(
                             f"dynamic={dynamic!r}: input {name!r} has size {value.shape[d]} in dim {d}; "

@@ -31,6 +31,11 @@ LMS = {
         vocab_size=V, n_embd=32, n_layer=2, n_head=4, n_positions=32, eos_token_id=EOS, pad_token_id=0)),
     "mamba": lambda: tf.MambaForCausalLM(tf.MambaConfig(
         vocab_size=V, hidden_size=32, state_size=8, num_hidden_layers=2, eos_token_id=EOS, pad_token_id=0)),
+    "jamba": lambda: tf.JambaForCausalLM(tf.JambaConfig(   # hybrid: Mamba layers and an attention layer
+        vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, num_experts=2, num_experts_per_tok=1, attn_layer_period=2, attn_layer_offset=1,
+        expert_layer_period=2, expert_layer_offset=1, mamba_d_state=8, mamba_dt_rank=8, use_mamba_kernels=False,
+        eos_token_id=EOS, pad_token_id=0)),
 }
 
 
@@ -50,7 +55,7 @@ def _torch_tokens(model, ids):
     return out[:, ids.shape[1]:].numpy()
 
 
-@pytest.mark.parametrize("name", ["llama", "gpt2", "mamba"] if FULL else ["llama"])
+@pytest.mark.parametrize("name", list(LMS) if FULL else ["llama"])
 def test_dynamic_cache_decode_matches_torch(name):
     """Prefill returns the cache as {'layers': [{'keys', 'values'}...]} equal to torch's; a decode program taking
     it back (converted once, any cache length) generates torch's greedy tokens with torch's logits."""
@@ -65,13 +70,11 @@ def test_dynamic_cache_decode_matches_torch(name):
     flat_ref = torch.utils._pytree.tree_leaves(cache_ref)
     flat_got = jax.tree.leaves(out[key])
     assert len(flat_got) == len(flat_ref) > 0
-    if name != "mamba":
+    if name in ("llama", "gpt2"):
         layers = out[key]["layers"]
         assert_close(layers[1]["values"], cache_ref.layers[1].values, what="layer 1 values")
-    # decode: one program for every cache length (Mamba's single-token path is static, converted at length 1)
-    example = {"input_ids": ids[:, :1], key: cache_ref}
-    decode = (bridge.convert(model, kwargs=example) if name == "mamba" else
-              bridge.convert(model, kwargs={**example, "input_ids": ids[:, :2]}, dynamic="batch+seq"))
+    # decode: one program for every cache length, written with one new token (that size stays static)
+    decode = bridge.convert(model, kwargs={"input_ids": ids[:, :1], key: cache_ref}, dynamic="batch+seq")
     step = jax.jit(lambda p, tok, cache: decode.apply(p, input_ids=tok, **{key: cache}))
     cache, nxt, tokens, torch_cache = out[key], _greedy(out["logits"][:, -1]), [], cache_ref
     for _ in range(N):

@@ -70,6 +70,7 @@ class JaxModule:
         self.buffers = buffers
         self.meta = meta
         self._jit_call = None   # __call__'s compiled apply (params and buffers are its arguments)
+        self._out_static: dict = {}   # per input signature: the outputs' structure and Python values
 
     # -- pytree ---------------------------------------------------------------------------
     def tree_flatten(self):
@@ -183,8 +184,6 @@ class JaxModule:
 
     def _compiled(self):
         if self._jit_call is None:
-            self._out_static = {}   # per input signature: the outputs' structure and Python values (traced once)
-
             def call(key, params, buffers, arrays, rng):
                 args, kwargs = _merge(*key, arrays)
                 out = self.apply(params, *args, buffers=buffers, rng=rng, **kwargs)

@@ -289,6 +289,10 @@ def capture(module: torch.nn.Module, args: tuple = (), kwargs: dict | None = Non
                     "torch.cond (lowered to lax.cond)" if any("data-dependent" in e.lower() for e in errors) else "")
             if hint and any("torch/distributions" in e for e in errors):
                 hint += "; a torch.distributions object built with validate_args=True checks its values so: drop it"
+            if any("torch.autograd.grad" in e or "requires_grad_" in e for e in errors):
+                hint += ("\nhint: derivatives taken inside forward (torch.autograd.grad, requires_grad_) cannot be "
+                         "captured; convert the network without them and differentiate in JAX, e.g. "
+                         "jax.grad(lambda x: jm.apply(params, x).sum())(x)")
             failed = CaptureError(f"torch.export failed for {type(module).__name__}:\n" + "\n".join(errors) + hint)
             if inlined is None:
                 raise failed

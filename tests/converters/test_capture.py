@@ -253,3 +253,27 @@ def test_torchscript_modules_convert(how, tmp_path):
     grads = jax.grad(lambda p: jax.numpy.sum(jax.numpy.square(jm.apply(p, to_jax(x)))))(jm.params)
     for name, p in model.named_parameters():
         assert_close(flatten(grads)[name], p.grad, what=name)
+
+
+class _PINN(torch.nn.Module):
+    """A physics-informed net: forward returns u and du/dx through torch.autograd.grad."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = torch.nn.Sequential(torch.nn.Linear(2, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+
+    def forward(self, x):
+        u = self.net(x)
+        return u, torch.autograd.grad(u.sum(), x, create_graph=True)[0]
+
+
+def test_derivatives_inside_forward_point_to_jax_grad():
+    """torch.autograd.grad in forward cannot be captured: the error says so, and the recipe it gives (convert the
+    network, differentiate in JAX) reproduces torch's du/dx."""
+    torch.manual_seed(0)
+    model, x = _PINN(), torch.randn(5, 2, requires_grad=True)
+    with pytest.raises(CaptureError, match="(?s)derivatives taken inside forward.*jax.grad"):
+        bridge.convert(model, (x,))
+    jm = bridge.convert(model.net, (x.detach(),))
+    du = jax.grad(lambda xj: jm.apply(jm.params, xj).sum())(to_jax(x.detach()))
+    assert_close(du, model(x)[1].detach(), what="du/dx")

@@ -115,8 +115,9 @@ def register_dataclasses(tree: Any) -> None:
 
 @contextlib.contextmanager
 def registering_outputs(module: torch.nn.Module):
-    """Non-strict export runs `module.forward` in Python: its output's dataclass types are registered as the
-    forward returns, before torch.export flattens it."""
+    """Non-strict export runs `module.forward` in Python: its output's dataclass and cache types are registered
+    as the forward returns, before torch.export flattens it, and a cache input whose Python numbers the
+    forward changes is refused (see caches.check_state_numbers)."""
     own = module.__dict__.get("forward")
     forward = module.forward
 

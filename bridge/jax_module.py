@@ -13,14 +13,11 @@ import json
 import jax
 import numpy as np
 import torch
-import torch.utils._pytree as torch_pytree
 
 from bridge.errors import InputError, StateError
 from bridge.tree import flatten, nest
-from converters.caches import register_objects
-from converters.dtypes import narrow, to_jax
 from converters.interpreter import Program
-from converters.structure import children, spec_leaves, spec_structure
+from converters.structure import as_jax_inputs, children, input_leaf, spec_leaves
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -44,14 +41,6 @@ class StateMeta:
         return cls(torch_dtypes={k: getattr(torch, v) for k, v in d["torch_dtypes"].items()},
                    aliases=dict(d["aliases"]), non_persistent=frozenset(d["non_persistent"]),
                    state_dict_keys=tuple(d["state_dict_keys"]), frozen=frozenset(d.get("frozen", ())))
-
-
-def _to_leaf(x):
-    if isinstance(x, torch.Tensor):
-        return to_jax(x, "an input", InputError)
-    if isinstance(x, np.ndarray):
-        return jax.numpy.asarray(narrow(x, jax.dtypes.canonicalize_dtype(x.dtype), "an input", InputError))
-    return x
 
 
 def _merge(treedef, mask, consts, arrays):
@@ -135,7 +124,7 @@ class JaxModule:
                 leaves = spec_leaves(spec, (tuple(args), kwargs), "inputs")
         except ValueError as e:
             raise InputError(f"inputs do not match the exported structure: {e}") from None
-        leaves = [_to_leaf(x) for x in leaves]
+        leaves = [input_leaf(x) for x in leaves]
         self.program.check_inputs(leaves)
         return leaves
 
@@ -167,10 +156,7 @@ class JaxModule:
         Example:
             >>> logits = jm(input_ids=ids)["logits"]
         """
-        register_objects((args, kwargs))
-        leaves, spec = torch_pytree.tree_flatten((args, kwargs))
-        leaves, treedef = jax.tree.flatten(spec_structure(spec, [_to_leaf(x) for x in leaves]),
-                                           is_leaf=lambda x: x is None)
+        leaves, treedef = jax.tree.flatten(as_jax_inputs((args, kwargs)), is_leaf=lambda x: x is None)
         mask = tuple(isinstance(x, jax.Array) for x in leaves)
         consts = tuple(x for x, m in zip(leaves, mask) if not m)
         arrays = [x for x, m in zip(leaves, mask) if m]

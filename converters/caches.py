@@ -12,6 +12,7 @@ Example:
 """
 from __future__ import annotations
 
+import dataclasses
 import sys
 from typing import Any
 
@@ -113,9 +114,21 @@ def is_cache(obj: Any) -> bool:
     return hasattr(obj, "__dict__") and not isinstance(obj, (type, torch.Tensor)) and _is_cache_class(type(obj))
 
 
+def has_cache(args: tuple, kwargs: dict) -> bool:
+    """A cache object among the top-level inputs (a decode step)."""
+    return any(is_cache(v) for v in (*args, *kwargs.values()))
+
+
 def register_objects(tree: Any) -> None:
-    """Register the cache objects inside `tree` (example inputs, a forward's outputs)."""
-    if isinstance(tree, (list, tuple)):
+    """Register the object types inside `tree` (example inputs, a forward's outputs) as torch pytree nodes:
+    caches as nodes of their tensors, a user's own `@dataclass` by its fields (`ModelOutput` registers
+    itself), so torch.export can flatten them."""
+    if dataclasses.is_dataclass(tree) and not isinstance(tree, type):
+        if type(tree) not in torch_pytree.SUPPORTED_NODES:
+            torch_pytree.register_dataclass(type(tree))
+        for f in dataclasses.fields(tree):
+            register_objects(getattr(tree, f.name))
+    elif isinstance(tree, (list, tuple)):
         for x in tree:
             register_objects(x)
     elif isinstance(tree, dict):

@@ -23,8 +23,8 @@ from converters import ops as _ops  # noqa: F401  (registers every lowering)
 from converters.autograd_functions import (collecting_hooks, inlined_functions, recording_functions,
                                           warn_backward_hooks, warn_dropped_hooks)
 from converters.registry import registered
-from converters.caches import is_cache, register_objects, register_transformers_caches
-from converters.structure import registering_outputs
+from converters.caches import has_cache, is_cache, register_objects, register_transformers_caches
+from converters.structure import patched_forward, registering_outputs
 
 DYNAMIC_PRESETS = {"batch": (0,), "batch+seq": (0, 1)}
 
@@ -58,9 +58,8 @@ def _hf_kwargs(module: torch.nn.Module, kwargs: dict) -> dict:
     """Hugging Face models: turn the KV cache off unless the caller chose otherwise (or passed a cache)."""
     extra = {}
     params = inspect.signature(module.forward).parameters
-    given_cache = any(is_cache(v) for v in kwargs.values())
     if getattr(module, "config", None) is not None and "use_cache" in params and "use_cache" not in kwargs \
-            and not given_cache:
+            and not has_cache((), kwargs):
         extra["use_cache"] = False
     return extra
 
@@ -70,7 +69,7 @@ def _config_cache_off(module: torch.nn.Module, kwargs: dict):
     """Hugging Face models whose forward passes `use_cache` on only through **kwargs read it from the config:
     turned off there while capturing (as a keyword it would hit torch.export's **kwargs dynamic-shape bug)."""
     config = getattr(module, "config", None)
-    if "use_cache" in kwargs or not getattr(config, "use_cache", False) or any(map(is_cache, kwargs.values())):
+    if "use_cache" in kwargs or not getattr(config, "use_cache", False) or has_cache((), kwargs):
         yield
         return
     config.use_cache = False
@@ -92,26 +91,17 @@ def _flat_signature(module: torch.nn.Module, kwargs: dict) -> inspect.Signature 
                        + [inspect.Parameter(k, inspect.Parameter.KEYWORD_ONLY) for k in loose])
 
 
-@contextlib.contextmanager
 def _flat_forward(module: torch.nn.Module, sig: inspect.Signature | None):
     """module.forward seen with `sig` (see _flat_signature) while exporting."""
     if sig is None:
-        yield
-        return
-    own, forward = module.__dict__.get("forward"), module.forward
+        return contextlib.nullcontext()
 
-    def flat(*args, **kwargs):
-        return forward(*args, **kwargs)
-
-    flat.__signature__ = sig
-    module.forward = flat
-    try:
-        yield
-    finally:
-        if own is None:
-            del module.forward
-        else:
-            module.forward = own
+    def wrapper(forward):
+        def flat(*args, **kwargs):
+            return forward(*args, **kwargs)
+        flat.__signature__ = sig
+        return flat
+    return patched_forward(module, wrapper)
 
 
 def _dynamic_spec(module, args, kwargs, dynamic: str, sig: inspect.Signature | None = None):
@@ -120,7 +110,7 @@ def _dynamic_spec(module, args, kwargs, dynamic: str, sig: inspect.Signature | N
     dims = DYNAMIC_PRESETS[dynamic]
     bound = (sig or inspect.signature(module.forward)).bind(*args, **kwargs)
     # a decode step (a cache among the inputs) is written with one new token: that size-1 dim stays static
-    decode = any(is_cache(v) for v in (*args, *kwargs.values()))
+    decode = has_cache(args, kwargs)
 
     def spec(name, value):
         if isinstance(value, torch.Tensor):
@@ -253,8 +243,7 @@ def capture(module: torch.nn.Module, args: tuple = (), kwargs: dict | None = Non
     flat = _flat_signature(module, kwargs) if dynamic_shapes is not None else None
     # a cache passed in is updated in place, and counts may live in Python: non-strict runs forward as Python,
     # where registering_outputs checks them (HF's own exporter uses non-strict for caches too)
-    given_cache = any(is_cache(v) for v in (*args, *kwargs.values()))
-    modes = ([False] if given_cache else [True, False]) if strict is None else [strict]
+    modes = ([False] if has_cache(args, kwargs) else [True, False]) if strict is None else [strict]
     errors = []
     warn_backward_hooks(module)
     with _mode(module, train), _config_cache_off(module, kwargs), collecting_hooks() as hooks, \

@@ -15,12 +15,16 @@ import dataclasses
 import functools
 from typing import Any
 
+import jax
+import jax.numpy as jnp
+import numpy as np
 import torch
 import torch.utils._pytree as torch_pytree
 
+from bridge.errors import InputError
 from converters.caches import (check_state_numbers, fill, is_object_node, object_view, pairs, register_objects,
                                state_numbers)
-from converters.dtypes import to_jax
+from converters.dtypes import narrow, to_jax
 
 
 def spec_structure(spec, leaves: list) -> Any:
@@ -97,41 +101,11 @@ def spec_leaves(spec, value: Any, path: str = "inputs") -> list:
     return [x for k, c in zip(keys, kids) for x in spec_leaves(c, value[k], f"{path}[{k!r}]")]
 
 
-def register_dataclasses(tree: Any) -> None:
-    """Register the dataclass types in `tree` (a forward's output) as torch pytree nodes, so torch.export can
-    flatten them (`ModelOutput` registers itself; a user's own `@dataclass` output does not)."""
-    if dataclasses.is_dataclass(tree) and not isinstance(tree, type):
-        if type(tree) not in torch_pytree.SUPPORTED_NODES:
-            torch_pytree.register_dataclass(type(tree))
-        for f in dataclasses.fields(tree):
-            register_dataclasses(getattr(tree, f.name))
-    elif isinstance(tree, (list, tuple)):
-        for x in tree:
-            register_dataclasses(x)
-    elif isinstance(tree, dict):
-        for x in tree.values():
-            register_dataclasses(x)
-
-
 @contextlib.contextmanager
-def registering_outputs(module: torch.nn.Module):
-    """Non-strict export runs `module.forward` in Python: its output's dataclass and cache types are registered
-    as the forward returns, before torch.export flattens it, and a cache input whose Python numbers the
-    forward changes is refused (see caches.check_state_numbers)."""
+def patched_forward(module: torch.nn.Module, wrapper):
+    """`module.forward` replaced by `wrapper(forward)` while active (an instance attribute, then removed)."""
     own = module.__dict__.get("forward")
-    forward = module.forward
-
-    @functools.wraps(forward)
-    def wrapped(*args, **kwargs):
-        named = {**{f"args[{i}]": a for i, a in enumerate(args)}, **kwargs}
-        before = state_numbers(named)
-        out = forward(*args, **kwargs)
-        check_state_numbers(before, state_numbers(named))
-        register_dataclasses(out)
-        register_objects(out)
-        return out
-
-    module.forward = wrapped
+    module.forward = wrapper(module.forward)
     try:
         yield
     finally:
@@ -139,6 +113,33 @@ def registering_outputs(module: torch.nn.Module):
             del module.forward
         else:
             module.forward = own
+
+
+def registering_outputs(module: torch.nn.Module):
+    """Non-strict export runs `module.forward` in Python: its output's dataclass and cache types are registered
+    as the forward returns, before torch.export flattens it, and a cache input whose Python numbers the
+    forward changes is refused (see caches.check_state_numbers)."""
+    def wrapper(forward):
+        @functools.wraps(forward)
+        def wrapped(*args, **kwargs):
+            named = {**{f"args[{i}]": a for i, a in enumerate(args)}, **kwargs}
+            before = state_numbers(named)
+            out = forward(*args, **kwargs)
+            check_state_numbers(before, state_numbers(named))
+            register_objects(out)
+            return out
+        return wrapped
+    return patched_forward(module, wrapper)
+
+
+def input_leaf(x: Any) -> Any:
+    """A torch tensor or numpy array given as an input, as a JAX array (64-bit values int32 cannot hold raise
+    InputError); anything else as it is."""
+    if isinstance(x, torch.Tensor):
+        return to_jax(x, "an input", InputError)
+    if isinstance(x, np.ndarray):
+        return jnp.asarray(narrow(x, jax.dtypes.canonicalize_dtype(x.dtype), "an input", InputError))
+    return x
 
 
 def as_jax_inputs(tree: Any) -> Any:
@@ -150,4 +151,4 @@ def as_jax_inputs(tree: Any) -> Any:
     """
     register_objects(tree)
     leaves, spec = torch_pytree.tree_flatten(tree)
-    return spec_structure(spec, [to_jax(x, "an input") if isinstance(x, torch.Tensor) else x for x in leaves])
+    return spec_structure(spec, [input_leaf(x) for x in leaves])

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from bridge.errors import CheckpointError
+from bridge.pt2 import is_program_file, program_state
 from bridge.host_memory import MappedFile, adoptable, populate
 from bridge.safetensors_io import TensorInfo, read_header, read_slice, read_tensor
 from bridge.tree import flatten, nest
@@ -171,6 +172,8 @@ def _file_sources(path: Path) -> list[TensorSource]:
     kind = _sniff(path)
     if kind is None:
         kind = "torch" if name.endswith(TORCH_SUFFIXES) else "safetensors"
+    if name.endswith(".pt2") or (kind == "torch" and is_program_file(path)):   # torch.export.save
+        return state_dict_sources(program_state(path), path)
     return _torch_sources(path) if kind == "torch" else _safetensors_sources(path)
 
 

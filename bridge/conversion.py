@@ -11,13 +11,14 @@ import copy
 import jax
 import torch
 
-from bridge.errors import CheckpointError, StateError
+from bridge.errors import CaptureError, CheckpointError, StateError
 
 from bridge.jax_module import JaxModule, StateMeta
 from bridge.tree import nest
 from converters.capture import capture
 from converters.dtypes import jax_dtype, to_jax
 from converters.interpreter import Program
+from converters.programs import exported_state
 
 
 def convert(module: torch.nn.Module, args=(), kwargs: dict | None = None, *, dynamic_shapes=None,
@@ -27,7 +28,9 @@ def convert(module: torch.nn.Module, args=(), kwargs: dict | None = None, *, dyn
 
     Args:
       module: any torch.nn.Module (Hugging Face models get `use_cache=False`); a torch.compile'd or
-        (Distributed)DataParallel model is converted as the model it wraps (its keys, unprefixed).
+        (Distributed)DataParallel model is converted as the model it wraps (its keys, unprefixed). Also a
+        `torch.export.ExportedProgram` (e.g. `torch.export.load("model.pt2")`): lowered as exported (its
+        shapes, mode and baked-in values), its example inputs used where args/kwargs are not given.
       args, kwargs: example inputs, as you would call the module.
       dynamic_shapes: torch.export dynamic shape spec; or `dynamic="batch"` / `"batch+seq"`.
       train: capture in train mode (dropout active, BatchNorm updates its buffers).
@@ -46,6 +49,9 @@ def convert(module: torch.nn.Module, args=(), kwargs: dict | None = None, *, dyn
     """
     module = unwrapped(module)
     captured = module
+    if compute_dtype is not None and isinstance(module, torch.export.ExportedProgram):
+        raise CaptureError("compute_dtype needs the torch module: an ExportedProgram's dtypes are fixed; export "
+                           "the module cast to that dtype, or convert the module itself")
     if compute_dtype is not None:   # the module and its floating example inputs, as torch would run them
         captured = _cast_copy(module, compute_dtype)
         cast = lambda t: t.to(compute_dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t  # noqa: E731
@@ -53,9 +59,7 @@ def convert(module: torch.nn.Module, args=(), kwargs: dict | None = None, *, dyn
     cap = capture(captured, args, kwargs, dynamic_shapes=dynamic_shapes, dynamic=dynamic,
                   train=train, strict=strict)
     program = Program(cap)
-    params = dict(module.named_parameters())
-    buffers = dict(module.named_buffers())
-    state_keys = tuple(module.state_dict(keep_vars=True).keys())
+    params, buffers, state_keys = _state(module)
     persistent = {cap.aliases.get(k, k) for k in state_keys}
     constants = [n for n in program.lifted if n not in buffers]   # e.g. torch.tensor(...) in forward
     for name in constants:
@@ -80,6 +84,14 @@ def convert(module: torch.nn.Module, args=(), kwargs: dict | None = None, *, dyn
     if weights is not None:
         jm, _ = jm.load_weights(weights, strict=True, dtype=weights_dtype, shardings=shardings)
     return jm
+
+
+def _state(module) -> tuple[dict, dict, tuple]:
+    """(parameters, buffers, state_dict keys) by torch name, of a module or an ExportedProgram."""
+    if isinstance(module, torch.export.ExportedProgram):
+        return exported_state(module)
+    return (dict(module.named_parameters()), dict(module.named_buffers()),
+            tuple(module.state_dict(keep_vars=True).keys()))
 
 
 def unwrapped(module: torch.nn.Module) -> torch.nn.Module:

@@ -21,6 +21,7 @@ from jax.experimental import multihost_utils
 
 from bridge.atomic import atomic_path, publish, staging_dir
 from bridge.errors import ExportError
+from bridge.pt2 import write_program
 from bridge.safetensors_io import CODES, write_file
 from bridge.state import gathered as _gathered, to_state_dict
 from bridge.tree import flatten
@@ -175,10 +176,11 @@ def export(obj, path: str | os.PathLike, *, like=None, max_shard_size: int | str
     """Write a JaxModule's (or params pytree's) weights for PyTorch.
 
     Args:
-      path: `*.safetensors` (sharded with an index past max_shard_size), `*.pt`/`*.pth`/`*.bin`, or a
-        directory (a Hugging Face model directory: weights + files copied from `like`).
+      path: `*.safetensors` (sharded with an index past max_shard_size), `*.pt`/`*.pth`/`*.bin`, `*.pt2` (the
+        converted program with these weights, for torch.export.load; a JaxModule only), or a directory (a
+        Hugging Face model directory: weights + files copied from `like`).
       like: a Hugging Face directory, model or config whose config/tokenizer files to copy.
-      format: "safetensors", "pt" or "hf" to override the choice by suffix.
+      format: "safetensors", "pt", "pt2" or "hf" to override the choice by suffix.
       dtype: cast floating tensors as `module.to(dtype)` would (e.g. "bfloat16" for serving); integer,
         bool and complex tensors keep theirs; a Hugging Face config.json records the new dtype.
     Returns the path written (for sharded files: the index).
@@ -192,10 +194,12 @@ def export(obj, path: str | os.PathLike, *, like=None, max_shard_size: int | str
     """
     path = Path(path)
     fmt = format or ("safetensors" if path.suffix == ".safetensors" else
-                     "pt" if path.suffix in (".pt", ".pth", ".bin") else "hf")
-    if fmt not in ("safetensors", "pt", "hf"):
-        raise ExportError(f"format={format!r}: expected 'safetensors', 'pt' or 'hf'")
+                     "pt" if path.suffix in (".pt", ".pth", ".bin") else "pt2" if path.suffix == ".pt2" else "hf")
+    if fmt not in ("safetensors", "pt", "pt2", "hf"):
+        raise ExportError(f"format={format!r}: expected 'safetensors', 'pt', 'pt2' or 'hf'")
     max_bytes, cast = parse_size(max_shard_size), cast_dtype(dtype)
+    if fmt == "pt2" and (cast is not None or like is not None):
+        raise ExportError(f"{path}: a .pt2 program keeps its own dtypes and holds no config; drop dtype= / like=")
     if jax.process_count() == 1:
         return _export(obj, path, fmt, like, max_bytes, cast)
     obj = _gathered(obj)
@@ -222,6 +226,8 @@ def _stem(path: Path) -> str:
 
 
 def _export(obj, path: Path, fmt: str, like, max_bytes: int, cast: torch.dtype | None) -> Path:
+    if fmt == "pt2":
+        return write_program(obj, path)
     if fmt == "pt":
         sd = _cast_state_dict(to_state_dict(obj), cast)
         with atomic_path(path) as tmp:

@@ -1,7 +1,9 @@
-"""Resolve a MODEL argument: a Hugging Face directory, or `package.module:factory`.
+"""Resolve a MODEL argument: a Hugging Face directory, a `.pt2` file (torch.export.save), or
+`package.module:factory`.
 
 A factory returns a module, `(module, args)`, `(module, args, kwargs)` or a dict with those keys.
-Hugging Face directories get sample inputs from their tokenizer (or random token ids).
+Hugging Face directories get sample inputs from their tokenizer (or random token ids); a `.pt2` program
+brings its own example inputs.
 
 Example:
     >>> module, args, kwargs = resolve_model("path/to/hf_dir")
@@ -14,6 +16,7 @@ from pathlib import Path
 import torch
 
 from bridge.errors import BridgeError
+from bridge.pt2 import is_program_file, load_program
 
 SAMPLE_TEXT = ["bridge moves PyTorch models into JAX.", "The weights come back unchanged."]
 
@@ -22,8 +25,10 @@ def resolve_model(spec: str, *, batch: int = 2, seq: int = 16):
     path = Path(spec)
     if path.is_dir():
         return _hf_dir(path, batch, seq)
+    if path.suffix == ".pt2" or (path.is_file() and is_program_file(path)):
+        return _program(path)
     if ":" not in spec:
-        raise BridgeError(f"{spec!r}: not a Hugging Face directory nor a 'package.module:factory'")
+        raise BridgeError(f"{spec!r}: not a Hugging Face directory, a .pt2 file nor a 'package.module:factory'")
     mod_name, fn_name = spec.split(":", 1)
     try:
         factory = getattr(importlib.import_module(mod_name), fn_name)
@@ -36,6 +41,17 @@ def resolve_model(spec: str, *, batch: int = 2, seq: int = 16):
         return out["module"], tuple(out.get("args", ())), dict(out.get("kwargs", {}))
     module, args, *rest = out
     return module, tuple(args), dict(rest[0]) if rest else {}
+
+
+def _program(path: Path):
+    if not path.is_file():
+        raise BridgeError(f"{path}: no such file")
+    ep = load_program(path)
+    if ep.example_inputs is None:
+        raise BridgeError(f"{path}: the program was saved without example inputs; convert it from Python with "
+                          "bridge.convert(torch.export.load(path), args, kwargs)")
+    args, kwargs = ep.example_inputs
+    return ep, tuple(args), dict(kwargs)
 
 
 def _hf_dir(path: Path, batch: int, seq: int):

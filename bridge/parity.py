@@ -15,6 +15,7 @@ import torch
 
 from bridge.tree import as_torch_grads, flatten
 from converters.dtypes import to_jax
+from converters.programs import reference_module
 
 
 def _leaves(out):
@@ -48,7 +49,8 @@ def _rel(got, ref) -> tuple[float, float]:
     return err, err / max(float(np.max(np.abs(ref))) if ref.size else 0.0, 1e-12)
 
 
-def parity_report(module: torch.nn.Module, jm, args=(), kwargs=None, *, grads: bool = True) -> dict:
+def parity_report(module: torch.nn.Module | torch.export.ExportedProgram, jm, args=(), kwargs=None, *,
+                  grads: bool = True) -> dict:
     """Forward errors per output (under jax.jit) and the worst per-parameter gradient error.
 
     Gradients are of sum(output * fixed random weights) over the first floating output.
@@ -56,7 +58,10 @@ def parity_report(module: torch.nn.Module, jm, args=(), kwargs=None, *, grads: b
     kwargs = kwargs or {}
     jargs = [to_jax(a) if isinstance(a, torch.Tensor) else a for a in args]
     jkw = {k: to_jax(v) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
-    module.eval()
+    if isinstance(module, torch.export.ExportedProgram):   # runs as exported (its mode is part of it)
+        module = reference_module(module)
+    else:
+        module.eval()
     with torch.no_grad():
         ref = _leaves(module(*args, **kwargs))
     fwd = jax.jit(jm.apply)

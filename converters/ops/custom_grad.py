@@ -42,6 +42,18 @@ def _graph_outputs(gm: torch.fx.GraphModule) -> list:
     return [n.meta["val"] for n in out]
 
 
+def _traced(fn, examples, table) -> torch.fx.GraphModule:
+    """make_fx of `fn`, with in-place ops on its own tensors made functional (a Function's
+    `out.masked_fill_(mask, 0)`, a hook's `g.mul_(0.5)`): the graph then holds only ops with lowerings. The
+    ATen graph is functionalized, not `fn`: functorch transforms refuse Functions nested in `fn`."""
+    gm = make_fx(fn, decomposition_table=table, tracing_mode="fake")(*examples)
+    if not any(isinstance(n.target, torch._ops.OpOverload) and n.target._schema.is_mutable
+               for n in gm.graph.nodes if n.op == "call_function"):
+        return gm
+    functional = torch.func.functionalize(gm, remove="mutations_and_views")
+    return make_fx(functional, decomposition_table=table, tracing_mode="fake")(*examples)
+
+
 @functools.lru_cache(maxsize=None)
 def _trace(call_id: int, specs: tuple) -> _Traced:
     from converters.capture import decomposition_table
@@ -62,7 +74,7 @@ def _trace(call_id: int, specs: tuple) -> _Traced:
         return [*outs, *saved, *(extra[k] for k in seen["tensor_attrs"])]
 
     table = decomposition_table()
-    fwd = make_fx(forward, decomposition_table=table, tracing_mode="fake")(*examples)
+    fwd = _traced(forward, examples, table)
     vals = _graph_outputs(fwd)
     n_out, n_saved = seen["n_out"], seen["saved_none"].count(False)
     outs, saved, tattrs = vals[:n_out], vals[n_out:n_out + n_saved], vals[n_out + n_saved:]
@@ -87,7 +99,7 @@ def _trace(call_id: int, specs: tuple) -> _Traced:
 
     like = lambda v: torch.zeros(v.shape, dtype=v.dtype)  # noqa: E731
     bwd_examples = [like(v) for v in [*saved, *tattrs]] + [like(o) for o, f in zip(outs, float_out) if f]
-    bwd = make_fx(backward, decomposition_table=table, tracing_mode="fake")(*bwd_examples)
+    bwd = _traced(backward, bwd_examples, table)
     return _Traced(fwd, bwd, n_out, float_out, grad_none)
 
 
@@ -141,8 +153,7 @@ def _trace_hook(hook_id: int, shape: tuple, dtype) -> torch.fx.GraphModule:
         out = user_hook(g)
         return [g if out is None else out]
 
-    return make_fx(run, decomposition_table=decomposition_table(), tracing_mode="fake")(
-        torch.zeros(shape, dtype=torch_dtype(dtype)))
+    return _traced(run, [torch.zeros(shape, dtype=torch_dtype(dtype))], decomposition_table())
 
 
 @lowering(torch.ops.bridge.grad_hook.default)

@@ -189,9 +189,10 @@ def flatten(x, start_dim=0, end_dim=-1):
     return x.reshape(x.shape[:s] + (-1,) + x.shape[e + 1:])
 
 
-@lowering(aten.copy.default)
+@lowering(aten.copy.default, aten.copy_.default)
 def copy(x, src, non_blocking=False):
-    """copy(self, src): src broadcast to self's shape, in self's dtype."""
+    """copy(self, src): src broadcast to self's shape, in self's dtype. copy_ reaches a lowering only as a
+    functionalized subgraph's write-back into its own input (a gradient hook's `g.clamp_(...)`): its value."""
     return jnp.broadcast_to(src.astype(x.dtype), x.shape)
 
 

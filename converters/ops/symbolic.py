@@ -4,6 +4,8 @@ from __future__ import annotations
 import math
 import operator
 
+import jax
+import jax.numpy as jnp
 import torch
 
 from converters.ops.common import aten
@@ -11,7 +13,7 @@ from converters.registry import lowering
 
 for _fn in (operator.getitem, operator.add, operator.sub, operator.mul, operator.floordiv, operator.truediv,
             operator.mod, operator.neg, operator.pow, operator.eq, operator.ne, operator.lt, operator.le,
-            operator.gt, operator.ge, operator.and_, operator.or_, operator.not_, operator.abs,
+            operator.gt, operator.ge, operator.and_, operator.or_, operator.abs,
             math.ceil, math.floor, math.sqrt, math.trunc):
     lowering(_fn)(_fn)
 
@@ -19,8 +21,19 @@ lowering(torch.sym_float)(float)
 lowering(torch.sym_int)(int)
 lowering(torch.sym_max)(max)
 lowering(torch.sym_min)(min)
-lowering(torch.sym_not)(operator.not_)
 lowering(torch.sym_sum)(sum)
+
+
+@lowering(operator.not_, torch.sym_not)
+def sym_not(x):
+    """`not` of a Python bool, or of a value read from a tensor (traced under jit: no Python bool)."""
+    return jnp.logical_not(x) if isinstance(x, jax.Array) else not x
+
+
+@lowering(torch.sym_ite)
+def sym_ite(cond, a, b):
+    """`a if cond else b` on sizes; a condition read from a tensor is traced, so both are kept."""
+    return jnp.where(cond, a, b) if isinstance(cond, jax.Array) else (a if cond else b)
 
 
 @lowering(aten.sym_size.int)

@@ -80,6 +80,22 @@ class TripleGrad(torch.autograd.Function):  # its forward calls another Function
         return 3 * g
 
 
+class MaskedSoftmax(torch.autograd.Function):   # DeBERTa's XSoftmax: in-place ops on its own intermediates
+    @staticmethod
+    def forward(ctx, x, mask):
+        out = x.masked_fill(~mask, torch.finfo(x.dtype).min).softmax(-1)
+        out.masked_fill_(~mask, 0)
+        ctx.save_for_backward(out)
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        (out,) = ctx.saved_tensors
+        grad = out * (g - (g * out).sum(-1, keepdim=True))
+        grad.mul_(2.0)   # in place in the backward too (and a scale no derivative of the forward has)
+        return grad, None
+
+
 class Net(torch.nn.Module):
     def __init__(self, kind):
         super().__init__()
@@ -101,12 +117,15 @@ class Net(torch.nn.Module):
             y = TripleGrad.apply(h)
         elif self.kind == "setup_context":
             y = ClipGrad.apply(h) * k
+        elif self.kind == "in_place":
+            y = MaskedSoftmax.apply(h, k > 0) * k
         else:
             y = Scaled.apply(h, self.scale)
         return (y * y).sum(-1)
 
 
-@pytest.mark.parametrize("kind", ["ste", "grad_reverse", "two_outputs", "setup_context", "none_grad", "nested"])
+@pytest.mark.parametrize("kind", ["ste", "grad_reverse", "two_outputs", "setup_context", "none_grad", "nested",
+                                  "in_place"])
 def test_custom_backward_is_kept(kind):
     torch.manual_seed(0)
     model = Net(kind)
@@ -151,7 +170,10 @@ class HooksGradient(torch.nn.Module):
         if y.requires_grad:
             y.register_hook(lambda g: g.clamp(-0.01, 0.01) * 10)   # changes the gradient
             y.register_hook(lambda g: None)                         # only looks at it
-        return self.out(torch.tanh(y))
+        z = torch.tanh(y)
+        if z.requires_grad:
+            z.register_hook(lambda g: g.mul_(0.5))                  # changes it in place
+        return self.out(z)
 
 
 def test_gradient_hooks_forward_registers_change_jax_gradients_as_torchs():

@@ -66,6 +66,12 @@ def audio(n=800):
     return lambda b: {"input_values": torch.randn(b, n)}
 
 
+def ctc_labels(b):
+    lengths = torch.arange(b) % 4 + 2
+    labels = torch.randint(1, 16, (b, 6))
+    return {**audio()(b), "labels": torch.where(torch.arange(6)[None] < lengths[:, None], labels, -100)}
+
+
 def clip_inputs(b):
     return {**tokens()(b), "pixel_values": torch.randn(b, 3, 32, 32)}
 
@@ -287,6 +293,15 @@ ZOO = [
                                  conv_kernel=(10, 3), num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4,
                                  conv_pos_kernel_size=5),
          audio(), "last_hidden_state"),
+    Arch("sew_d", build("SEWDModel", "SEWDConfig", hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=128, conv_dim=(32, 32), conv_stride=(5, 2), conv_kernel=(10, 3),
+                        num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4, squeeze_factor=2),
+         audio(1600), "last_hidden_state"),   # DeBERTa's XSoftmax: an autograd.Function with in-place ops
+    Arch("wav2vec2_ctc", build("Wav2Vec2ForCTC", "Wav2Vec2Config", hidden_size=64, num_hidden_layers=2,
+                               num_attention_heads=4, intermediate_size=128, conv_dim=(32, 32), conv_stride=(5, 2),
+                               conv_kernel=(10, 3), num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4,
+                               vocab_size=16, ctc_loss_reduction="mean", pad_token_id=0),
+         ctc_labels, "loss"),   # CTC training loss: labels padded with -100, masked_select, a label-range check
     Arch("ast", build("ASTModel", "ASTConfig", hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                       intermediate_size=128, num_mel_bins=16, max_length=32, patch_size=8),
          lambda b: {"input_values": torch.randn(b, 32, 16)}, "last_hidden_state"),

@@ -1,0 +1,69 @@
+"""Checks on tensor values inside forward (`if ...: raise`, `assert`, torch's own GaussianNLLLoss check) are
+assumed and named; values that decide real computation are still refused with their source line."""
+from __future__ import annotations
+
+import warnings
+
+import jax
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import bridge
+from bridge.errors import CaptureError
+from bridge.tree import flatten
+from tests.conftest import GRAD_TOL, assert_close, rel_err
+
+
+class Checked(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.mean, self.log_var = torch.nn.Linear(4, 3), torch.nn.Linear(4, 3)
+
+    def forward(self, x, target):
+        if (target.abs() > 1e3).any():
+            raise ValueError("target out of range")
+        elif x.isnan().any():
+            warnings.warn("NaN input")
+            raise ValueError("NaN input")
+        assert torch.isfinite(x).all(), "bad x"
+        var = F.softplus(self.log_var(x)) + 1e-3
+        return F.gaussian_nll_loss(self.mean(x), target, var)   # torch checks torch.any(var < 0) in Python
+
+
+class Branchy(torch.nn.Module):
+    def forward(self, x):
+        if x.sum() > 0:
+            return x * 2
+        return -x
+
+
+def test_checks_are_assumed_and_named():
+    model, x, t = Checked(), torch.randn(5, 4), torch.randn(5, 3)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        jm = bridge.convert(model, (x, t), dynamic="batch")
+    text = "\n".join(str(w.message) for w in caught)
+    for line in ("if (target.abs() > 1e3).any():", "elif x.isnan().any():", 'assert torch.isfinite(x).all(), "bad x"',
+                 "torch/nn/functional.py"):
+        assert line in text, line
+    x2, t2 = torch.randn(7, 4), torch.randn(7, 3) * 3   # other values; the checks pass in torch too
+    assert_close(np.asarray(jm(x2, t2)), model(x2, t2), what="loss")
+    g = flatten(jax.grad(lambda p: jm.apply(p, x2.numpy(), t2.numpy()))(jm.params))
+    model(x2, t2).backward()
+    for name, p in model.named_parameters():
+        assert rel_err(g[name], p.grad) <= GRAD_TOL, name
+    # bad input no longer raises (nothing can under jit): the value is computed as it comes
+    assert np.isfinite(np.asarray(jm(x2, t2 * 1e4)))
+
+
+@pytest.mark.parametrize("module, args, where", [
+    (Branchy(), (torch.randn(3, 4),), "if x.sum() > 0:"),
+    (torch.nn.BatchNorm1d(3, momentum=None), (torch.randn(4, 3),), "torch/nn/modules/batchnorm.py:"),
+])
+def test_values_that_decide_computation_are_refused(module, args, where):
+    with pytest.raises(CaptureError) as e:
+        bridge.convert(module, args, train=isinstance(module, torch.nn.BatchNorm1d))
+    msg = str(e.value)
+    assert "decides more than a check that raises, at" in msg and where in msg, msg

@@ -40,8 +40,11 @@ def _torch_values(jm, args, kwargs) -> dict[str, torch.Tensor]:
             continue
         spec = spec_by_name[n.name]
         if n.name in user:
-            v = user[n.name]
-            placeholders.append(torch.from_numpy(np.array(v)) if hasattr(v, "shape") else v)
+            v, meta = user[n.name], n.meta.get("val")
+            if hasattr(v, "shape"):   # JAX holds int64 inputs as int32: torch replays them in the graph's dtype
+                v = torch.from_numpy(np.array(v))
+                v = v.to(meta.dtype) if isinstance(meta, torch.Tensor) else v
+            placeholders.append(v)
         else:
             placeholders.append(state[spec.target])
     rec = _Recorder(ep.graph_module)

@@ -102,6 +102,26 @@ def mlp() -> Case:
 MODELS = {"gpt2": gpt2, "gpt2_masked": gpt2_masked, "llama": llama, "bert": bert, "cnn": cnn, "mlp": mlp}
 
 
+class MaskedPool(torch.nn.Module):
+    """Token ids and an integer mask cast inside forward (the graph checks the input's int64 dtype)."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = torch.nn.Embedding(50, 16)
+        self.out = torch.nn.Linear(16, 4)
+
+    def forward(self, input_ids, attention_mask):
+        keep = attention_mask.to(dtype=torch.bool)
+        h = self.emb(input_ids) * keep[..., None]
+        return self.out(torch.nn.functional.gelu(h.sum(1) / keep.sum(1, keepdim=True)))
+
+
+def masked_pool_factory():
+    torch.manual_seed(0)
+    ids = torch.randint(0, 50, (2, 7))
+    return MaskedPool().eval(), (), {"input_ids": ids, "attention_mask": (ids > 5).long()}
+
+
 def mlp_factory():
     """`package.module:factory` form for the CLI: (module, example args)."""
     torch.manual_seed(0)

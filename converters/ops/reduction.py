@@ -135,6 +135,17 @@ def all_(x, dim=None, keepdim=False):
     return jnp.all(x, axis=dims_(dim, x.ndim), keepdims=keepdim)
 
 
+@lowering(aten._is_all_true.default)
+def is_all_true(x):
+    """torch._check_tensor_all's reduction (its assert is dropped: nothing raises under jit)."""
+    return jnp.all(x)
+
+
+@lowering(aten._is_any_true.default)
+def is_any_true(x):
+    return jnp.any(x)
+
+
 @lowering(aten.cumsum.default)
 @scalar_dims
 def cumsum(x, dim, *, dtype=None):

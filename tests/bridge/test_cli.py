@@ -66,6 +66,20 @@ def test_every_subcommand_on_minilm_saved_by_torch_export(tmp_path, capsys):
     assert set(back) <= set(ref) and all(torch.equal(back[k], ref[k]) for k in back)
 
 
+@pytest.mark.parametrize("broken", [False, True])
+def test_verify_replays_int64_inputs_in_torch(broken, monkeypatch, capsys):
+    """JAX holds the int64 ids and mask as int32; the layer-by-layer replay in torch feeds the graph its own
+    dtype (the graph checks it), so a divergence is still found and named."""
+    from converters.registry import Lowering, _REGISTRY
+    if broken:
+        op = torch.ops.aten.gelu.default
+        ok = _REGISTRY[op]
+        monkeypatch.setitem(_REGISTRY, op, Lowering(lambda x, approximate="none": ok.fn(x, approximate) * 1.01))
+    assert cli.main(["verify", "tests.models:masked_pool_factory"]) == int(broken)
+    out = capsys.readouterr().out
+    assert ("DIVERGED first at node gelu (aten.gelu.default)" in out) == broken, out
+
+
 def test_verify_names_the_first_diverging_layer(monkeypatch, capsys):
     from converters.registry import Lowering, _REGISTRY
     op = torch.ops.aten.gelu.default

@@ -38,6 +38,7 @@ class Arch:
     output_key: str
     skip: str = ""                         # why the architecture cannot be converted (outside bridge)
     no_grads: str = ""                     # why torch's gradients are not the reference
+    dynamic: str | None = "batch"          # None: the model's own code fixes the batch (checked at batch 2)
 
 
 # ---------------------------------------------------------------- inputs
@@ -70,6 +71,12 @@ def ctc_labels(b):
     lengths = torch.arange(b) % 4 + 2
     labels = torch.randint(1, 16, (b, 6))
     return {**audio()(b), "labels": torch.where(torch.arange(6)[None] < lengths[:, None], labels, -100)}
+
+
+def llava_inputs(b):   # 16 image tokens (a 32x32 image in 8x8 patches) inside the prompt
+    ids = torch.randint(3, V - 1, (b, 22))
+    ids[:, 3:19] = V - 1
+    return {"input_ids": ids, "pixel_values": torch.randn(b, 3, 32, 32), "attention_mask": torch.ones_like(ids)}
 
 
 def clip_inputs(b):
@@ -244,6 +251,10 @@ ZOO = [
     Arch("clip_vision", build("CLIPVisionModel", "CLIPVisionConfig", **CLIP_VISION), pixels(), "last_hidden_state"),
     Arch("clip", lambda: tf.CLIPModel(tf.CLIPConfig(text_config=CLIP_TEXT, vision_config=CLIP_VISION,
                                                     projection_dim=32)), clip_inputs, "logits_per_image"),
+    Arch("llava", lambda: tf.LlavaForConditionalGeneration(tf.LlavaConfig(
+        text_config=tf.LlamaConfig(**DEC), vision_config=tf.CLIPVisionConfig(**VIT), image_token_index=V - 1)),
+         llava_inputs, "logits",   # image features scattered into the token embeddings (masked_scatter)
+         dynamic=None),            # its vision tower unbinds the batch into a Python list of images
     Arch("siglip_vision", build("SiglipVisionModel", "SiglipVisionConfig", **VIT), pixels(), "last_hidden_state"),
     Arch("convnext", build("ConvNextModel", "ConvNextConfig", hidden_sizes=[16, 32], depths=[1, 1], num_stages=2,
                            image_size=32), pixels(), "last_hidden_state"),
@@ -392,7 +403,7 @@ def converted(name: str):
     arch = BY_NAME[name]
     torch.manual_seed(0)
     model = arch.model().eval()
-    return model, bridge.convert(model, kwargs=arch.inputs(2), dynamic="batch")
+    return model, bridge.convert(model, kwargs=arch.inputs(2), dynamic=arch.dynamic)
 
 
 def _jax(kwargs):
@@ -403,7 +414,7 @@ def _jax(kwargs):
 def test_forward_parity(name):
     arch = BY_NAME[name]
     model, jm = converted(name)
-    kwargs = arch.inputs(3)                     # another batch size than the example: dynamic="batch"
+    kwargs = arch.inputs(3 if arch.dynamic else 2)   # another batch size than the example: dynamic="batch"
     with torch.no_grad():
         ref = model(**kwargs)[arch.output_key]
     got = jax.jit(jm.apply)(jm.params, **_jax(kwargs))[arch.output_key]

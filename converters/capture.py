@@ -12,6 +12,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import inspect
+import io
+import sys
 import warnings
 from typing import Any
 
@@ -260,7 +262,7 @@ def capture(module: torch.nn.Module, args: tuple = (), kwargs: dict | None = Non
             try:
                 if mode == _CHECKS:   # non-strict failed on a value read from a tensor: only checks?
                     with recording_functions(), _flat_forward(module, flat), registering_outputs(module):
-                        ep, assumed = export_assuming_checks(lambda: torch.export.export(
+                        ep, assumed = export_assuming_checks(lambda: _exported(
                             module, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False))
                     ep, mode = _decomposed(ep), False
                     warnings.warn(f"{type(module).__name__}: checks on tensor values cannot run in a traced "
@@ -269,7 +271,7 @@ def capture(module: torch.nn.Module, args: tuple = (), kwargs: dict | None = Non
                     break
                 with contextlib.nullcontext() if mode else recording_functions(), _flat_forward(module, flat), \
                         contextlib.nullcontext() if mode else registering_outputs(module):
-                    ep = torch.export.export(module, args, kwargs, dynamic_shapes=dynamic_shapes, strict=mode)
+                    ep = _exported(module, args, kwargs, dynamic_shapes=dynamic_shapes, strict=mode)
                 if mode and strict is None and hooks:
                     inlined, strict_hooks = ep, list(hooks)
                     raise CaptureError("strict export drops gradient hooks; non-strict keeps them")
@@ -308,6 +310,17 @@ def capture(module: torch.nn.Module, args: tuple = (), kwargs: dict | None = Non
                 raise failed from e
     warn_dropped_hooks(hooks)
     return Captured(ep, state_aliases(module), extra, mode, train, *_static_inputs(args, kwargs, extra))
+
+
+def _exported(module, args, kwargs, **options):
+    """torch.export.export, without the partial graph torch prints to stderr when an attempt fails: capture
+    expects failures (strict before non-strict, checks stepped over one by one) and reports them itself.
+    What a successful attempt prints is passed on."""
+    printed = io.StringIO()
+    with contextlib.redirect_stderr(printed):
+        ep = torch.export.export(module, args, kwargs, **options)
+    sys.stderr.write(printed.getvalue())
+    return ep
 
 
 def _static_inputs(args: tuple, kwargs: dict, extra: dict) -> tuple[dict, tuple]:

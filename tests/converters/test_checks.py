@@ -67,3 +67,13 @@ def test_values_that_decide_computation_are_refused(module, args, where):
         bridge.convert(module, args, train=isinstance(module, torch.nn.BatchNorm1d))
     msg = str(e.value)
     assert "decides more than a check that raises, at" in msg and where in msg, msg
+
+
+def test_failed_attempts_print_no_partial_graphs(capfd):
+    """Strict and non-strict attempts that fail on a check are expected; torch's dump of their partial graph
+    stays out of the user's stderr."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        bridge.convert(Checked(), (torch.randn(5, 4), torch.randn(5, 3)))
+    err = capfd.readouterr().err
+    assert "GraphModule" not in err and "def forward" not in err, err[:500]

@@ -7,6 +7,8 @@ Example:
 from __future__ import annotations
 
 import copy
+import os
+from pathlib import Path
 
 import jax
 import torch
@@ -47,7 +49,10 @@ def convert(module: torch.nn.Module, args=(), kwargs: dict | None = None, *, dyn
       >>> jm = bridge.convert(model, kwargs={"input_ids": ids}, dynamic="batch+seq")
       >>> logits = jax.jit(jm.apply)(jm.params, input_ids=ids_jax)["logits"]
     """
-    module = unwrapped(module)
+    module = unwrapped(_program_file(module) if isinstance(module, (str, os.PathLike)) else module)
+    if not isinstance(module, (torch.nn.Module, torch.export.ExportedProgram)):
+        raise CaptureError(f"convert takes a torch.nn.Module, a torch.export.ExportedProgram or a .pt2 path, "
+                           f"not {type(module).__name__}")
     captured = module
     if compute_dtype is not None and isinstance(module, torch.export.ExportedProgram):
         raise CaptureError("compute_dtype needs the torch module: an ExportedProgram's dtypes are fixed; export "
@@ -84,6 +89,17 @@ def convert(module: torch.nn.Module, args=(), kwargs: dict | None = None, *, dyn
     if weights is not None:
         jm, _ = jm.load_weights(weights, strict=True, dtype=weights_dtype, shardings=shardings)
     return jm
+
+
+def _program_file(path) -> torch.export.ExportedProgram:
+    """A .pt2 file (torch.export.save) read as the program to convert; any other path is a usage error."""
+    from bridge.pt2 import is_program_file, load_program
+    if not os.path.isfile(path):
+        raise CaptureError(f"{path}: no such file (convert takes a module, an ExportedProgram or a .pt2 file)")
+    if not is_program_file(Path(path)):
+        raise CaptureError(f"{path}: not a torch.export program (.pt2); a checkpoint holds weights only: build "
+                           "the module and pass the file as convert(module, ..., weights=path)")
+    return load_program(path)
 
 
 def _state(module) -> tuple[dict, dict, tuple]:

@@ -12,9 +12,11 @@ Example:
 from __future__ import annotations
 
 import copy
+import dataclasses
 import warnings
 
 import torch
+from torch.export.graph_signature import ExportGraphSignature
 
 from bridge.errors import CaptureError
 from converters.capture import Captured, _decomposed, _mode, _row_major, _static_inputs, state_aliases
@@ -40,14 +42,31 @@ def _capture_exported(ep: torch.export.ExportedProgram, args: tuple, kwargs: dic
         args, kwargs = ep.example_inputs
     kwargs = dict(kwargs or {})
     # decomposition edits the graph (no_grad blocks): on a copy, never on the caller's program; state is shared
-    with warnings.catch_warnings():   # torch's own deprecation notes, from copying its tree specs
-        warnings.filterwarnings("ignore", category=FutureWarning)
-        ours = ep._update(copy.deepcopy(ep.graph_module), ep.graph_signature)
+    ours = _copied(ep)
     try:
         lowered = _decomposed(ours)
     except Exception as e:  # torch raises many types while decomposing; the op is in the message
         raise CaptureError(f"the ExportedProgram failed to decompose: {type(e).__name__}: {e}") from e
     return Captured(lowered, program_aliases(ep), {}, False, train, *_static_inputs(args, kwargs, {}))
+
+
+def _copied(ep: torch.export.ExportedProgram) -> torch.export.ExportedProgram:
+    """`ep` with its own copy of the graph (state shared). Copying renames nodes whose names shadow Python
+    builtins (nn.Linear's `input` becomes `input_1`), so the signature follows the new names."""
+    with warnings.catch_warnings():   # torch's own deprecation notes, from copying its tree specs
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        gm = copy.deepcopy(ep.graph_module)
+    renamed = {a.name: b.name for a, b in zip(ep.graph.nodes, gm.graph.nodes) if a.name != b.name}
+
+    def spec(s):
+        name = getattr(s.arg, "name", None)
+        return dataclasses.replace(s, arg=dataclasses.replace(s.arg, name=renamed[name])) if name in renamed else s
+    sig = ep.graph_signature
+    sig = ExportGraphSignature(input_specs=[spec(s) for s in sig.input_specs],
+                               output_specs=[spec(s) for s in sig.output_specs])
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        return ep._update(gm, sig)
 
 
 def program_aliases(ep: torch.export.ExportedProgram) -> dict[str, str]:

@@ -145,3 +145,19 @@ def test_errors_name_what_is_wrong(program, tmp_path):
     bad.write_bytes(b"PK\x03\x04 not a program")
     with pytest.raises(CheckpointError, match="broken.pt2: not a readable torch.export program"):
         bridge.load_weights(bad)
+
+
+def test_a_pt2_path_converts_and_builtin_input_names_survive(tmp_path):
+    """`bridge.convert("model.pt2")`; nn.Linear names its input `input`, a name copying a graph renames."""
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.GELU(), torch.nn.Linear(4, 2))
+    x = torch.randn(5, 3)
+    torch.export.save(torch.export.export(model, (x,)), tmp_path / "mlp.pt2")
+    jm = bridge.convert(str(tmp_path / "mlp.pt2"))
+    assert_close(np.asarray(jm(x)), model(x), what="mlp")
+    torch.save(model.state_dict(), tmp_path / "weights.pt")
+    with pytest.raises(CaptureError, match="weights.pt: not a torch.export program"):
+        bridge.convert(tmp_path / "weights.pt")
+    with pytest.raises(CaptureError, match="missing.pt2: no such file"):
+        bridge.convert(tmp_path / "missing.pt2")
+    with pytest.raises(CaptureError, match="not OrderedDict"):
+        bridge.convert(model.state_dict())

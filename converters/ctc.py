@@ -80,31 +80,34 @@ def read_masked_targets(gm: torch.fx.GraphModule) -> None:
         gm.recompile()
 
 
-def _erase_with_size_checks(graph: torch.fx.Graph, node: torch.fx.Node) -> None:
-    """Remove `node` when its remaining users only read its size for torch's own range checks."""
-    readers = [u for u in node.users if u.target in (torch.ops.aten.sym_size.int, torch.ops.aten.sym_numel.default)]
-    if len(readers) != len(node.users):
-        return
-    for reader in readers:
-        for user in list(reader.users):
-            for dead in _size_check_chain(user):
-                graph.erase_node(dead)
-        if not reader.users:
-            graph.erase_node(reader)
-    if not node.users:
-        graph.erase_node(node)
-
-
-def _size_check_chain(node: torch.fx.Node) -> list[torch.fx.Node]:
-    """`node` and the users below it, when they end only in range asserts/constraints (users first)."""
-    checks = (torch.ops.aten._assert_scalar.default, torch.ops.aten.sym_constrain_range_for_size.default,
+_CHECK_OPS = (torch.ops.aten._assert_scalar.default, torch.ops.aten.sym_constrain_range_for_size.default,
               torch.ops.aten.sym_constrain_range.default)
-    if node.target in checks:
-        return [node]
-    chain = []
-    for user in node.users:
-        sub = _size_check_chain(user)
-        if not sub:
-            return []
-        chain += sub
-    return chain + [node] if node.users else []
+_SIZE_OPS = (torch.ops.aten.sym_size.int, torch.ops.aten.sym_numel.default, torch.sym_not, torch.sym_max,
+             torch.sym_min, torch.sym_ite, torch.sym_int, torch.sym_float)
+
+
+def _size_arithmetic(n: torch.fx.Node) -> bool:
+    """A size read or Python arithmetic on sizes (operator.ge, ...): pure, no tensor computed."""
+    return n.op == "call_function" and (n.target in _SIZE_OPS or getattr(n.target, "__module__", "") == "_operator")
+
+
+def _erase_with_size_checks(graph: torch.fx.Graph, node: torch.fx.Node) -> None:
+    """Remove `node` when what still uses it only measures its (data-dependent) size for torch's own range
+    checks; those go too."""
+    doomed: set[torch.fx.Node] = set()
+
+    def only_checks(n: torch.fx.Node) -> bool:
+        if n.target in _CHECK_OPS or n in doomed:
+            doomed.add(n)
+            return True
+        if n is not node and not _size_arithmetic(n):
+            return False
+        if all(only_checks(u) for u in n.users):
+            doomed.add(n)
+            return True
+        return False
+
+    if only_checks(node):
+        for n in reversed(list(graph.nodes)):   # users before what they use
+            if n in doomed:
+                graph.erase_node(n)

@@ -58,6 +58,8 @@ def write_program(jm, path: str | Path) -> Path:
     flat = {**flatten(jm.buffers), **flatten(jm.params)}
     made: dict[str, torch.Tensor] = {}
 
+    own = {**ep.constants, **ep.state_dict}   # the program's tensors: their dtypes are the graph's
+
     def tensor(name: str) -> torch.Tensor:
         canon = meta.aliases.get(name, name)
         if canon not in made:
@@ -65,6 +67,8 @@ def write_program(jm, path: str | Path) -> Path:
                 raise ExportError(f"cannot export {name!r} to {path}: the model holds no value for it "
                                   "(weights never loaded?)")
             t = to_torch(np.asarray(flat[canon]), meta.torch_dtypes.get(canon))
+            # a program captured with compute_dtype runs in that dtype: fp32 master weights go in cast to it
+            t = t.to(own[name].dtype) if t.dtype != own[name].dtype else t
             made[canon] = torch.nn.Parameter(t, requires_grad=canon not in meta.frozen) \
                 if canon in program.param_names else t
         return made[canon]

@@ -161,3 +161,16 @@ def test_a_pt2_path_converts_and_builtin_input_names_survive(tmp_path):
         bridge.convert(tmp_path / "missing.pt2")
     with pytest.raises(CaptureError, match="not OrderedDict"):
         bridge.convert(model.state_dict())
+
+
+def test_a_mixed_precision_model_exports_its_bf16_program(tmp_path):
+    """convert(compute_dtype=bfloat16) keeps fp32 master weights; the program it writes runs in bf16, so the
+    weights go in cast to bf16 (torch's rounding) and torch's run of it matches JAX's."""
+    model = _randomized(TiedLM()).eval()
+    ids = torch.randint(0, 11, (4, 6))
+    jm = bridge.convert(model, (ids,), {"scale": 3.0}, compute_dtype=torch.bfloat16)
+    back = torch.export.load(bridge.export(jm, tmp_path / "bf16.pt2"))
+    assert back.state_dict["emb.weight"].dtype == torch.bfloat16
+    assert torch.equal(back.state_dict["emb.weight"], model.emb.weight.detach().bfloat16())
+    assert_close(np.asarray(jm(ids)["logits"]).astype(np.float32),
+                 back.module()(ids, scale=3.0)["logits"].float(), dtype="bfloat16", what="bf16 program")

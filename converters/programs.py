@@ -35,6 +35,9 @@ def _capture_exported(ep: torch.export.ExportedProgram, args: tuple, kwargs: dic
     if dynamic is not None or dynamic_shapes is not None:
         raise CaptureError("an ExportedProgram's shapes were fixed when it was exported: export it with "
                            "torch.export.export(..., dynamic_shapes=...) instead of passing dynamic= to convert")
+    if train:
+        raise CaptureError("an ExportedProgram's mode was fixed when it was exported: call model.train() before "
+                           "torch.export.export for a train-mode program, and leave convert's train= unset")
     if not args and not kwargs:
         if ep.example_inputs is None:
             raise CaptureError("the ExportedProgram carries no example inputs (it was saved without them); "

@@ -133,6 +133,8 @@ def test_errors_name_what_is_wrong(program, tmp_path):
     model, ep = program
     with pytest.raises(CaptureError, match="shapes were fixed when it was exported"):
         bridge.convert(ep, dynamic="batch")
+    with pytest.raises(CaptureError, match="mode was fixed when it was exported"):
+        bridge.convert(ep, train=True)
     with pytest.raises(CaptureError, match="compute_dtype needs the torch module"):
         bridge.convert(ep, compute_dtype=torch.bfloat16)
     jm = bridge.convert(ep)

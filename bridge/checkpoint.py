@@ -20,8 +20,8 @@ import numpy as np
 import torch
 
 from bridge.errors import CheckpointError
-from bridge.pt2 import is_program_file, program_state
 from bridge.host_memory import MappedFile, adoptable, populate
+from bridge.pt2 import is_program_file, program_state
 from bridge.safetensors_io import TensorInfo, read_header, read_slice, read_tensor
 from bridge.tree import flatten, nest
 from converters.dtypes import jax_dtype, narrow, numpy_dtype, to_numpy

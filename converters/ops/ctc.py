@@ -17,7 +17,7 @@ from converters.registry import lowering
 _NEG = -1e30   # log 0 kept finite, so sums and their gradients stay finite on impossible paths
 
 
-def _padded_targets(targets, target_lengths, mask, batch: int):
+def _padded_targets(targets, target_lengths, mask):
     """(B, S) targets from padded targets, concatenated ones, or padded ones read through `mask`."""
     if mask is not None:   # targets[mask], concatenated: valid entries first, in row-major order (stable)
         flat, keep = targets.reshape(-1), mask.reshape(-1)
@@ -69,9 +69,8 @@ def ctc_loss(log_probs, targets, input_lengths, target_lengths, blank, reduction
     if unbatched:
         log_probs, targets = log_probs[:, None], targets[None] if mask is None else targets
         input_lengths, target_lengths = jnp.reshape(input_lengths, (1,)), jnp.reshape(target_lengths, (1,))
-    B = log_probs.shape[1]
     input_lengths, target_lengths = input_lengths.astype(jnp.int32), target_lengths.astype(jnp.int32)
-    labels_BS = _padded_targets(targets, target_lengths, mask, B).astype(jnp.int32)
+    labels_BS = _padded_targets(targets, target_lengths, mask).astype(jnp.int32)
     too_long = target_lengths > labels_BS.shape[1]   # concatenated targets past the bound: no honest value
     ll = _log_likelihood(log_probs, labels_BS, input_lengths, target_lengths, blank)
     impossible = ll <= _NEG / 2

@@ -123,27 +123,17 @@ def std(x, dim=None, *, correction=None, keepdim=False):
     return jnp.std(x, axis=dims_(dim, x.ndim), ddof=_correction(correction), keepdims=keepdim)
 
 
-@lowering(aten.any.default, aten.any.dim, aten.any.dims)
+@lowering(aten.any.default, aten.any.dim, aten.any.dims, aten._is_any_true.default)
 @scalar_dims
 def any_(x, dim=None, keepdim=False):
     return jnp.any(x, axis=dims_(dim, x.ndim), keepdims=keepdim)
 
 
-@lowering(aten.all.default, aten.all.dim, aten.all.dims)
+@lowering(aten.all.default, aten.all.dim, aten.all.dims,
+          aten._is_all_true.default)   # torch._check_tensor_all's reduction (its assert is dropped)
 @scalar_dims
 def all_(x, dim=None, keepdim=False):
     return jnp.all(x, axis=dims_(dim, x.ndim), keepdims=keepdim)
-
-
-@lowering(aten._is_all_true.default)
-def is_all_true(x):
-    """torch._check_tensor_all's reduction (its assert is dropped: nothing raises under jit)."""
-    return jnp.all(x)
-
-
-@lowering(aten._is_any_true.default)
-def is_any_true(x):
-    return jnp.any(x)
 
 
 @lowering(aten.cumsum.default)

@@ -21,6 +21,7 @@ import warnings
 from typing import Any
 
 import torch
+from torch.overrides import TorchFunctionMode
 
 _CALLS: dict[int, "Call"] = {}        # call id -> what the node needs to trace forward/backward again
 _IDS = itertools.count()
@@ -120,14 +121,68 @@ def _inside():
         _STATE.depth = depth
 
 
+class _OutsideReads(TorchFunctionMode):
+    """Trainable tensors a Function's forward reads that are neither its arguments nor made inside it."""
+
+    def __init__(self, own):
+        super().__init__()
+        self.known = {id(t): t for t in own}    # values kept: ids stay unique while recording
+        self.outside: dict[int, torch.Tensor] = {}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        for t in torch.utils._pytree.tree_leaves((args, kwargs)):
+            if isinstance(t, torch.Tensor) and t.requires_grad and id(t) not in self.known:
+                self.outside[id(t)] = t
+        out = func(*args, **kwargs)
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self.known[id(t)] = t
+        return out
+
+
+class _GradModeKept(TorchFunctionMode):
+    """Grad mode switches inside are dropped (a recomputing Function's forward runs under no_grad)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is torch._C._set_grad_enabled:
+            return None
+        return func(*args, **(kwargs or {}))
+
+
+def _outside_reads(call: Call, tensors) -> list[torch.Tensor]:
+    reads = _OutsideReads(tensors)
+    with torch.no_grad(), _inside(), reads:
+        run_forward(call, tensors, Ctx([False] * len(tensors)))
+    return list(reads.outside.values())
+
+
+def _names(template: tuple, found: list[torch.Tensor]) -> str:
+    """`block.0.weight`-style names of `found` where a module among the arguments owns them, else shapes."""
+    owners = [a for a in template if isinstance(a, torch.nn.Module)]
+    owners += [a.__self__ for a in template if isinstance(getattr(a, "__self__", None), torch.nn.Module)]
+    names = {id(p): n for m in owners for n, p in m.named_parameters()}
+    shown = [names.get(id(t), f"a {tuple(t.shape)} tensor") for t in found]
+    return ", ".join(shown[:4]) + (f" and {len(shown) - 4} more" if len(shown) > 4 else "")
+
+
 def _apply(cls, *args, **kwargs):
     if kwargs or not _own_backward(cls) or getattr(_STATE, "depth", 0):
         return _ORIGINAL_APPLY(cls, *args, **kwargs)
     tensors = [a for a in args if isinstance(a, torch.Tensor)]
     slots = iter(range(len(tensors)))
     template = tuple(_Slot(next(slots)) if isinstance(a, torch.Tensor) else a for a in args)
+    call = Call(cls, template)
+    outside = _outside_reads(call, tensors)
+    if outside:   # gradient checkpointing / reversible layers over a module: their backward feeds .grad
+        warnings.warn(f"autograd.Function {cls.__qualname__} reads trainable tensors that are not its arguments "
+                      f"({_names(template, outside)}); its backward cannot hand their gradients to JAX, so JAX "
+                      f"differentiates its forward instead (exact for recomputation and reversible layers; a "
+                      f"custom gradient it defines is not kept)", stacklevel=2)
+        with _GradModeKept():   # its forward, differentiable: not the no-grad region apply would record
+            return run_forward(call, tensors, Ctx([t.requires_grad for t in tensors]))
     call_id = next(_IDS)
-    _CALLS[call_id] = call = Call(cls, template)
+    _CALLS[call_id] = call
     outs = torch.ops.bridge.autograd_function(call_id, tensors)
     return outs[0] if call.single else tuple(outs)
 

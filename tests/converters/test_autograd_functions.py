@@ -221,3 +221,48 @@ def test_when_only_strict_export_works_it_is_used_with_a_warning(monkeypatch):
     with pytest.warns(UserWarning, match=r"(?s)inlined a custom torch.autograd.Function.*non-strict export refused"):
         jm = bridge.convert(model, (x,))
     np.testing.assert_allclose(np.asarray(jm(x)), model(x).detach().numpy(), rtol=1e-5, atol=1e-6)
+
+
+class Recompute(torch.autograd.Function):   # gradient checkpointing by hand: closes over a module's weights
+    @staticmethod
+    def forward(ctx, block, x):
+        ctx.block = block
+        ctx.save_for_backward(x)
+        with torch.no_grad():
+            return block(x)
+
+    @staticmethod
+    def backward(ctx, g):   # the block's weight gradients go to .grad by autograd, not through the return
+        (x,) = ctx.saved_tensors
+        with torch.enable_grad():
+            x = x.detach().requires_grad_()
+            torch.autograd.backward(ctx.block(x), g)
+        return None, x.grad
+
+
+class Checkpointed(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inp = torch.nn.Linear(6, 8)
+        self.block = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.GELU(), torch.nn.Linear(8, 8))
+        self.head = torch.nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.head(Recompute.apply(self.block, self.inp(x)))
+
+
+def test_functions_reading_weights_they_are_not_given_are_differentiated_through_their_forward():
+    """Recomputation and reversible layers (Reformer) read module weights inside a Function: its backward
+    cannot return their gradients, so JAX differentiates the forward, which is exact for them. Also torch.export
+    would record the layers after such a Function as no-grad; the weights still train."""
+    torch.manual_seed(0)
+    model, x = Checkpointed(), torch.randn(4, 6)
+    with pytest.warns(UserWarning, match=r"Recompute reads trainable tensors .*\(0.weight, 0.bias, 2.weight"):
+        jm = bridge.convert(model, (x,), dynamic="batch")
+    xb = torch.randn(5, 6)
+    out = model(xb)
+    np.testing.assert_allclose(np.asarray(jm(xb)), out.detach().numpy(), rtol=1e-5, atol=1e-6)
+    (out ** 2).sum().backward()
+    grads = flatten(jax.jit(jax.grad(lambda p, v: (jm.apply(p, v) ** 2).sum()))(jm.params, xb.numpy()))
+    for name, p in model.named_parameters():
+        np.testing.assert_allclose(np.asarray(grads[name]), p.grad.numpy(), rtol=1e-5, atol=1e-6, err_msg=name)

@@ -24,6 +24,7 @@ from bridge.errors import CaptureError
 from converters import ops as _ops  # noqa: F401  (registers every lowering)
 from converters.autograd_functions import (collecting_hooks, inlined_functions, recording_functions,
                                           warn_backward_hooks, warn_dropped_hooks)
+from converters import selected_rows
 from converters.registry import registered
 from converters.checks import export_assuming_checks
 from converters.ctc import read_masked_targets, routing_ctc
@@ -146,11 +147,11 @@ def _dynamic_spec(module, args, kwargs, dynamic: str, sig: inspect.Signature | N
     return {name: spec(name, value) for name, value in bound.arguments.items()}
 
 
-def decomposition_table() -> dict:
-    """torch's default decompositions minus every op we lower directly."""
+def decomposition_table(decompose: set = frozenset()) -> dict:
+    """torch's default decompositions minus every op we lower directly (but those in `decompose`)."""
     table = torch.export.default_decompositions()
     for target in registered():
-        if isinstance(target, torch._ops.OpOverload) and target in table:
+        if isinstance(target, torch._ops.OpOverload) and target in table and target not in decompose:
             table.pop(target)
     return table
 
@@ -341,4 +342,10 @@ _INLINED = ("strict export inlined a custom torch.autograd.Function's forward: J
 def _decomposed(ep):
     _detach_no_grad_inputs(ep.graph_module)
     read_masked_targets(ep.graph_module)
-    return ep.run_decompositions(decomposition_table())
+    try:
+        return ep.run_decompositions(decomposition_table())
+    except Exception as e:   # an op kept whole whose shape rule guards on a data-dependent size (x[mask])
+        readers = selected_rows.readers(ep.graph)
+        if "data-dependent" not in str(e).lower() or not readers:
+            raise
+        return ep.run_decompositions(decomposition_table(readers))

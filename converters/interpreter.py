@@ -22,6 +22,7 @@ from torch.fx.experimental.symbolic_shapes import is_concrete_int
 from torch.fx.node import map_arg
 
 from bridge.errors import InputError, LoweringError, MissingRngError, UnsupportedOpsError
+from converters import selected_rows
 from converters.capture import Captured
 from converters.dtypes import jax_dtype, to_jax
 from converters.registry import draws_random, lookup, op_name
@@ -126,6 +127,7 @@ class Program:
         self.attrs = {n.name: _attr(ep.graph_module, n.target) for n in self.graph.nodes if n.op == "get_attr"}
         self.random_nodes = {n.name: i for i, n in enumerate(self.nodes) if draws_random(n)}
         self._check_supported()
+        self.selected_rows = selected_rows.plan(self.nodes)   # x[mask] and what reads it, with static shapes
 
     # -- checks ---------------------------------------------------------------------------
     def _check_supported(self):
@@ -183,13 +185,18 @@ class Program:
         for name in self.tokens:
             env[name] = None
         env.update(self.attrs)
+        rows = selected_rows.Selection(self.selected_rows)
         for node in self.nodes:
-            env[node.name] = self._eval(node, env, key)
+            if node.name in rows.rules:
+                env[node.name] = rows.eval(node, env, self._key(node, key), eval_node)
+            else:
+                env[node.name] = self._eval(node, env, key)
             if node.name in self.param_updates:   # new values forward, the parameter's own gradient backward
                 old = env[self.param_updates[node.name]]
                 env[node.name] = jax.lax.stop_gradient(env[node.name]) + (old - jax.lax.stop_gradient(old))
         out_node = next(n for n in reversed(self.graph.nodes) if n.op == "output")
-        results = map_arg(out_node.args[0], lambda n: env[n.name])
+        results = map_arg(out_node.args[0], lambda n: rows.output(n, env[n.name]) if n.name in rows.rules
+                          else env[n.name])
         user, mutated = [], {}
         for target, value in zip(self.mutations, results):
             if target is None:
@@ -222,8 +229,11 @@ class Program:
         return out
 
     def _eval(self, node: torch.fx.Node, env: dict, key):
+        return eval_node(node, env, self._key(node, key))
+
+    def _key(self, node: torch.fx.Node, key):
         k = self.random_nodes.get(node.name)
-        return eval_node(node, env, None if k is None else jax.random.fold_in(key, k))
+        return None if k is None else jax.random.fold_in(key, k)
 
     def output_structure(self, flat_outputs: list):
         return spec_structure(self.out_spec, flat_outputs)

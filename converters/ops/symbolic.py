@@ -17,10 +17,20 @@ for _fn in (operator.getitem, operator.add, operator.sub, operator.mul, operator
             math.ceil, math.floor, math.sqrt, math.trunc):
     lowering(_fn)(_fn)
 
-lowering(torch.sym_float)(float)
-lowering(torch.sym_int)(int)
-lowering(torch.sym_max)(max)
-lowering(torch.sym_min)(min)
+
+
+def _traced_or(fn, traced):
+    """A Python builtin on sizes, or its jnp twin on a traced value (a count read from a mask, an .item())."""
+    def lower(*xs):
+        return traced(*xs) if any(isinstance(x, jax.Array) for x in xs) else fn(*xs)
+    lower.__name__ = getattr(fn, "__name__", "sym")
+    return lower
+
+
+lowering(torch.sym_float)(_traced_or(float, lambda x: jnp.asarray(x, jnp.float32)))
+lowering(torch.sym_int)(_traced_or(int, lambda x: jnp.trunc(x).astype(jnp.int32)))
+lowering(torch.sym_max)(_traced_or(max, jnp.maximum))
+lowering(torch.sym_min)(_traced_or(min, jnp.minimum))
 lowering(torch.sym_sum)(sum)
 
 

@@ -1,0 +1,282 @@
+"""Rows picked by a boolean mask (`x[mask]`, `masked_select`) without data-dependent shapes.
+
+torch.export gives `x[mask]` an unbacked size u0 (as many rows as the mask selects); JAX traces static
+shapes only. Here such a tensor keeps all N = mask.numel() rows, and the mask rides along, keyed by u0:
+- ops that treat rows independently (elementwise, linear layers, softmax over features...) run on all N
+  rows; the unselected ones are never read back;
+- reductions and contractions over the rows fill the unselected rows with the reduction's identity first
+  (0 for sums and matmuls, -inf for max, 1 for products); a mean divides by the selected count;
+- `out[mask] = rows` becomes `where(mask, rows, out)`, and `x[mask].shape[0]` is the selected count where
+  it is a number, N where it is a size.
+What would mix selected rows otherwise (sorting, slicing, indexing them, returning them) fails at
+conversion, naming the op and line. Masked losses and per-group adapters thus convert and differentiate:
+
+    >>> loss = F.cross_entropy(logits[mask], labels[mask])      # mean over the selected rows only
+    >>> h_new[lang_mask] = adapter(h[lang_mask])                 # X-MOD's per-language adapters
+"""
+from __future__ import annotations
+
+import dataclasses
+import operator
+from collections import ChainMap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
+
+from bridge.errors import LoweringError
+
+aten = torch.ops.aten
+_SOURCES = (aten.index.Tensor, aten.masked_select.default, aten.nonzero.default)
+_PUTS = (aten.index_put.default, aten.index_put_.default)
+# reductions / contractions over the selected rows: the identity the unselected ones are filled with
+_FILL = {**dict.fromkeys((aten.sum, aten.nansum, aten.mean, aten.mm, aten.addmm, aten.bmm, aten.baddbmm,
+                          aten.matmul, aten.dot, aten.vdot, aten.mv, aten.einsum, aten.any, aten.count_nonzero,
+                          aten.linear, aten.tensordot), 0),
+         **dict.fromkeys((aten.amax, aten.max, aten.logsumexp), -np.inf),
+         **dict.fromkeys((aten.amin, aten.min), np.inf), aten.prod: 1, aten.all: True}
+# ops that keep the rows but combine them along a dim: safe once the unselected rows hold the identity
+_SCANS = {**dict.fromkeys((aten._softmax, aten.softmax, aten._log_softmax, aten.log_softmax,
+                           aten.logcumsumexp), -np.inf), aten.cumsum: 0, aten.cumprod: 1}
+# ops whose `dim` arguments only move or add dims (the rows stay rows)
+_MOVES = {aten.permute, aten.transpose, aten.t, aten.unsqueeze, aten.squeeze, aten.movedim, aten.expand,
+          aten.view, aten.reshape, aten._unsafe_view, aten.clone, aten.alias}
+_DIM_ARGS = ("dim", "dims", "dim0", "dim1", "source", "destination")
+_COUNTED = ("Scalar", "float", "number", "Tensor")   # schema types where a size is used as a number
+
+
+@dataclasses.dataclass
+class Rule:
+    kind: str                   # source | size | put | rows | reduce | scan | refuse
+    symbol: object
+    positions: dict = dataclasses.field(default_factory=dict)   # input node name -> dims holding the rows
+    fill: object = None         # reduce/scan: the identity; refuse: why
+
+
+def _symbols(val) -> set:
+    try:
+        return set(free_unbacked_symbols(val)) if val is not None else set()
+    except Exception:   # values free_unbacked_symbols does not know (strings, devices)
+        return set()
+
+
+def _row_dims(val, symbol) -> list[int] | None:
+    """Dims of a tensor meta that are exactly the row count; None where a dim is some other expression of it."""
+    dims = []
+    for d, size in enumerate(val.shape if isinstance(val, torch.Tensor) else ()):
+        expr = getattr(getattr(size, "node", None), "expr", None)
+        if expr is not None and symbol in expr.free_symbols:
+            if expr != symbol:
+                return None
+            dims.append(d)
+    return dims
+
+
+def _bound(node) -> dict:
+    schema = getattr(node.target, "_schema", None)
+    out = {a.name: v for a, v in zip(schema.arguments, node.args)} if schema is not None else {}
+    return {**out, **node.kwargs}
+
+
+def _dim_values(node) -> list[int]:
+    bound, out = _bound(node), []
+    for name in _DIM_ARGS:
+        v = bound.get(name)
+        out += list(v) if isinstance(v, (list, tuple)) else [v] if isinstance(v, int) else []
+    return out
+
+
+def _rule(node, symbol, positions: dict, val) -> Rule:
+    packet = getattr(node.target, "overloadpacket", None)
+    out_dims = _row_dims(val, symbol)
+    first = node.all_input_nodes[0].name if node.all_input_nodes else None
+    if not isinstance(val, (torch.Tensor, list, tuple)):
+        return Rule("size", symbol, positions)
+    if node.target in _PUTS:
+        return Rule("put", symbol, positions)
+    if out_dims is None or any(d is None for d in positions.values()):
+        return Rule("refuse", symbol, fill="gives rows selected by a boolean mask another size or shape")
+    if isinstance(val, (list, tuple)) and packet in (aten.max, aten.min) and any(
+            u.target is not operator.getitem or u.args[1] != 0 for u in node.users):
+        return Rule("refuse", symbol, fill="takes the index of the largest/smallest of rows selected by a mask")
+    if not positions and packet not in (aten.arange, aten.randperm):   # the count as a number, or a new size
+        return Rule("rows", symbol, positions)
+    if not out_dims and not (isinstance(val, (list, tuple)) and packet not in _FILL):
+        if packet not in _FILL:
+            return Rule("refuse", symbol, fill="reduces rows selected by a boolean mask by their order")
+        return Rule("reduce", symbol, positions, _FILL[packet])
+    if packet in (aten.arange, aten.randperm):
+        return Rule("refuse", symbol, fill="numbers rows selected by a boolean mask by their position")
+    rows = positions.get(first, [])
+    ndim = node.all_input_nodes[0].meta["val"].dim() if rows else 0
+    hit = {d % ndim for d in _dim_values(node)} & set(rows) if ndim and packet not in _MOVES else set()
+    if packet is aten.index and rows:   # x[m][idx]: which rows idx picks depends on their position
+        hit |= {i for i, ix in enumerate(node.args[1]) if ix is not None} & set(rows)
+    if not hit:
+        return Rule("rows", symbol, positions)
+    if packet in _SCANS:
+        return Rule("scan", symbol, positions, _SCANS[packet])
+    return Rule("refuse", symbol, fill="combines rows selected by a boolean mask along their dim")
+
+
+def plan(nodes: list) -> dict[str, Rule]:
+    """How each node that reads or makes rows selected by a boolean mask is evaluated."""
+    rules: dict[str, Rule] = {}
+    known: set = set()
+    for node in nodes:
+        val = node.meta.get("val")
+        ins = set().union(*(_symbols(n.meta.get("val")) for n in node.all_input_nodes))
+        outs = _symbols(val)
+        if node.target in _SOURCES and len(outs - ins) == 1 and not ins:
+            (symbol,) = outs
+            known.add(symbol)
+            rules[node.name] = Rule("source", symbol)
+            continue
+        touched = (ins | outs) & known
+        if not touched:
+            continue
+        symbol = next(iter(touched))
+        if len(ins | outs) > 1:
+            rules[node.name] = Rule("refuse", symbol, fill="mixes rows selected by different masks")
+            continue
+        positions = {n.name: _row_dims(n.meta.get("val"), symbol) for n in node.all_input_nodes}
+        rules[node.name] = _rule(node, symbol, {k: v for k, v in positions.items() if v != []}, val)
+    return rules
+
+
+class Selection:
+    """One run's masks, keyed by their row-count symbol, and the selected counts of size nodes. A mask that
+    is a concrete array (eager, outside jit) selects as torch does: rows are compacted, nothing is filled."""
+
+    def __init__(self, rules: dict[str, Rule]):
+        self.rules = rules
+        self.valid: dict = {}     # symbol -> (N,) bool, for masks traced under jit
+        self.mask_of: dict = {}   # symbol -> name of the mask node
+        self.counts: dict = {}    # size node name -> the count version of its value
+
+    def eval(self, node, env: dict, key, eval_node):
+        rule = self.rules[node.name]
+        if rule.kind == "source":
+            return self._source(node, env, rule.symbol, key, eval_node)
+        if rule.symbol not in self.valid:   # a concrete mask: torch's own semantics
+            return eval_node(node, env, key)
+        if rule.kind == "refuse":
+            raise _refuse(node, rule.fill)
+        if rule.kind == "size":   # both: the size for shapes (N), the count for arithmetic
+            self.counts[node.name] = self._count_of(node, env, rule, key, eval_node)
+            return eval_node(node, env, key)
+        if rule.kind == "put":
+            return self._put(node, env, rule.symbol)
+        env = self._counted(node, env)
+        if rule.kind == "rows":
+            return eval_node(node, env, key)
+        filled = {n: self._fill(env[n], dims, rule.symbol, rule.fill) for n, dims in rule.positions.items()}
+        out = eval_node(node, ChainMap(filled, env), key)
+        if node.target.overloadpacket is aten.mean:   # a mean over all N rows -> over the selected ones
+            out = (out * self.valid[rule.symbol].shape[0] / self.count(rule.symbol)).astype(out.dtype)
+        return out
+
+    def count(self, symbol):
+        return jnp.sum(self.valid[symbol], dtype=jnp.int32)
+
+    def output(self, node, value):
+        """A graph output: sizes as counts; selected rows only outside jit (their number is the data's)."""
+        if node.name in self.counts:
+            return self.counts[node.name]
+        rule = self.rules[node.name]
+        if rule.symbol in self.valid and _row_dims(node.meta.get("val"), rule.symbol) != []:
+            raise _refuse(node, "is returned: its number of rows depends on the mask's values, which a jitted "
+                                "function cannot return; return a reduction, or write the rows back with "
+                                "`out[mask] = rows`")
+        return value
+
+    def _count_of(self, node, env, rule, key, eval_node):
+        if node.target in (aten.sym_size.int, aten.sym_numel.default):
+            shape = env[node.args[0].name].shape
+            dims = rule.positions.get(node.args[0].name, [])
+            sizes = [self.count(rule.symbol) if d in dims else s for d, s in enumerate(shape)]
+            return sizes[node.args[1]] if node.target is aten.sym_size.int else np.prod(sizes)
+        return eval_node(node, ChainMap(self.counts, env), key)
+
+    def _counted(self, node, env):
+        """Sizes passed where the op takes a number (`loss / x[mask].shape[0]`) are the selected count."""
+        schema = getattr(node.target, "_schema", None)
+        if schema is None or not self.counts:
+            return env
+        counted = {v.name: self.counts[v.name] for arg, v in zip(schema.arguments, node.args)
+                   if isinstance(v, torch.fx.Node) and v.name in self.counts
+                   and any(t in str(arg.type) for t in _COUNTED)}
+        return ChainMap(counted, env) if counted else env
+
+    def _fill(self, x, dims, symbol, value):
+        valid = self.valid[symbol]
+        if jnp.issubdtype(x.dtype, jnp.floating) or x.dtype == jnp.bool_:
+            fill = jnp.asarray(value, x.dtype)
+        else:
+            info = jnp.iinfo(x.dtype)
+            fill = jnp.asarray(info.min if value == -np.inf else info.max if value == np.inf else value, x.dtype)
+        keep = jnp.ones((), bool)
+        for d in dims:   # a Gram matrix x[m].T @ x[m] holds the rows in two dims
+            keep = keep & valid.reshape([valid.shape[0] if i == d else 1 for i in range(x.ndim)])
+        return jnp.where(keep, x, fill)
+
+    def _source(self, node, env, symbol, key, eval_node):
+        x = env[node.args[0].name]
+        if node.target is aten.nonzero.default:   # every coordinate, row-major; the mask says which are picked
+            if not isinstance(x, jax.core.Tracer):
+                return eval_node(node, env, key)
+            self.valid[symbol] = (x != 0).reshape(-1)
+            self.mask_of[symbol] = node.args[0].name
+            grid = jnp.indices(x.shape).reshape(x.ndim, -1).T
+            return grid.astype(jnp.int64 if jax.config.jax_enable_x64 else jnp.int32)
+        if node.target is aten.masked_select.default:
+            mask_node = node.args[1]
+            mask = env[mask_node.name]
+            if not isinstance(mask, jax.core.Tracer):
+                return eval_node(node, env, key)
+            shape = jnp.broadcast_shapes(x.shape, mask.shape)
+            self.valid[symbol] = jnp.broadcast_to(mask, shape).reshape(-1)
+            self.mask_of[symbol] = mask_node.name
+            return jnp.broadcast_to(x, shape).reshape(-1)
+        indices = list(node.args[1])
+        used = [i for i, ix in enumerate(indices) if ix is not None]
+        mask = env[indices[used[0]].name] if len(used) == 1 else None
+        if mask is None or mask.dtype != jnp.bool_ or not isinstance(mask, jax.core.Tracer):
+            return eval_node(node, env, key)   # concrete, or the lowering's own error
+        j = used[0]
+        self.valid[symbol] = mask.reshape(-1)
+        self.mask_of[symbol] = indices[j].name
+        return x.reshape(x.shape[:j] + (-1,) + x.shape[j + mask.ndim:])
+
+    def _put(self, node, env, symbol):
+        out_node, indices, values_node = node.args[:3]
+        accumulate = _bound(node).get("accumulate", False)
+        used = [i for i, ix in enumerate(indices) if ix is not None]
+        if len(used) != 1:
+            raise _refuse(node, "writes rows selected by a boolean mask through several indices")
+        j = used[0]
+        out, mask, values = env[out_node.name], env[indices[j].name], env[values_node.name]
+        rows = out.shape[:j] + (mask.size,) + out.shape[j + mask.ndim:]
+        values = jnp.broadcast_to(values.astype(out.dtype), rows)
+        if indices[j].name != self.mask_of[symbol]:   # another mask (as many Trues): its k-th True takes the
+            ranks = jnp.cumsum(mask.reshape(-1)) - 1  # k-th selected row
+            order = jnp.argsort(~self.valid[symbol], stable=True)
+            values = jnp.take(values, order[jnp.clip(ranks, 0, mask.size - 1)], axis=j)
+        values = values.reshape(out.shape)
+        mask = mask.reshape((1,) * j + mask.shape + (1,) * (out.ndim - j - mask.ndim))
+        return out + jnp.where(mask, values, 0) if accumulate else jnp.where(mask, values, out)
+
+
+def _refuse(node, what: str) -> LoweringError:
+    from converters.interpreter import source_line
+    return LoweringError(f"{node.target} at {source_line(node)} {what}: bridge keeps every row and the mask "
+                         "(static shapes for jax.jit), which supports ops on each row, reductions over the rows "
+                         "and `out[mask] = rows`")
+
+
+def readers(graph: torch.fx.Graph) -> set:
+    """Ops reading tensors whose size is data-dependent: capture decomposes them with torch's own rules."""
+    return {n.target for n in graph.nodes if n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload)
+            and any(_symbols(a.meta.get("val")) for a in n.all_input_nodes)}

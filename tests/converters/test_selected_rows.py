@@ -1,0 +1,142 @@
+"""Rows selected by a boolean mask (`x[mask]`, masked_select) convert and run under jax.jit: forward values and
+gradients match torch for masks other than the example's, including the count where it is used as a number."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import pytest
+import torch
+import torch.nn.functional as F
+
+import bridge
+from bridge.errors import LoweringError
+from bridge.tree import flatten
+from tests.conftest import GRAD_TOL, assert_close, rel_err
+
+B, S, H, C = 3, 5, 8, 4
+
+
+class Net(torch.nn.Module):
+    """A small encoder; `head` decides what is done with the rows the mask selects."""
+
+    def __init__(self, head):
+        super().__init__()
+        self.emb = torch.nn.Embedding(16, H)
+        self.adapter = torch.nn.Sequential(torch.nn.Linear(H, H), torch.nn.Tanh(), torch.nn.Linear(H, H))
+        self.cls = torch.nn.Linear(H, C)
+        self.head = head
+
+    def forward(self, ids, mask, labels):
+        return self.head(self, self.emb(ids), mask, labels)
+
+
+def token_loss(m, h, mask, labels):     # HF token classification: active positions only
+    logits = m.cls(h).view(-1, C)
+    active = mask.view(-1)
+    return F.cross_entropy(logits[active], labels.view(-1)[active])
+
+
+def adapter_rows(m, h, mask, labels):   # X-MOD: per-group adapters written back with out[mask] = rows
+    out = torch.zeros_like(h)
+    out[mask[:, 0]] = m.adapter(h[mask[:, 0]])
+    return m.cls(out + h).sum(-1)
+
+
+def adapter_tokens(m, h, mask, labels):   # a (B, S) mask over (B, S, H), accumulated
+    out = h.clone()
+    out.index_put_((mask,), m.adapter(h[mask]), accumulate=True)
+    return out
+
+
+def select_mean(m, h, mask, labels):    # masked_select, mean over what it picked
+    return torch.masked_select(m.cls(h), mask[..., None]).mean()
+
+
+def count_divides(m, h, mask, labels):   # the count where it is a number; also returned
+    rows = m.cls(h)[mask]
+    return (rows ** 2).sum() / rows.shape[0], rows.shape[0] * 1.0, rows.amax(0), torch.logsumexp(rows, 0)
+
+
+def over_rows(m, h, mask, labels):      # softmax and cumsum along the selected rows, reduced after
+    rows = m.cls(h)[mask]
+    return (torch.softmax(rows, 0) * rows).sum(0), torch.cumsum(rows, 0).prod(-1).sum()
+
+
+def gram(m, h, mask, labels):           # rows in both operands of a contraction
+    rows = m.adapter(h[mask])
+    return rows.T @ rows
+
+
+def where_coordinates(m, h, mask, labels):   # torch.where(mask) / nonzero: coordinates of the picked rows
+    b, s = torch.where(mask)
+    rows = m.cls(h[b, s]) * (s[:, None] + 1)
+    out = torch.zeros(B, S, C)
+    out[mask] = rows
+    return out, m.emb.weight[mask.nonzero()[:, 1]].sum(0)
+
+
+HEADS = [token_loss, adapter_rows, adapter_tokens, select_mean, count_divides, over_rows, gram, where_coordinates]
+
+
+def _inputs(seed: int):
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.rand(B, S, generator=g) > 0.5
+    mask[0, 0] = True   # at least one row (torch's mean of nothing is NaN)
+    return torch.randint(0, 16, (B, S), generator=g), mask, torch.randint(0, C, (B, S), generator=g)
+
+
+def _jax(args):
+    return [jnp.asarray(a.numpy()) for a in args]
+
+
+@pytest.mark.parametrize("head", HEADS, ids=lambda h: h.__name__)
+def test_forward_and_gradients_match_torch_for_other_masks(head):
+    torch.manual_seed(0)
+    model = Net(head)
+    jm = bridge.convert(model, _inputs(0))
+    run = jax.jit(jm.apply)
+    for seed in (1, 2):   # other masks than the example's: other counts
+        args = _inputs(seed)
+        ref = model(*args)
+        ref = ref if isinstance(ref, tuple) else (ref,)
+        got = run(jm.params, *_jax(args))
+        got = got if isinstance(got, tuple) else (got,)
+        for g, r in zip(got, ref):
+            assert_close(g, r.detach() if isinstance(r, torch.Tensor) else torch.tensor(r), what=head.__name__)
+
+    args = _inputs(3)
+    model.zero_grad()
+    out = model(*args)
+    sum(o.sum() for o in (out if isinstance(out, tuple) else (out,)) if isinstance(o, torch.Tensor)).backward()
+
+    def loss(params):
+        out = jm.apply(params, *_jax(args))
+        return sum(jnp.sum(o) for o in (out if isinstance(out, tuple) else (out,)))
+
+    grads = flatten(jax.jit(jax.grad(loss))(jm.params))
+    for name, p in model.named_parameters():
+        ref = p.grad if p.grad is not None else torch.zeros_like(p)
+        assert rel_err(grads[name], ref) <= GRAD_TOL, (head.__name__, name)
+
+
+def test_outside_jit_rows_are_torchs():
+    """A concrete mask (eager) selects as torch does: the rows themselves can be returned."""
+    def rows(m, h, mask, labels):
+        return m.cls(h)[mask].sort(0).values
+    model = Net(rows)
+    jm = bridge.convert(model, _inputs(0))
+    args = _inputs(1)
+    assert_close(jm.apply(jm.params, *_jax(args)), model(*args).detach())
+
+
+@pytest.mark.parametrize("what, head", [
+    ("is returned", lambda m, h, mask, labels: m.cls(h)[mask]),
+    ("along their dim", lambda m, h, mask, labels: m.cls(h)[mask].sort(0).values.sum()),
+    ("by their position", lambda m, h, mask, labels: m.cls(h)[mask][torch.arange(2)].sum()),
+])
+def test_what_depends_on_row_positions_fails_under_jit_naming_the_line(what, head):
+    model = Net(head)
+    jm = bridge.convert(model, _inputs(0))
+    with pytest.raises(LoweringError, match=what) as e:
+        jax.jit(jm.apply)(jm.params, *_jax(_inputs(1)))
+    assert "test_selected_rows.py" in str(e.value)

@@ -115,6 +115,8 @@ VIT = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_atten
 CLIP_TEXT = dict(TOK, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                  max_position_embeddings=64, projection_dim=32)
 CLIP_VISION = dict(VIT, projection_dim=32)
+AUDIO = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, conv_dim=(32, 32),
+             conv_stride=(5, 2), conv_kernel=(10, 3), num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4)
 
 ZOO = [
     # -- decoder-only language models
@@ -382,6 +384,72 @@ ZOO = [
                                       num_experts=4, decoder_start_token_id=0), tokens(decoder=True), "logits",
          skip="torch.export: the router calls `self.classifier.to(dtype)` inside forward (non-strict: "
               "'Couldn't swap Linear.weight') and loops over the experts the data selects (strict)"),
+    # -- fourth sweep: newer decoders and hybrids, reversible layers, per-language adapters, audio, vision, detection
+    Arch("deepseek_v2", lm("DeepseekV2", num_key_value_heads=4, kv_lora_rank=16, q_lora_rank=None, qk_rope_head_dim=8,
+                           qk_nope_head_dim=8, v_head_dim=16, n_routed_experts=4, num_experts_per_tok=2,
+                           moe_intermediate_size=32, first_k_dense_replace=1, n_shared_experts=1), tokens(), "logits"),
+    Arch("zamba2", lm("Zamba2", mamba_d_state=16, mamba_headdim=16, n_mamba_heads=8, mamba_ngroups=1, chunk_size=4,
+                      layers_block_type=["mamba", "hybrid"], hybrid_layer_ids=[1], num_mem_blocks=1,
+                      use_mem_rope=False),
+         tokens(), "logits"),
+    Arch("falcon_h1", lm("FalconH1", mamba_d_state=16, mamba_n_heads=8, mamba_d_head=16, mamba_n_groups=1,
+                         mamba_chunk_size=4, head_dim=16, mamba_d_ssm=128, mamba_expand=2), tokens(), "logits"),
+    Arch("minimax", lm("MiniMax", head_dim=16, num_local_experts=2, num_experts_per_tok=1, block_size=4,
+                       layer_types=["linear_attention", "full_attention"], sliding_window=None), tokens(), "logits"),
+    Arch("t5gemma", lambda: tf.T5GemmaForConditionalGeneration(tf.T5GemmaConfig(
+        encoder=tf.T5GemmaModuleConfig(**DEC, head_dim=16, sliding_window=4),
+        decoder=tf.T5GemmaModuleConfig(**DEC, head_dim=16, sliding_window=4), vocab_size=V)),
+         tokens(decoder=True), "logits"),
+    Arch("reformer", build("ReformerModelWithLMHead", "ReformerConfig", vocab_size=V, hidden_size=64,
+                           num_attention_heads=2, attention_head_size=32, attn_layers=["local", "local"],
+                           axial_pos_embds=False, is_decoder=True, local_attn_chunk_length=4, feed_forward_size=64,
+                           max_position_embeddings=64),
+         tokens(), "logits",   # reversible layers: an autograd.Function reading the layers' weights
+         no_grads="HF's Reformer refuses backward in eval mode (test_autograd_functions checks such Functions)"),
+    Arch("xmod", enc("Xmod", languages=["en_XX", "de_DE", "fr_XX"], default_language="en_XX"),
+         lambda b: {**tokens()(b), "lang_ids": torch.arange(b) % 3}, "last_hidden_state"),   # h[lang_mask] rows
+    Arch("wav2vec2_conformer", build("Wav2Vec2ConformerModel", "Wav2Vec2ConformerConfig", **AUDIO,
+                                     conv_depthwise_kernel_size=3, position_embeddings_type="rotary"),
+         audio(), "last_hidden_state"),
+    Arch("wav2vec2_bert", build("Wav2Vec2BertModel", "Wav2Vec2BertConfig", hidden_size=64, num_hidden_layers=2,
+                                num_attention_heads=4, intermediate_size=128, feature_projection_input_dim=16,
+                                conv_depthwise_kernel_size=3, position_embeddings_type="rotary"),
+         lambda b: {"input_features": torch.randn(b, 20, 16)}, "last_hidden_state"),
+    Arch("moonshine", build("MoonshineModel", "MoonshineConfig", vocab_size=V, hidden_size=64, intermediate_size=128,
+                            encoder_num_hidden_layers=2, decoder_num_hidden_layers=2, encoder_num_attention_heads=4,
+                            decoder_num_attention_heads=4),
+         lambda b: {"input_values": torch.randn(b, 1600), "decoder_input_ids": torch.randint(3, V, (b, 6))},
+         "last_hidden_state"),
+    Arch("dinov3_vit", build("DINOv3ViTModel", "DINOv3ViTConfig", hidden_size=64, intermediate_size=128,
+                             num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8,
+                             num_register_tokens=2), pixels(), "last_hidden_state"),
+    Arch("upernet", lambda: tf.UperNetForSemanticSegmentation(tf.UperNetConfig(
+        backbone_config=tf.ConvNextConfig(hidden_sizes=[16, 32, 48, 64], depths=[1, 1, 1, 1],
+                                          out_features=["stage1", "stage2", "stage3", "stage4"]),
+        hidden_size=16, auxiliary_in_channels=48, auxiliary_channels=16, num_labels=3)), pixels(64), "logits"),
+    Arch("detr", lambda: tf.DetrForObjectDetection(tf.DetrConfig(
+        use_timm_backbone=False, use_pretrained_backbone=False, num_queries=5,
+        backbone_config=tf.ResNetConfig(embedding_size=16, hidden_sizes=[16, 32], depths=[1, 1],
+                                        out_features=["stage2"]),
+        d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2, decoder_attention_heads=2,
+        encoder_ffn_dim=32, decoder_ffn_dim=32)), pixels(64), "logits"),
+    Arch("siglip", lambda: tf.SiglipModel(tf.SiglipConfig(text_config=dict(CLIP_TEXT), vision_config=dict(VIT))),
+         clip_inputs, "logits_per_image"),
+    Arch("blip", lambda: tf.BlipModel(tf.BlipConfig(text_config=dict(ENC), vision_config=dict(VIT), projection_dim=32)),
+         clip_inputs, "logits_per_image"),
+    Arch("time_series_transformer", build("TimeSeriesTransformerModel", "TimeSeriesTransformerConfig",
+                                          prediction_length=4, context_length=8, lags_sequence=[1, 2], d_model=16,
+                                          encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+                                          decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32,
+                                          num_time_features=1),
+         lambda b: {"past_values": torch.randn(b, 10), "past_time_features": torch.randn(b, 10, 1),
+                    "past_observed_mask": torch.ones(b, 10), "future_values": torch.randn(b, 4),
+                    "future_time_features": torch.randn(b, 4, 1)}, "last_hidden_state"),
+    Arch("jetmoe", build("JetMoeForCausalLM", "JetMoeConfig", vocab_size=V, hidden_size=64, num_hidden_layers=2,
+                         num_key_value_heads=2, kv_channels=16, intermediate_size=64, num_local_experts=4,
+                         num_experts_per_tok=2), tokens(), "logits",
+         skip="its experts split the routed tokens by counts read with `.tolist()` (`inputs.split(expert_size)`): "
+              "sizes only the data knows, which no static-shape program can take"),
 ]
 BY_NAME = {a.name: a for a in ZOO}
 FAST = ("mistral", "mixtral", "gpt_neox", "t5", "vit", "whisper")

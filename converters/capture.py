@@ -28,6 +28,7 @@ from converters import selected_rows
 from converters.registry import registered
 from converters.checks import export_assuming_checks
 from converters.ctc import read_masked_targets, routing_ctc
+from converters.packed import routing_packed
 from converters.caches import has_cache, is_cache, register_objects, register_transformers_caches
 from converters.structure import patched_forward, registering_outputs
 
@@ -216,6 +217,14 @@ def _value_checks_off():
 
 
 @contextlib.contextmanager
+def _non_strict_routes():
+    """What non-strict export only takes through bridge's ops: user autograd.Functions and gradient hooks
+    (their own backward), packed sequences (padded, with their lengths)."""
+    with recording_functions(), routing_packed():
+        yield
+
+
+@contextlib.contextmanager
 def _mode(module: torch.nn.Module, train: bool):
     states = {m: m.training for m in module.modules()}
     module.train(train)
@@ -262,7 +271,7 @@ def capture(module: torch.nn.Module, args: tuple = (), kwargs: dict | None = Non
             hooks.clear()   # hooks the attempt that succeeds leaves out
             try:
                 if mode == _CHECKS:   # non-strict failed on a value read from a tensor: only checks?
-                    with recording_functions(), _flat_forward(module, flat), registering_outputs(module):
+                    with _non_strict_routes(), _flat_forward(module, flat), registering_outputs(module):
                         ep, assumed = export_assuming_checks(lambda: _exported(
                             module, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False))
                     ep, mode = _decomposed(ep), False
@@ -270,7 +279,7 @@ def capture(module: torch.nn.Module, args: tuple = (), kwargs: dict | None = Non
                                   "program; convert assumed they pass, as they did for the example (the JAX "
                                   "model will not raise on bad input):\n  " + "\n  ".join(assumed), stacklevel=3)
                     break
-                with contextlib.nullcontext() if mode else recording_functions(), _flat_forward(module, flat), \
+                with contextlib.nullcontext() if mode else _non_strict_routes(), _flat_forward(module, flat), \
                         contextlib.nullcontext() if mode else registering_outputs(module):
                     ep = _exported(module, args, kwargs, dynamic_shapes=dynamic_shapes, strict=mode)
                 if mode and strict is None and hooks:

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import torch
 from jax import lax
 
+from converters import packed as _packed  # noqa: F401  (defines bridge::packed_rnn)
 from converters.ops.common import aten, dot_precision
 from converters.ops.linalg import linear
 from converters.ops.random import _dropout
@@ -54,7 +56,7 @@ def _simple_cell(act):
     return cell
 
 
-def _direction(cell, x_TBI, state, w, has_biases, reverse, make_cell):
+def _direction(cell, x_TBI, state, w, has_biases, reverse, make_cell, valid_TB=None):
     w_ih, w_hh = w[0], w[1]
     b_ih, b_hh = (w[2], w[3]) if has_biases else (None, None)
     step = make_cell(w) if make_cell else cell
@@ -62,13 +64,22 @@ def _direction(cell, x_TBI, state, w, has_biases, reverse, make_cell):
     def body(s, g):
         return step(s, g, w_hh, b_hh)
 
+    def packed_body(s, g_v):   # past its length a sequence keeps its state and outputs zeros (a packed batch)
+        g, v_B1 = g_v
+        new, y = step(s, g, w_hh, b_hh)
+        new = jax.tree.map(lambda a, b: jnp.where(v_B1, a, b), new, s)
+        return new, jnp.where(v_B1, y, 0)
+
     with dot_precision(x_TBI, w_hh):
         gx = linear(x_TBI, w_ih, b_ih)             # the whole sequence's input projection at once
-        return lax.scan(body, state, gx, reverse=reverse)
+        if valid_TB is None:
+            return lax.scan(body, state, gx, reverse=reverse)
+        # reversed, a sequence starts at its own last step: the steps past it leave the initial state as it is
+        return lax.scan(packed_body, state, (gx, valid_TB[..., None]), reverse=reverse)
 
 
 def _rnn(key, x, states, params, has_biases, num_layers, dropout, train, bidirectional, batch_first, cell,
-         per_layer=None, make_cell=None):
+         per_layer=None, make_cell=None, valid_TB=None):
     """Shared layer/direction loop. `states` is a tuple of (L*D, B, H*) stacks (h, or h and c)."""
     x = x.swapaxes(0, 1) if batch_first else x            # (T, B, I)
     dirs = 2 if bidirectional else 1
@@ -80,7 +91,7 @@ def _rnn(key, x, states, params, has_biases, num_layers, dropout, train, bidirec
             k = layer * dirs + d
             w = params[k * group:(k + 1) * group]
             s0 = tuple(s[k] for s in states)
-            s, y = _direction(cell, x, s0 if len(s0) > 1 else s0[0], w, has_biases, d == 1, make_cell)
+            s, y = _direction(cell, x, s0 if len(s0) > 1 else s0[0], w, has_biases, d == 1, make_cell, valid_TB)
             finals.append(s if isinstance(s, tuple) else (s,))
             outs.append(y)
         x = jnp.concatenate(outs, axis=-1) if dirs == 2 else outs[0]
@@ -90,16 +101,18 @@ def _rnn(key, x, states, params, has_biases, num_layers, dropout, train, bidirec
     return (out,) + tuple(jnp.stack([f[i] for f in finals]) for i in range(len(states)))
 
 
-@lowering(aten.lstm.input, random=_dropout_between_layers)
-def lstm(key, x, hx, params, has_biases, num_layers, dropout, train, bidirectional, batch_first):
-    h0, c0 = hx
+def _lstm_cells(h0, c0):
     proj = h0.shape[-1] != c0.shape[-1]
 
     def make_cell(w):
         return _lstm_cell(w[-1] if proj else None)
+    return make_cell
 
-    return _rnn(key, x, (h0, c0), params, has_biases, num_layers, dropout, train, bidirectional, batch_first,
-                None, make_cell=make_cell)
+
+@lowering(aten.lstm.input, random=_dropout_between_layers)
+def lstm(key, x, hx, params, has_biases, num_layers, dropout, train, bidirectional, batch_first):
+    return _rnn(key, x, tuple(hx), params, has_biases, num_layers, dropout, train, bidirectional, batch_first,
+                None, make_cell=_lstm_cells(*hx))
 
 
 @lowering(aten.gru.input, random=_dropout_between_layers)
@@ -117,3 +130,19 @@ def rnn_tanh(key, x, hx, params, has_biases, num_layers, dropout, train, bidirec
 def rnn_relu(key, x, hx, params, has_biases, num_layers, dropout, train, bidirectional, batch_first):
     return _rnn(key, x, (hx,), params, has_biases, num_layers, dropout, train, bidirectional, batch_first,
                 _simple_cell(jax.nn.relu))
+
+
+def _packed_dropout(node) -> bool:
+    num_layers, p, train = node.args[6:9]
+    return bool(p) and bool(train) and num_layers > 1
+
+
+_CELLS = {"gru": _gru_cell, "rnn_tanh": _simple_cell(jnp.tanh), "rnn_relu": _simple_cell(jax.nn.relu)}
+
+
+@lowering(torch.ops.bridge.packed_rnn.default, random=_packed_dropout)
+def packed_rnn(key, mode, x_TBI, lengths_B, hx, params, has_biases, num_layers, dropout, train, bidirectional):
+    """An RNN over a packed batch (converters/packed.py): padded time-major input, each sequence's length."""
+    valid_TB = jnp.arange(x_TBI.shape[0])[:, None] < lengths_B[None, :]
+    return list(_rnn(key, x_TBI, tuple(hx), params, has_biases, num_layers, dropout, train, bidirectional, False,
+                     _CELLS.get(mode), make_cell=_lstm_cells(*hx) if mode == "lstm" else None, valid_TB=valid_TB))

@@ -549,9 +549,7 @@ CASES = [
     rnn_case("rnn_tanh_bidir_h0", nn.RNN, batch_first=False, bidir=True, state="h", slow=True),
     rnn_case("rnn_relu_2l", nn.RNN, batch_first=True, layers=2, nonlinearity="relu", slow=True),
     rnn_case("lstm_2l_dropout", nn.LSTM, batch_first=True, layers=2, dropout=0.3, slow=True),
-    Case("lstm_packed", Packed, lambda: (r(3, 5, 6), torch.tensor([5, 2, 4])),
-         skip="torch.export: strict refuses pack_padded_sequence (marked skipped by dynamo), non-strict fails in "
-              "LSTM's packed path (zeros() of a FakeTensor size)"),
+    Case("lstm_packed", Packed, lambda: (r(3, 5, 6), torch.tensor([5, 2, 4]))),
     Case("lstm_cell", fmod(lambda s, x, h, c: s.cell(x, (h, c)), cell=nn.LSTMCell(6, 7)),
          lambda: (r(3, 6), r(3, 7), r(3, 7)), slow=True),
     Case("gru_rnn_cells", fmod(lambda s, x: s.r(s.g(x), s.g(x)), g=nn.GRUCell(6, 6), r=nn.RNNCell(6, 6)),

@@ -167,7 +167,7 @@ def _names(template: tuple, found: list[torch.Tensor]) -> str:
 
 
 def _apply(cls, *args, **kwargs):
-    if kwargs or not _own_backward(cls) or getattr(_STATE, "depth", 0):
+    if kwargs or getattr(_STATE, "depth", 0):
         return _ORIGINAL_APPLY(cls, *args, **kwargs)
     tensors = [a for a in args if isinstance(a, torch.Tensor)]
     slots = iter(range(len(tensors)))
@@ -175,12 +175,15 @@ def _apply(cls, *args, **kwargs):
     call = Call(cls, template)
     outside = _outside_reads(call, tensors)
     if outside:   # gradient checkpointing / reversible layers over a module: their backward feeds .grad
-        warnings.warn(f"autograd.Function {cls.__qualname__} reads trainable tensors that are not its arguments "
-                      f"({_names(template, outside)}); its backward cannot hand their gradients to JAX, so JAX "
-                      f"differentiates its forward instead (exact for recomputation and reversible layers; a "
-                      f"custom gradient it defines is not kept)", stacklevel=2)
+        if not cls.__module__.startswith("torch."):   # torch's own (reentrant checkpoint) is recomputation
+            warnings.warn(f"autograd.Function {cls.__qualname__} reads trainable tensors that are not its "
+                          f"arguments ({_names(template, outside)}); its backward cannot hand their gradients to "
+                          f"JAX, so JAX differentiates its forward instead (exact for recomputation and reversible "
+                          f"layers; a custom gradient it defines is not kept)", stacklevel=2)
         with _GradModeKept():   # its forward, differentiable: not the no-grad region apply would record
             return run_forward(call, tensors, Ctx([t.requires_grad for t in tensors]))
+    if not _own_backward(cls):
+        return _ORIGINAL_APPLY(cls, *args, **kwargs)
     call_id = next(_IDS)
     _CALLS[call_id] = call
     outs = torch.ops.bridge.autograd_function(call_id, tensors)

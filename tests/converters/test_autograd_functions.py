@@ -266,3 +266,26 @@ def test_functions_reading_weights_they_are_not_given_are_differentiated_through
     grads = flatten(jax.jit(jax.grad(lambda p, v: (jm.apply(p, v) ** 2).sum()))(jm.params, xb.numpy()))
     for name, p in model.named_parameters():
         np.testing.assert_allclose(np.asarray(grads[name]), p.grad.numpy(), rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+class TorchCheckpointed(Checkpointed):
+    def __init__(self, reentrant: bool):
+        super().__init__()
+        self.reentrant = reentrant
+
+    def forward(self, x):
+        h = torch.utils.checkpoint.checkpoint(self.block, self.inp(x), use_reentrant=self.reentrant)
+        return self.head(h)
+
+
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_torch_checkpoint_gradients_reach_the_checkpointed_weights(reentrant):
+    """torch.utils.checkpoint (reentrant: torch's own Function running the block under no_grad) is recomputation:
+    the checkpointed block and what follows it get torch's gradients, not zeros."""
+    torch.manual_seed(0)
+    model, x = TorchCheckpointed(reentrant), torch.randn(4, 6)
+    jm = bridge.convert(model, (x,))
+    (model(x) ** 2).sum().backward()
+    grads = flatten(jax.grad(lambda p: (jm.apply(p, x.numpy()) ** 2).sum())(jm.params))
+    for name, p in model.named_parameters():
+        np.testing.assert_allclose(np.asarray(grads[name]), p.grad.numpy(), rtol=1e-5, atol=1e-6, err_msg=name)

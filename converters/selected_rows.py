@@ -43,6 +43,8 @@ _SCANS = {**dict.fromkeys((aten._softmax, aten.softmax, aten._log_softmax, aten.
 # ops whose `dim` arguments only move or add dims (the rows stay rows)
 _MOVES = {aten.permute, aten.transpose, aten.t, aten.unsqueeze, aten.squeeze, aten.movedim, aten.expand,
           aten.view, aten.reshape, aten._unsafe_view, aten.clone, aten.alias}
+# ops that read only a tensor's dtype and device: any rows they are given are a template
+_TEMPLATES = {aten.new_zeros, aten.new_ones, aten.new_full, aten.new_empty, aten.new_empty_strided}
 _DIM_ARGS = ("dim", "dims", "dim0", "dim1", "source", "destination")
 _COUNTED = ("Scalar", "float", "number", "Tensor")   # schema types where a size is used as a number
 
@@ -101,7 +103,8 @@ def _rule(node, symbol, positions: dict, val) -> Rule:
     if isinstance(val, (list, tuple)) and packet in (aten.max, aten.min) and any(
             u.target is not operator.getitem or u.args[1] != 0 for u in node.users):
         return Rule("refuse", symbol, fill="takes the index of the largest/smallest of rows selected by a mask")
-    if not positions and packet not in (aten.arange, aten.randperm):   # the count as a number, or a new size
+    if (not positions and packet not in (aten.arange, aten.randperm)) or packet in _TEMPLATES:
+        # the count as a number, a new size, or a template
         return Rule("rows", symbol, positions)
     if not out_dims and not (isinstance(val, (list, tuple)) and packet not in _FILL):
         if packet not in _FILL:

@@ -79,6 +79,12 @@ def llava_inputs(b):   # 16 image tokens (a 32x32 image in 8x8 patches) inside t
     return {"input_ids": ids, "pixel_values": torch.randn(b, 3, 32, 32), "attention_mask": torch.ones_like(ids)}
 
 
+def _pretraining_labels(kw):   # replaced-token labels on the attended positions (ragged per row)
+    kw["attention_mask"][1:, -3:] = 0
+    kw["labels"] = torch.randint(0, 2, kw["input_ids"].shape)
+    return kw
+
+
 def clip_inputs(b):
     return {**tokens()(b), "pixel_values": torch.randn(b, 3, 32, 32)}
 
@@ -445,6 +451,11 @@ ZOO = [
          lambda b: {"past_values": torch.randn(b, 10), "past_time_features": torch.randn(b, 10, 1),
                     "past_observed_mask": torch.ones(b, 10), "future_values": torch.randn(b, 4),
                     "future_time_features": torch.randn(b, 4, 1)}, "last_hidden_state"),
+    Arch("electra_pretraining", build("ElectraForPreTraining", "ElectraConfig", **{**ENC, "embedding_size": 32}),
+         lambda b: _pretraining_labels(tokens()(b)), "loss"),   # BCE over logits[attention_mask == 1]
+    Arch("funnel_pretraining", build("FunnelForPreTraining", "FunnelConfig", vocab_size=V, d_model=32, n_head=4,
+                                     d_head=8, d_inner=64, block_sizes=[1, 1], num_decoder_layers=1),
+         lambda b: _pretraining_labels(tokens()(b)), "loss"),
     Arch("jetmoe", build("JetMoeForCausalLM", "JetMoeConfig", vocab_size=V, hidden_size=64, num_hidden_layers=2,
                          num_key_value_heads=2, kv_channels=16, intermediate_size=64, num_local_experts=4,
                          num_experts_per_tok=2), tokens(), "logits",

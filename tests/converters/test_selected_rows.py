@@ -36,6 +36,11 @@ def token_loss(m, h, mask, labels):     # HF token classification: active positi
     return F.cross_entropy(logits[active], labels.view(-1)[active])
 
 
+def bce_loss(m, h, mask, labels):      # ELECTRA / Funnel pre-training: BCE over attended positions
+    logits = m.cls(h)[..., 0]
+    return F.binary_cross_entropy_with_logits(logits[mask], (labels[mask] > 1).float())
+
+
 def adapter_rows(m, h, mask, labels):   # X-MOD: per-group adapters written back with out[mask] = rows
     out = torch.zeros_like(h)
     out[mask[:, 0]] = m.adapter(h[mask[:, 0]])
@@ -75,7 +80,7 @@ def where_coordinates(m, h, mask, labels):   # torch.where(mask) / nonzero: coor
     return out, m.emb.weight[mask.nonzero()[:, 1]].sum(0)
 
 
-HEADS = [token_loss, adapter_rows, adapter_tokens, select_mean, count_divides, over_rows, gram, where_coordinates]
+HEADS = [token_loss, bce_loss, adapter_rows, adapter_tokens, select_mean, count_divides, over_rows, gram, where_coordinates]
 
 
 def _inputs(seed: int):

@@ -23,7 +23,6 @@ from torch.overrides import TorchFunctionMode
 from bridge.errors import CaptureError
 
 _MODES = {"LSTM": "lstm", "GRU": "gru", "RNN_TANH": "rnn_tanh", "RNN_RELU": "rnn_relu"}
-_VF_RNN = {"lstm": "lstm", "gru": "gru", "rnn_tanh": "rnn_tanh", "rnn_relu": "rnn_relu"}
 
 
 @torch.library.custom_op("bridge::packed_rnn", mutates_args=())
@@ -33,7 +32,7 @@ def packed_rnn(mode: str, x: torch.Tensor, lengths: torch.Tensor, hx: list[torch
     """torch's packed RNN on a padded, time-major `x` (T, B, I) with `lengths` sorted longest first: the padded
     output (zeros past each length) and the final states."""
     data, batch_sizes = torch._VF._pack_padded_sequence(x, lengths.cpu(), False)
-    fn = getattr(torch._VF, _VF_RNN[mode])
+    fn = getattr(torch._VF, mode)   # lstm / gru / rnn_tanh / rnn_relu, the packed overloads
     out = fn(data, batch_sizes, tuple(hx) if mode == "lstm" else hx[0], params, has_biases, num_layers, dropout,
              train, bidirectional)
     padded, _ = torch._VF._pad_packed_sequence(out[0], batch_sizes, False, 0.0, x.shape[0])

@@ -98,6 +98,9 @@ def _rule(node, symbol, positions: dict, val) -> Rule:
         return Rule("size", symbol, positions)
     if node.target in _PUTS:
         return Rule("put", symbol, positions)
+    if positions and node.target is not operator.getitem and getattr(node.target, "namespace", "") != "aten":
+        return Rule("refuse", symbol, fill="passes rows selected by a boolean mask into an op bridge does not see "
+                                           "into (a torch.cond branch, a custom op or autograd.Function)")
     if out_dims is None or any(d is None for d in positions.values()):
         return Rule("refuse", symbol, fill="gives rows selected by a boolean mask another size or shape")
     if isinstance(val, (list, tuple)) and packet in (aten.max, aten.min) and any(

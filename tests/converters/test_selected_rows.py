@@ -145,3 +145,20 @@ def test_what_depends_on_row_positions_fails_under_jit_naming_the_line(what, hea
     with pytest.raises(LoweringError, match=what) as e:
         jax.jit(jm.apply)(jm.params, *_jax(_inputs(1)))
     assert "test_selected_rows.py" in str(e.value)
+
+
+def test_rows_passed_into_a_custom_function_are_refused_under_jit():
+    """A Function's forward could reduce the rows (its own graph sees N rows, not the selected ones)."""
+    class Mean(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x.mean(0)
+
+        @staticmethod
+        def backward(ctx, g):
+            return g.expand(3, -1) / 3
+
+    model = Net(lambda m, h, mask, labels: Mean.apply(m.cls(h)[mask]))
+    jm = bridge.convert(model, _inputs(0))
+    with pytest.raises(LoweringError, match="an op bridge does not see into"):
+        jax.jit(jm.apply)(jm.params, *_jax(_inputs(1)))

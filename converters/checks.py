@@ -24,7 +24,7 @@ from bridge.errors import CaptureError
 
 # frames of torch's own tracing machinery: never the site of a user's check
 _MACHINERY = ("/torch/_", "/torch/fx/", "/torch/export/", "/torch/utils/", "/torch/overrides.py",
-              "/converters/checks.py")
+              "/converters/checks.py", "/converters/packed.py", "/converters/autograd_functions.py")
 _MAX_CHECKS = 32
 
 

@@ -131,6 +131,8 @@ def plan(nodes: list) -> dict[str, Rule]:
     """How each node that reads or makes rows selected by a boolean mask is evaluated."""
     rules: dict[str, Rule] = {}
     known: set = set()
+    if not any(n.target in _SOURCES for n in nodes):
+        return rules
     for node in nodes:
         val = node.meta.get("val")
         ins = set().union(*(_symbols(n.meta.get("val")) for n in node.all_input_nodes))

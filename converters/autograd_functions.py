@@ -21,6 +21,7 @@ import warnings
 from typing import Any
 
 import torch
+from torch.fx.experimental.proxy_tensor import disable_proxy_modes_tracing
 from torch.overrides import TorchFunctionMode
 
 _CALLS: dict[int, "Call"] = {}        # call id -> what the node needs to trace forward/backward again
@@ -151,8 +152,9 @@ class _GradModeKept(TorchFunctionMode):
 
 
 def _outside_reads(call: Call, tensors) -> list[torch.Tensor]:
+    """Run the forward once, untraced (a draw or an in-place update must not reach the program twice)."""
     reads = _OutsideReads(tensors)
-    with torch.no_grad(), _inside(), reads:
+    with disable_proxy_modes_tracing(), torch.no_grad(), _inside(), reads:
         run_forward(call, tensors, Ctx([False] * len(tensors)))
     return list(reads.outside.values())
 

@@ -22,9 +22,9 @@ from torch.export import Dim
 
 from bridge.errors import CaptureError
 from converters import ops as _ops  # noqa: F401  (registers every lowering)
+from converters import selected_rows
 from converters.autograd_functions import (collecting_hooks, inlined_functions, recording_functions,
                                           warn_backward_hooks, warn_dropped_hooks)
-from converters import selected_rows
 from converters.registry import registered
 from converters.checks import export_assuming_checks
 from converters.ctc import read_masked_targets, routing_ctc

@@ -18,7 +18,6 @@ for _fn in (operator.getitem, operator.add, operator.sub, operator.mul, operator
     lowering(_fn)(_fn)
 
 
-
 def _traced_or(fn, traced):
     """A Python builtin on sizes, or its jnp twin on a traced value (a count read from a mask, an .item())."""
     def lower(*xs):

@@ -65,7 +65,7 @@ class _Packing(TorchFunctionMode):
             return func(*args, **kwargs)
         if name == "_pack_padded_sequence":
             x, lengths, batch_first = args
-            data = x.transpose(0, 1) if batch_first else x
+            data = x.transpose(0, 1) if batch_first else x.view_as(x)   # never the caller's own tensor
             self.register(data, lengths)
             return data, lengths.new_zeros(data.shape[0])   # (T,) batch sizes: only their count is read
         if name == "_pad_packed_sequence" and id(args[0]) in self.lengths:

@@ -30,7 +30,7 @@ class Tagger(nn.Module):
         out, state = self.rnn(packed, h0)
         y, got_lengths = pad_packed_sequence(out, batch_first=self.batch_first, padding_value=-1.0,
                                              total_length=x.shape[1 if self.batch_first else 0] if self.total else None)
-        return self.head(y), state, got_lengths
+        return self.head(y) + x.mean(), state, got_lengths   # the padded input is still the caller's to use
 
 
 CONFIGS = {
@@ -40,6 +40,7 @@ CONFIGS = {
     "gru_time_major_state": (nn.GRU, dict(batch_first=False, with_state=True)),
     "gru_bidir_sorted": (nn.GRU, dict(bidirectional=True, sorted_=True)),
     "rnn_relu_no_total": (nn.RNN, dict(nonlinearity="relu", total=False)),
+    "rnn_time_major_sorted": (nn.RNN, dict(batch_first=False, sorted_=True)),   # packs the caller's own x
 }
 
 

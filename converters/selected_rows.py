@@ -8,8 +8,9 @@ shapes only. Here such a tensor keeps all N = mask.numel() rows, and the mask ri
   (0 for sums and matmuls, -inf for max, 1 for products); a mean divides by the selected count;
 - `out[mask] = rows` becomes `where(mask, rows, out)`, and `x[mask].shape[0]` is the selected count where
   it is a number, N where it is a size.
-What would mix selected rows otherwise (sorting, slicing, indexing them, returning them) fails at
-conversion, naming the op and line. Masked losses and per-group adapters thus convert and differentiate:
+What would mix selected rows otherwise (sorting, slicing, indexing them, returning them) raises under jit,
+naming the op and line; with a concrete mask (outside jit) everything runs as in torch. Masked losses and
+per-group adapters thus convert and differentiate:
 
     >>> loss = F.cross_entropy(logits[mask], labels[mask])      # mean over the selected rows only
     >>> h_new[lang_mask] = adapter(h[lang_mask])                 # X-MOD's per-language adapters
@@ -17,6 +18,7 @@ conversion, naming the op and line. Masked losses and per-group adapters thus co
 from __future__ import annotations
 
 import dataclasses
+import math
 import operator
 from collections import ChainMap
 
@@ -106,15 +108,14 @@ def _rule(node, symbol, positions: dict, val) -> Rule:
     if isinstance(val, (list, tuple)) and packet in (aten.max, aten.min) and any(
             u.target is not operator.getitem or u.args[1] != 0 for u in node.users):
         return Rule("refuse", symbol, fill="takes the index of the largest/smallest of rows selected by a mask")
-    if (not positions and packet not in (aten.arange, aten.randperm)) or packet in _TEMPLATES:
-        # the count as a number, a new size, or a template
+    if packet in (aten.arange, aten.randperm):
+        return Rule("refuse", symbol, fill="numbers rows selected by a boolean mask by their position")
+    if not positions or packet in _TEMPLATES:   # the count as a number, a new size, or a template
         return Rule("rows", symbol, positions)
     if not out_dims and not (isinstance(val, (list, tuple)) and packet not in _FILL):
         if packet not in _FILL:
             return Rule("refuse", symbol, fill="reduces rows selected by a boolean mask by their order")
         return Rule("reduce", symbol, positions, _FILL[packet])
-    if packet in (aten.arange, aten.randperm):
-        return Rule("refuse", symbol, fill="numbers rows selected by a boolean mask by their position")
     rows = positions.get(first, [])
     ndim = node.all_input_nodes[0].meta["val"].dim() if rows else 0
     hit = {d % ndim for d in _dim_values(node)} & set(rows) if ndim and packet not in _MOVES else set()
@@ -205,7 +206,7 @@ class Selection:
             shape = env[node.args[0].name].shape
             dims = rule.positions.get(node.args[0].name, [])
             sizes = [self.count(rule.symbol) if d in dims else s for d, s in enumerate(shape)]
-            return sizes[node.args[1]] if node.target is aten.sym_size.int else np.prod(sizes)
+            return sizes[node.args[1]] if node.target is aten.sym_size.int else math.prod(sizes)
         return eval_node(node, ChainMap(self.counts, env), key)
 
     def _counted(self, node, env):
@@ -232,30 +233,25 @@ class Selection:
 
     def _source(self, node, env, symbol, key, eval_node):
         x = env[node.args[0].name]
+        if node.target is aten.index.Tensor:
+            used = [i for i, ix in enumerate(node.args[1]) if ix is not None]
+            mask_node = node.args[1][used[0]] if len(used) == 1 else None
+        else:   # nonzero(mask) / masked_select(x, mask)
+            mask_node = node.args[0] if node.target is aten.nonzero.default else node.args[1]
+        mask = None if mask_node is None else env[mask_node.name]
+        if not isinstance(mask, jax.core.Tracer) or (node.target is aten.index.Tensor and mask.dtype != jnp.bool_):
+            return eval_node(node, env, key)   # a concrete mask (torch's semantics), or the lowering's own error
+        self.mask_of[symbol] = mask_node.name
         if node.target is aten.nonzero.default:   # every coordinate, row-major; the mask says which are picked
-            if not isinstance(x, jax.core.Tracer):
-                return eval_node(node, env, key)
-            self.valid[symbol] = (x != 0).reshape(-1)
-            self.mask_of[symbol] = node.args[0].name
-            grid = jnp.indices(x.shape).reshape(x.ndim, -1).T
+            self.valid[symbol] = (mask != 0).reshape(-1)
+            grid = jnp.indices(mask.shape).reshape(mask.ndim, -1).T
             return grid.astype(jnp.int64 if jax.config.jax_enable_x64 else jnp.int32)
         if node.target is aten.masked_select.default:
-            mask_node = node.args[1]
-            mask = env[mask_node.name]
-            if not isinstance(mask, jax.core.Tracer):
-                return eval_node(node, env, key)
             shape = jnp.broadcast_shapes(x.shape, mask.shape)
             self.valid[symbol] = jnp.broadcast_to(mask, shape).reshape(-1)
-            self.mask_of[symbol] = mask_node.name
             return jnp.broadcast_to(x, shape).reshape(-1)
-        indices = list(node.args[1])
-        used = [i for i, ix in enumerate(indices) if ix is not None]
-        mask = env[indices[used[0]].name] if len(used) == 1 else None
-        if mask is None or mask.dtype != jnp.bool_ or not isinstance(mask, jax.core.Tracer):
-            return eval_node(node, env, key)   # concrete, or the lowering's own error
         j = used[0]
         self.valid[symbol] = mask.reshape(-1)
-        self.mask_of[symbol] = indices[j].name
         return x.reshape(x.shape[:j] + (-1,) + x.shape[j + mask.ndim:])
 
     def _put(self, node, env, symbol):

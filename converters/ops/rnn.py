@@ -22,9 +22,12 @@ from converters.ops.random import _dropout
 from converters.registry import lowering
 
 
-def _dropout_between_layers(node) -> bool:
-    num_layers, p, train = node.args[4:7]
-    return bool(p) and bool(train) and num_layers > 1
+def _dropout_between_layers(first: int):
+    """Whether the node draws: (num_layers, dropout, train) are its arguments from `first` on."""
+    def draws(node) -> bool:
+        num_layers, p, train = node.args[first:first + 3]
+        return bool(p) and bool(train) and num_layers > 1
+    return draws
 
 
 def _lstm_cell(proj):
@@ -109,38 +112,34 @@ def _lstm_cells(h0, c0):
     return make_cell
 
 
-@lowering(aten.lstm.input, random=_dropout_between_layers)
+@lowering(aten.lstm.input, random=_dropout_between_layers(4))
 def lstm(key, x, hx, params, has_biases, num_layers, dropout, train, bidirectional, batch_first):
     return _rnn(key, x, tuple(hx), params, has_biases, num_layers, dropout, train, bidirectional, batch_first,
                 None, make_cell=_lstm_cells(*hx))
 
 
-@lowering(aten.gru.input, random=_dropout_between_layers)
-def gru(key, x, hx, params, has_biases, num_layers, dropout, train, bidirectional, batch_first):
-    return _rnn(key, x, (hx,), params, has_biases, num_layers, dropout, train, bidirectional, batch_first, _gru_cell)
-
-
-@lowering(aten.rnn_tanh.input, random=_dropout_between_layers)
-def rnn_tanh(key, x, hx, params, has_biases, num_layers, dropout, train, bidirectional, batch_first):
-    return _rnn(key, x, (hx,), params, has_biases, num_layers, dropout, train, bidirectional, batch_first,
-                _simple_cell(jnp.tanh))
-
-
-@lowering(aten.rnn_relu.input, random=_dropout_between_layers)
-def rnn_relu(key, x, hx, params, has_biases, num_layers, dropout, train, bidirectional, batch_first):
-    return _rnn(key, x, (hx,), params, has_biases, num_layers, dropout, train, bidirectional, batch_first,
-                _simple_cell(jax.nn.relu))
-
-
-def _packed_dropout(node) -> bool:
-    num_layers, p, train = node.args[6:9]
-    return bool(p) and bool(train) and num_layers > 1
-
-
 _CELLS = {"gru": _gru_cell, "rnn_tanh": _simple_cell(jnp.tanh), "rnn_relu": _simple_cell(jax.nn.relu)}
 
 
-@lowering(torch.ops.bridge.packed_rnn.default, random=_packed_dropout)
+@lowering(aten.gru.input, random=_dropout_between_layers(4))
+def gru(key, x, hx, params, has_biases, num_layers, dropout, train, bidirectional, batch_first):
+    return _rnn(key, x, (hx,), params, has_biases, num_layers, dropout, train, bidirectional, batch_first,
+                _CELLS["gru"])
+
+
+@lowering(aten.rnn_tanh.input, random=_dropout_between_layers(4))
+def rnn_tanh(key, x, hx, params, has_biases, num_layers, dropout, train, bidirectional, batch_first):
+    return _rnn(key, x, (hx,), params, has_biases, num_layers, dropout, train, bidirectional, batch_first,
+                _CELLS["rnn_tanh"])
+
+
+@lowering(aten.rnn_relu.input, random=_dropout_between_layers(4))
+def rnn_relu(key, x, hx, params, has_biases, num_layers, dropout, train, bidirectional, batch_first):
+    return _rnn(key, x, (hx,), params, has_biases, num_layers, dropout, train, bidirectional, batch_first,
+                _CELLS["rnn_relu"])
+
+
+@lowering(torch.ops.bridge.packed_rnn.default, random=_dropout_between_layers(6))
 def packed_rnn(key, mode, x_TBI, lengths_B, hx, params, has_biases, num_layers, dropout, train, bidirectional):
     """An RNN over a packed batch (converters/packed.py): padded time-major input, each sequence's length."""
     valid_TB = jnp.arange(x_TBI.shape[0])[:, None] < lengths_B[None, :]

@@ -18,6 +18,7 @@ import warnings
 from typing import Any
 
 import torch
+import torch.nn.attention.flex_attention  # noqa: F401  (its device check is lifted while capturing)
 from torch.export import Dim
 
 from bridge.errors import CaptureError
@@ -204,16 +205,29 @@ def _value_checks_off():
       the same values. A distribution built with validate_args=True still fails, with a hint.
     - nn.Transformer* compare a mask without is_causal to a causal one (`_detect_is_causal_mask`) only to
       pick a faster kernel ("is_causal=False for a causal mask may lead to reduced performance"): the mask is
-      applied as given."""
-    transformer = torch.nn.modules.transformer
+      applied as given.
+    - FlexAttention refuses CPU inputs that require grad (torch has no CPU backward for it); the JAX lowering is
+      differentiated by JAX, so only its other checks (devices) run.
+    - Hugging Face's masks test `fast_all(attention_mask)` only to leave out a padding mask of all ones: the mask
+      is applied as given."""
+    transformer, flex = torch.nn.modules.transformer, torch.nn.attention.flex_attention
+    hf_masks = sys.modules.get("transformers.masking_utils")
+    fast_all = getattr(hf_masks, "fast_all", None)
+    if fast_all is not None:
+        hf_masks.fast_all = lambda tensor: False
     default, detect = torch.distributions.Distribution._validate_args, transformer._detect_is_causal_mask
+    validate_device = flex._validate_device
     torch.distributions.Distribution.set_default_validate_args(False)
     transformer._detect_is_causal_mask = lambda mask, is_causal=None, size=None: is_causal is True
+    flex._validate_device = lambda q, k, v: validate_device(q.detach(), k.detach(), v.detach())
     try:
         yield
     finally:
         torch.distributions.Distribution.set_default_validate_args(default)
         transformer._detect_is_causal_mask = detect
+        flex._validate_device = validate_device
+        if fast_all is not None:
+            hf_masks.fast_all = fast_all
 
 
 @contextlib.contextmanager

@@ -1,0 +1,55 @@
+"""FlexAttention (`torch.nn.attention.flex_attention`): the `flex_attention` higher-order op.
+
+torch.export keeps the call whole, with `score_mod(score, b, h, q_idx, kv_idx, *buffers)` and the block mask's
+`mask_mod(b, h, q_idx, kv_idx, *buffers)` as FX subgraphs written for one score. As torch's own reference
+(`math_attention`) does, the lowering computes every score, maps both subgraphs over the batch, head, query and
+key indices with four `vmap`s, and takes a softmax that gives zeros, not NaN, on rows with every key masked.
+The block mask's block indices only let kernels skip blocks `mask_mod` rules out: they do not change a value.
+Returns (out, logsumexp, max score), the last two in base-2 units as torch's op does (flex_attention converts
+back). JAX differentiates it, score_mod's captured parameters included.
+"""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import torch
+
+from converters.registry import lowering
+
+
+def _run(gm, inputs):
+    from converters.interpreter import run_graph   # the interpreter imports every op family
+    return run_graph(gm, inputs)[0]
+
+
+def _repeat_heads(x, heads):
+    """GQA: key/value heads repeated so each query head reads its group's (torch's repeat_interleave)."""
+    return x if x.shape[1] == heads else jnp.repeat(x, heads // x.shape[1], axis=1)
+
+
+@lowering(torch.ops.higher_order.flex_attention)
+def flex_attention(query, key, value, score_mod, block_mask, scale, kernel_options=None,
+                   score_mod_other_buffers=(), mask_mod_other_buffers=()):
+    work = jnp.float64 if query.dtype == jnp.float64 else jnp.float32
+    B, H, Q = query.shape[:3]
+    key, value = _repeat_heads(key, H), _repeat_heads(value, H)
+    key = jnp.broadcast_to(key, (B, *key.shape[1:]))
+    value = jnp.broadcast_to(value, (B, *value.shape[1:]))
+    scores_BHQK = jnp.einsum("bhqd,bhkd->bhqk", query.astype(work), key.astype(work)) * scale
+    shape = scores_BHQK.shape
+    # each subgraph is written for one score: mapped over every (b, h, q_idx, kv_idx), flattened
+    idx = [i.reshape(-1) for i in jnp.meshgrid(*(jnp.arange(n, dtype=jnp.int32) for n in shape), indexing="ij")]
+    modded = jax.vmap(lambda s, *i: _run(score_mod, [s, *i, *score_mod_other_buffers]))(
+        scores_BHQK.reshape(-1), *idx)
+    keep = jax.vmap(lambda *i: _run(block_mask[-1], [*i, *mask_mod_other_buffers]))(*idx)
+    post = jnp.where(keep.reshape(shape), modded.reshape(shape).astype(work), -jnp.inf)
+    live = jnp.any(post != -jnp.inf, axis=-1, keepdims=True)
+    safe = jnp.where(live, post, 0.0)
+    lse = jnp.where(live[..., 0], jax.nn.logsumexp(safe, axis=-1), -jnp.inf)
+    max_score = jnp.max(post, axis=-1)
+    probs = jnp.where(live, jax.nn.softmax(safe, axis=-1), 0.0)
+    out = jnp.einsum("bhqk,bhkd->bhqd", probs.astype(query.dtype), value.astype(query.dtype),
+                     preferred_element_type=query.dtype)
+    return out, lse / math.log(2), max_score / math.log(2)

@@ -20,6 +20,7 @@ _EXPORTS = {
     "to_flax": "converters.nnx",
     "from_flax": "converters.nnx",
     "as_jax_inputs": "converters.structure",
+    "register_lowering": "converters.registry",
 }
 __all__ = ["errors", *_EXPORTS]
 

@@ -29,6 +29,7 @@ class UnsupportedOpsError(BridgeError):
         for op, (count, sources) in sorted(missing.items()):
             lines.append(f"  {op}  (used {count}x)")
             lines.extend(f"      at {src}" for src in sources)
+        lines.append("hint: bridge.register_lowering(op, fn) gives bridge a JAX implementation of an op")
         super().__init__("\n".join(lines))
 
 

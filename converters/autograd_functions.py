@@ -186,9 +186,7 @@ def _apply(cls, *args, **kwargs):
             return run_forward(call, tensors, Ctx([t.requires_grad for t in tensors]))
     if not _own_backward(cls):
         return _ORIGINAL_APPLY(cls, *args, **kwargs)
-    call_id = next(_IDS)
-    _CALLS[call_id] = call
-    outs = torch.ops.bridge.autograd_function(call_id, tensors)
+    outs = torch.ops.bridge.autograd_function(register_call(call), tensors)
     return outs[0] if call.single else tuple(outs)
 
 
@@ -256,6 +254,13 @@ def inlined_functions(graph_module: torch.fx.GraphModule) -> bool:
 
 def call(call_id: int) -> Call:
     return _CALLS[call_id]
+
+
+def register_call(call: Call) -> int:
+    """A new id under which the lowering finds `call` (a custom op with its own autograd registers one too)."""
+    call_id = next(_IDS)
+    _CALLS[call_id] = call
+    return call_id
 
 
 def warn_backward_hooks(module: torch.nn.Module) -> None:

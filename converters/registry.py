@@ -13,6 +13,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable
 
 from bridge.errors import DuplicateLoweringError
@@ -27,6 +28,7 @@ class Lowering:
 
 _REGISTRY: dict[Any, Lowering] = {}
 _BY_NAME: dict[str, Lowering] = {}   # ops of libraries bridge does not import, by their printed name
+_FALLBACKS: list[Callable[[Any], Lowering | None]] = []   # target -> a lowering made for it, or None
 
 
 def op_name(target: Any) -> str:
@@ -63,9 +65,54 @@ def lowering_by_name(*names: str, random: Any = False) -> Callable[[Callable], C
     return _registrar(_BY_NAME, names, random)
 
 
+def register_lowering(op: Any, fn: Callable | None = None, *, random: bool = False):
+    """Give bridge a JAX implementation of an op it has none for (a custom op of your own library, an ATen op
+    missing from the registry): `fn` receives the node's arguments with tensors as `jax.Array`s (and a PRNG key
+    first with random=True) and returns what the op returns. A second registration for the op raises.
+
+    Example:
+        >>> @bridge.register_lowering("mylib::fused_gelu_mul")      # or torch.ops.mylib.fused_gelu_mul
+        ... def fused_gelu_mul(x, y):
+        ...     return jax.nn.gelu(x, approximate=False) * y
+    """
+    names = _op_names(op)
+    register = _registrar(_BY_NAME, names, random)
+    return register if fn is None else register(fn)
+
+
+def _op_names(op: Any) -> tuple[str, ...]:
+    """Printed overload names of `op`: 'ns::name' / 'ns::name.overload' strings, OpOverloads, packets (every
+    overload), torch.library custom op objects."""
+    op = getattr(op, "_opoverload", op)   # a torch.library.custom_op definition
+    if isinstance(op, str):
+        ns, _, rest = op.partition("::")
+        if not rest:
+            return (op,)    # already printed: 'ns.name.overload'
+        name, _, overload = rest.partition(".")
+        return (f"{ns}.{name}.{overload or 'default'}",)
+    if hasattr(op, "overloads") and not hasattr(op, "_schema"):   # an OpOverloadPacket
+        return tuple(op_name(getattr(op, o)) for o in op.overloads())
+    return (op_name(op),)
+
+
+def fallback(factory: Callable[[Any], Lowering | None]) -> Callable:
+    """Register `factory(target)`, asked for a lowering of targets no registration covers (once per target)."""
+    _FALLBACKS.append(factory)
+    return factory
+
+
 def lookup(target: Any) -> Lowering | None:
     low = _REGISTRY.get(target)
-    return low if low is not None or not _BY_NAME else _BY_NAME.get(op_name(target))
+    if low is None and _BY_NAME:
+        low = _BY_NAME.get(op_name(target))
+    if low is None and _FALLBACKS:
+        low = _made(target)
+    return low
+
+
+@functools.lru_cache(maxsize=None)
+def _made(target: Any) -> Lowering | None:
+    return next((low for low in (f(target) for f in _FALLBACKS) if low is not None), None)
 
 
 def draws_random(node) -> bool:

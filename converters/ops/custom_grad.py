@@ -103,6 +103,18 @@ def _trace(call_id: int, specs: tuple) -> _Traced:
     return _Traced(fwd, bwd, n_out, float_out, grad_none)
 
 
+def _sum_to(g, shape: tuple):
+    """A backward's gradient for an input of `shape`, as torch's engine takes it: summed over the dims it
+    broadcast the input along (leading ones, and size-1 dims of the input), or broadcast to the shape."""
+    lead = g.ndim - len(shape)
+    if lead > 0:
+        g = g.sum(axis=tuple(range(lead)))
+    dims = tuple(i for i, (n, m) in enumerate(zip(shape, g.shape)) if n == 1 and m != 1) if g.ndim == len(shape) else ()
+    if dims:
+        g = g.sum(axis=dims, keepdims=True)
+    return jnp.broadcast_to(g, shape)
+
+
 def _run(gm, inputs):
     from converters.interpreter import run_graph   # the interpreter imports every op family
     return run_graph(gm, inputs)
@@ -137,7 +149,7 @@ def autograd_function(call_id, tensors):
             elif none:
                 out.append(jnp.zeros_like(x))
             else:
-                out.append(jnp.broadcast_to(next(grads), x.shape).astype(x.dtype))
+                out.append(_sum_to(next(grads), x.shape).astype(x.dtype))
         return tuple(out)
 
     fn.defvjp(fwd, bwd)

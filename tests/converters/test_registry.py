@@ -10,24 +10,14 @@ from bridge.errors import DuplicateLoweringError, UnsupportedOpsError
 from converters.registry import lookup, lowering, registered
 
 
-@torch.library.custom_op("bridge_test::mystery", mutates_args=())
-def mystery(x: torch.Tensor) -> torch.Tensor:
-    return x * 2
-
-
-@mystery.register_fake
-def _(x):
-    return torch.empty_like(x)
-
-
-@torch.library.custom_op("bridge_test::enigma", mutates_args=())
-def enigma(x: torch.Tensor) -> torch.Tensor:
-    return x + 1
-
-
-@enigma.register_fake
-def _(x):
-    return torch.empty_like(x)
+# ops defined through torch.library.Library with a CPU kernel: opaque to bridge (a torch.library.custom_op
+# would be traced through its Python implementation, see tests/converters/ops/test_custom_ops.py)
+_LIB = torch.library.Library("bridge_test_lib", "DEF")
+for _name, _fn in (("mystery", lambda x: x * 2), ("enigma", lambda x: x + 1)):
+    _LIB.define(f"{_name}(Tensor x) -> Tensor")
+    _LIB.impl(_name, _fn, "CPU")
+    torch.library.register_fake(f"bridge_test_lib::{_name}", lambda x: torch.empty_like(x), lib=_LIB)
+mystery, enigma = torch.ops.bridge_test_lib.mystery, torch.ops.bridge_test_lib.enigma
 
 
 class UsesUnknownOps(torch.nn.Module):
@@ -45,13 +35,14 @@ def test_unsupported_ops_listed_once_with_counts_and_source_lines():
     with pytest.raises(UnsupportedOpsError) as info:
         bridge.convert(UsesUnknownOps(), (torch.randn(2, 4),))
     err = info.value
-    assert set(err.missing) == {"bridge_test.mystery.default", "bridge_test.enigma.default"}
-    count, sources = err.missing["bridge_test.mystery.default"]
+    assert set(err.missing) == {"bridge_test_lib.mystery.default", "bridge_test_lib.enigma.default"}
+    count, sources = err.missing["bridge_test_lib.mystery.default"]
     assert count == 2 and len(sources) == 2
     assert all("test_registry.py" in s for s in sources)
     msg = str(err)
     assert "mystery(self.lin(x))" in msg and "enigma(b).relu()" in msg and "(used 2x)" in msg
     assert "aten.relu" not in msg and "aten.linear" not in msg  # only the missing ones
+    assert "bridge.register_lowering" in msg
 
 
 def test_duplicate_registration_raises():

@@ -20,7 +20,7 @@ from bridge.errors import LoweringError
 from converters import autograd_functions as af
 from converters.dtypes import torch_dtype
 from converters.ops import custom_grad
-from converters.registry import Lowering, fallback
+from converters.registry import Lowering, fallback, lowering
 
 
 def _opdef(target):
@@ -95,27 +95,36 @@ def _call_id(target, spec, constants: tuple) -> int:
 
 
 @functools.lru_cache(maxsize=None)
-def _forward_graph(target, spec, constants: tuple, specs: tuple) -> torch.fx.GraphModule:
+def _forward_graph(target, spec, constants: tuple, specs: tuple, mutated: tuple = ()) -> torch.fx.GraphModule:
+    """The implementation on the tensor leaves: its outputs, then the new values of the `mutated` tensors
+    (indices among the tensors; the implementation writes into copies of them)."""
     from converters.capture import decomposition_table
     impl = _implementation(_opdef(target))
 
     def run(*tensors):
+        tensors = [t.clone() if i in mutated else t for i, t in enumerate(tensors)]
         it = iter(tensors)
         leaves = [next(it) if c[0] == "tensor" else c[1] for c in constants]
         args, kwargs = pytree.tree_unflatten(leaves, spec)
         out = impl(*args, **kwargs)
-        return [out] if isinstance(out, torch.Tensor) else list(out)
+        outs = [] if out is None else [out] if isinstance(out, torch.Tensor) else list(out)
+        return [*outs, *(tensors[i] for i in mutated)]
 
     examples = [torch.zeros(shape, dtype=torch_dtype(dtype)) for shape, dtype in specs]
     return custom_grad._traced(run, examples, decomposition_table())
 
 
-def _lower(target, *args, **kwargs):
-    opdef = _opdef(target)
+def _leaves(target, args, kwargs):
     leaves, spec = pytree.tree_flatten(_arguments(target._schema, args, kwargs))
     tensors = [x for x in leaves if isinstance(x, jax.Array)]
     slots = iter(range(len(tensors)))
     constants = tuple(("tensor", next(slots)) if isinstance(x, jax.Array) else ("const", x) for x in leaves)
+    return tensors, spec, constants
+
+
+def _lower(target, *args, **kwargs):
+    opdef = _opdef(target)
+    tensors, spec, constants = _leaves(target, args, kwargs)
     single = len(target._schema.returns) == 1 and str(target._schema.returns[0].type) == "Tensor"
     name = f"{opdef._namespace}::{opdef._name}"
     try:
@@ -135,6 +144,76 @@ def _lower(target, *args, **kwargs):
 
 _HINT = ("\nhint: give bridge a JAX implementation: @bridge.register_lowering({name!r}) on a function of the op's "
          "arguments (tensors arrive as jax.Arrays)")
+
+
+def _mutable_args(schema) -> list[str]:
+    return [a.name for a in schema.arguments if a.alias_info is not None and a.alias_info.is_write]
+
+
+def _view_of(kwargs: dict, name: str):
+    """auto_functionalized_v2's record of which base (and which part of it) the argument `name` is."""
+    index = kwargs.pop(f"_{name}_base_index")
+    kwargs.pop(f"_{name}_alias", None)
+    if f"_{name}_slice_dim" in kwargs:
+        return index, tuple(kwargs.pop(f"_{name}_slice_{k}") for k in ("dim", "start", "end"))
+    if f"_{name}_storage_offset" in kwargs:
+        raise LoweringError(f"auto_functionalized: the argument {name!r} of a mutating custom op is a strided view "
+                            "of another tensor; pass it a whole tensor or a slice")
+    return index, None
+
+
+@lowering(torch.ops.higher_order.auto_functionalized_v2)
+def auto_functionalized_v2(op, _only_clone_these_bases=None, **kwargs):
+    """A custom op that writes into its arguments (`mutates_args`), made functional by torch.export: the
+    implementation runs on copies of the bases it writes; returns (its outputs, every base's new value)."""
+    if _opdef(op) is None:
+        raise LoweringError(f"auto_functionalized: {op} is not a torch.library custom op")
+    bases = list(kwargs.pop("_all_bases", []))
+    views = {}
+    for name in _mutable_args(op._schema):
+        index, part = _view_of(kwargs, name)
+        views[name] = (index, part)
+        if index is None:
+            kwargs[name] = None
+            continue
+        base = bases[index]
+        if part is not None:
+            dim, start, end = part
+            dim = dim % base.ndim
+            start, end, _ = slice(start, end).indices(base.shape[dim])
+            views[name] = (index, (dim, start))
+            base = jax.lax.slice_in_dim(base, start, end, axis=dim)
+        kwargs[name] = base
+    outs, written = _run_mutating(op, kwargs, [n for n, v in views.items() if v[0] is not None])
+    for name, new in written.items():
+        index, part = views[name]
+        bases[index] = new if part is None else jax.lax.dynamic_update_slice_in_dim(bases[index], new, part[1],
+                                                                                    axis=part[0])
+    return (*(outs or [None]), *bases)
+
+
+@lowering(torch.ops.higher_order.auto_functionalized)
+def auto_functionalized(op, _only_clone_these_tensors=None, **kwargs):
+    names = [n for n in _mutable_args(op._schema) if kwargs.get(n) is not None]
+    outs, written = _run_mutating(op, kwargs, names)
+    return (*(outs or [None]), *(written.get(n) for n in _mutable_args(op._schema)))
+
+
+def _run_mutating(op, kwargs: dict, names: list[str]) -> tuple[list, dict]:
+    """The op's implementation on `kwargs`, writing into copies of the arguments `names`: (outputs, new values)."""
+    tensors, spec, constants = _leaves(op, (), kwargs)
+    ids = {id(kwargs[n]): n for n in names}
+    mutated = tuple(i for i, t in enumerate(tensors) if id(t) in ids)
+    specs = tuple((tuple(x.shape), jnp.dtype(x.dtype)) for x in tensors)
+    from converters.interpreter import run_graph   # the interpreter imports every op family
+    try:
+        res = run_graph(_forward_graph(op, spec, constants, specs, mutated), tensors)
+    except Exception as e:
+        name = f"{op._schema.name}"
+        raise LoweringError(f"custom op {name} (writes into {', '.join(names)}): its implementation could not be "
+                            f"traced to torch ops ({type(e).__name__}: {e}){_HINT.format(name=name)}") from e
+    n_out = len(res) - len(mutated)
+    return list(res[:n_out]), {ids[id(tensors[i])]: v for i, v in zip(mutated, res[n_out:])}
 
 
 @fallback

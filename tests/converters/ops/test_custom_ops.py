@@ -72,6 +72,51 @@ numpy_sin.register_autograd(lambda ctx, g: g * torch.cos(ctx.saved_tensors[0]),
                             setup_context=lambda ctx, inputs, output: ctx.save_for_backward(inputs[0]))
 
 
+@torch.library.custom_op("bridge_test::rms_norm_into", mutates_args=("out",))
+def rms_norm_into(out: torch.Tensor, x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    """Writes into `out` (as kernel libraries' `out` buffers do) and returns the mean square too."""
+    ms = x.pow(2).mean(-1, keepdim=True)
+    out.copy_(x * torch.rsqrt(ms + eps) * w)
+    return ms[..., 0]
+
+
+rms_norm_into.register_fake(lambda out, x, w, eps: x.new_empty(x.shape[:-1]))
+
+
+class WritesIntoSlice(torch.nn.Module):
+    def __init__(self, plain=False):
+        super().__init__()
+        self.plain = plain
+        self.lin = torch.nn.Linear(8, 8)
+        self.w = torch.nn.Parameter(torch.rand(8) + 0.5)
+
+    def forward(self, x):
+        h = self.lin(x)
+        buf = torch.ones(x.shape[0], 12)
+        if self.plain:   # the same computation in torch ops (the custom op has no autograd)
+            ms = h.pow(2).mean(-1, keepdim=True)
+            buf = torch.cat([buf[:, :2], h * torch.rsqrt(ms + 1e-6) * self.w, buf[:, 10:]], 1)
+            return buf, ms[..., 0]
+        ms = rms_norm_into(buf[:, 2:10], h, self.w, 1e-6)
+        return buf, ms
+
+
+def test_custom_op_writing_into_its_arguments():
+    module, x = WritesIntoSlice(), torch.randn(3, 8)
+    jm = bridge.convert(module, (x,), dynamic="batch")
+    with torch.no_grad():
+        ref = module(x)
+    got = jax.jit(jm.apply)(jm.params, to_jax(x))
+    for g, r in zip(got, ref):
+        assert_close(g, r)
+    plain = WritesIntoSlice(plain=True)
+    plain.load_state_dict(module.state_dict())
+    ref, w, grads = _torch_reference(plain, x)
+    jgrads = flatten(jax.grad(lambda p: sum(jnp.sum(o * to_jax(wi)) for o, wi in zip(jm.apply(p, to_jax(x)), w)))(
+        jm.params))
+    _assert_grads(jgrads, grads)
+
+
 class Net(torch.nn.Module):
     def __init__(self, ops):
         super().__init__()
@@ -91,13 +136,13 @@ class Net(torch.nn.Module):
 def _torch_reference(module, x):
     """Outputs and parameter gradients (of a weighted sum) in torch; gelu_mul has no autograd, so its
     implementation is called directly."""
-    w = [torch.randn(x.shape), torch.randn(x.shape[0])]
     module.zero_grad()
-    if module.ops == "gelu_mul":
+    if getattr(module, "ops", None) == "gelu_mul":
         out = (gelu_mul._init_fn(module.a(x), module.b(x)),)
     else:
         out = module(x)
         out = out if isinstance(out, tuple) else (out,)
+    w = [torch.randn(o.shape) for o in out]
     sum((o * wi).sum() for o, wi in zip(out, w)).backward()
     return [o.detach() for o in out], w, {n: p.grad for n, p in module.named_parameters()}
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import sys
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -131,11 +132,32 @@ def register_objects(tree: Any) -> None:
     elif isinstance(tree, (list, tuple)):
         for x in tree:
             register_objects(x)
-    elif isinstance(tree, dict):
+    elif isinstance(tree, Mapping):
+        if not isinstance(tree, dict):
+            register_mapping(type(tree))
         for x in tree.values():
             register_objects(x)
     elif is_cache(tree):
         register(type(tree))
+
+
+def register_mapping(cls: type) -> None:
+    """A Mapping that is not a dict (a tokenizer's `BatchEncoding`, a `UserDict`) as a torch pytree node keyed
+    like a dict; rebuilt as `cls(dict)` where its constructor takes one, else as a dict."""
+    if cls in torch_pytree.SUPPORTED_NODES:
+        return
+
+    def unflatten(values, keys):
+        data = dict(zip(keys, values))
+        try:
+            return cls(data)
+        except Exception:   # a constructor that wants more: the dict is what forward reads by key
+            return data
+
+    torch_pytree.register_pytree_node(
+        cls, lambda m: (list(m.values()), list(m.keys())), unflatten,
+        flatten_with_keys_fn=lambda m: ([(torch_pytree.MappingKey(k), v) for k, v in m.items()], list(m.keys())),
+        serialized_type_name=f"{cls.__module__}.{cls.__qualname__}")
 
 
 def state_numbers(tree: Any, path: str = "", inside: bool = False, seen: frozenset = frozenset()) -> dict:
@@ -176,7 +198,7 @@ def is_object_node(spec) -> bool:
     """A registered node that is neither a builtin container, a NamedTuple, a dataclass nor a dict-like output."""
     typ = spec.type
     return (isinstance(typ, type) and typ not in (tuple, list, dict, type(None))
-            and not issubclass(typ, (tuple, dict)) and typ in torch_pytree.SUPPORTED_NODES
+            and not issubclass(typ, (tuple, Mapping)) and typ in torch_pytree.SUPPORTED_NODES
             and not hasattr(typ, "__dataclass_fields__") and not isinstance(spec.context, type))
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -88,15 +89,15 @@ def spec_leaves(spec, value: Any, path: str = "inputs") -> list:
         names = list(spec.context[0])
         value = value if isinstance(value, dict) else {n: getattr(value, n, None) for n in names}
         keys = names
-    elif typ is dict or (isinstance(typ, type) and issubclass(typ, dict)):
+    elif typ is dict or (isinstance(typ, type) and issubclass(typ, Mapping)):   # BatchEncoding, UserDict too
         keys = list(spec.context)
     else:   # tuple, list, NamedTuple
         if not isinstance(value, (list, tuple)) or len(value) != len(kids):
             raise ValueError(f"{path}: expected a {typ.__name__} of {len(kids)}, got {type(value).__name__}"
                              f"{f' of {len(value)}' if isinstance(value, (list, tuple)) else ''}")
         return [x for i, (k, v) in enumerate(zip(kids, value)) for x in spec_leaves(k, v, f"{path}[{i}]")]
-    if not isinstance(value, dict) or not set(keys) <= set(value) or (typ is dict and set(value) != set(keys)):
-        got = sorted(value) if isinstance(value, dict) else type(value).__name__
+    if not isinstance(value, Mapping) or not set(keys) <= set(value) or (typ is dict and set(value) != set(keys)):
+        got = sorted(value) if isinstance(value, Mapping) else type(value).__name__
         raise ValueError(f"{path}: expected a dict with keys {keys}, got {got}")
     return [x for k, c in zip(keys, kids) for x in spec_leaves(c, value[k], f"{path}[{k!r}]")]
 

@@ -1,6 +1,7 @@
 """Capture: strict with non-strict fallback, dynamic presets, Hugging Face conventions, input checks."""
 from __future__ import annotations
 
+import collections
 import dataclasses
 import types
 import typing
@@ -216,6 +217,37 @@ def test_dataclass_namedtuple_and_nested_outputs_keep_their_structure():
     grad = jax.grad(lambda p: (lambda o: o[0]["aux"].sum() + o[1].neg.sum())(
         jm.apply(p, [to_jax(x) for x in xs], {"scale": to_jax(extra["scale"])})))(jm.params)
     assert_close(grad["lin"]["weight"], model.lin.weight.grad, what="weight grad")
+
+
+class _ReadsABatch(torch.nn.Module):
+    """Takes a tokenizer's BatchEncoding (a Mapping, not a dict), read by key and by attribute, as
+    sentence-transformers models do."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = torch.nn.Embedding(32, 8)
+
+    def forward(self, features):
+        h = self.emb(features["input_ids"]) * features.attention_mask[..., None]
+        return {"pooled": h.sum(1) / features.attention_mask.sum(1, keepdim=True)}
+
+
+@pytest.mark.parametrize("mapping", ["BatchEncoding", "UserDict"])
+def test_mapping_inputs_that_are_not_dicts(mapping):
+    def batch(b, t):
+        data = {"input_ids": torch.randint(0, 32, (b, t)), "attention_mask": torch.ones(b, t, dtype=torch.long)}
+        data["attention_mask"][0, -2:] = 0
+        return transformers.BatchEncoding(data) if mapping == "BatchEncoding" else collections.UserDict(data)
+
+    model = _ReadsABatch()
+    if mapping == "UserDict":   # no attribute access on a UserDict
+        model.forward = lambda f: {"pooled": model.emb(f["input_ids"]).mean(1) * f["attention_mask"][:, :1]}
+    jm = bridge.convert(model, (batch(2, 5),), dynamic="batch+seq")
+    other = batch(3, 7)
+    with torch.no_grad():
+        ref = model(other)["pooled"]
+    assert_close(jm(other)["pooled"], ref)
+    assert_close(jax.jit(jm.apply)(jm.params, bridge.as_jax_inputs(other))["pooled"], ref)
 
 
 class _Scriptable(torch.nn.Module):

@@ -24,6 +24,15 @@ def _run(gm, inputs):
     return run_graph(gm, inputs)[0]
 
 
+def _over_bhqk(fn, with_score: bool):
+    """`fn(*score, b, h, q_idx, kv_idx)` written for one score, mapped over 1-d index vectors (and a [B, H, Q, K]
+    score) by four nested vmaps, innermost over the keys: indices broadcast only where `fn` combines them."""
+    lead = (0,) if with_score else ()
+    for axis in (3, 2, 1, 0):
+        fn = jax.vmap(fn, in_axes=lead + tuple(0 if i == axis else None for i in range(4)))
+    return fn
+
+
 def _repeat_heads(x, heads):
     """GQA: key/value heads repeated so each query head reads its group's (torch's repeat_interleave)."""
     return x if x.shape[1] == heads else jnp.repeat(x, heads // x.shape[1], axis=1)
@@ -38,13 +47,10 @@ def flex_attention(query, key, value, score_mod, block_mask, scale, kernel_optio
     key = jnp.broadcast_to(key, (B, *key.shape[1:]))
     value = jnp.broadcast_to(value, (B, *value.shape[1:]))
     scores_BHQK = jnp.einsum("bhqd,bhkd->bhqk", query.astype(work), key.astype(work)) * scale
-    shape = scores_BHQK.shape
-    # each subgraph is written for one score: mapped over every (b, h, q_idx, kv_idx), flattened
-    idx = [i.reshape(-1) for i in jnp.meshgrid(*(jnp.arange(n, dtype=jnp.int32) for n in shape), indexing="ij")]
-    modded = jax.vmap(lambda s, *i: _run(score_mod, [s, *i, *score_mod_other_buffers]))(
-        scores_BHQK.reshape(-1), *idx)
-    keep = jax.vmap(lambda *i: _run(block_mask[-1], [*i, *mask_mod_other_buffers]))(*idx)
-    post = jnp.where(keep.reshape(shape), modded.reshape(shape).astype(work), -jnp.inf)
+    idx = [jnp.arange(n, dtype=jnp.int32) for n in scores_BHQK.shape]
+    modded = _over_bhqk(lambda s, *i: _run(score_mod, [s, *i, *score_mod_other_buffers]), True)(scores_BHQK, *idx)
+    keep = _over_bhqk(lambda *i: _run(block_mask[-1], [*i, *mask_mod_other_buffers]), False)(*idx)
+    post = jnp.where(keep, modded.astype(work), -jnp.inf)
     live = jnp.any(post != -jnp.inf, axis=-1, keepdims=True)
     safe = jnp.where(live, post, 0.0)
     lse = jnp.where(live[..., 0], jax.nn.logsumexp(safe, axis=-1), -jnp.inf)

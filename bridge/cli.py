@@ -34,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--like", default=None, help="Hugging Face directory to copy config/tokenizer from")
     s.add_argument("--max-shard-size", default="5GB")
     s.add_argument("--dtype", default=None, help="cast floating tensors, as module.to(dtype) does (e.g. bfloat16)")
+    s.add_argument("--ema", action="store_true", help="a trainer run's moving average of the params (ema_decay)")
     sub.add_parser("demo", help="the end-to-end demo on the real all-MiniLM-L6-v2")
     return p
 
@@ -52,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "train":
             return commands.train(args.config)
         if args.command == "export":
-            return commands.export(args.ckpt, args.to, args.like, args.max_shard_size, args.dtype)
+            return commands.export(args.ckpt, args.to, args.like, args.max_shard_size, args.dtype, args.ema)
         if args.command == "demo":
             from bridge.demo import main as demo
             return demo()

@@ -100,13 +100,16 @@ def verify(model: str, rtol: float) -> int:
     return 1
 
 
-def export(ckpt: str, to: str, like: str | None, max_shard_size: str, dtype: str | None = None) -> int:
+def export(ckpt: str, to: str, like: str | None, max_shard_size: str, dtype: str | None = None,
+           ema: bool = False) -> int:
     import jax
     import bridge
     src = Path(ckpt)
     opts = {"like": like, "max_shard_size": max_shard_size, "dtype": dtype}
     if _is_run(src):
-        written = bridge.export(_trained_state(src), to, **opts)
+        written = bridge.export(_trained_state(src, ema), to, **opts)
+    elif ema:
+        raise BridgeError(f"{src}: --ema reads a trainer run directory (its checkpoints keep the moving average)")
     else:
         with jax.enable_x64(True):   # a checkpoint file or HF directory: 64-bit tensors keep width and values
             written = bridge.export(bridge.load_weights(src), to, **opts)
@@ -137,15 +140,17 @@ def _latest_step(path: Path):
                           "delete it to export the checkpoint's arrays as they are") from e
 
 
-def _trained_state(path: Path):
-    """Params and buffers of the latest checkpoint of a trainer run directory, with the run's record
-    of the model's torch names and dtypes where it kept one."""
+def _trained_state(path: Path, ema: bool = False):
+    """Params (or their moving average) and buffers of the latest checkpoint of a trainer run directory, with the
+    run's record of the model's torch names and dtypes where it kept one."""
     import orbax.checkpoint as ocp
     from bridge.state import SavedState
     from bridge.tree import flatten, nest
     step_dir, meta = _latest_step(path)
     restored = ocp.StandardCheckpointer().restore(step_dir / "state")
-    params, buffers = restored["params"], restored.get("buffers") or {}
+    if ema and not restored.get("ema"):
+        raise BridgeError(f"{step_dir}: this run kept no moving average of the params (train with ema_decay)")
+    params, buffers = restored["ema" if ema else "params"], restored.get("buffers") or {}
     if meta is not None:
         return SavedState(params, buffers, meta)
     return nest({**flatten(params), **flatten(buffers)})

@@ -19,6 +19,7 @@
     run_dir = "runs/demo"
     [export]                     # optional
     to = "runs/demo/hf"
+    ema = false                  # true: the moving average of the params ([train] ema_decay = 0.999)
 
 Fine-tuning the sentence encoder all-MiniLM-L6-v2 on pairs (the pairs file defaults to the demo's):
 
@@ -108,7 +109,8 @@ def run_from_toml(path: str) -> int:
     trainer = Trainer(jm, optimizer, loss_fn=pair_contrastive() if kind == "pairs" else model_loss, config=train)
     state = trainer.fit(make_batches(data, tok, vocab, train.steps, seed=train.seed))
     if "export" in cfg:
-        out = bridge.export(trainer.export_model(state), cfg["export"]["to"], like=hf_dir or model)
+        out = bridge.export(trainer.export_model(state, ema=bool(cfg["export"].get("ema", False))),
+                            cfg["export"]["to"], like=hf_dir or model)
         print(f"exported to {out}")
     trainer.close()
     return 0

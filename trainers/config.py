@@ -24,6 +24,7 @@ class TrainConfig:
     param_dtype: str = "float32"          # master weights
     remat: str | None = None              # None, "full" or "dots"
     nan_policy: str = "stop"              # "stop": raise with step + last checkpoint; "skip": drop the update
+    ema_decay: float | None = None        # keep an exponential moving average of the params (torch's AveragedModel)
     log_every: int = 1
     eval_every: int = 0                   # 0: no periodic eval
     eval_batches: int = 4

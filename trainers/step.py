@@ -60,7 +60,18 @@ def make_forward(jm, loss_fn, inputs_fn, *, compute_dtype=None, remat: str | Non
     return forward
 
 
-def make_train_step(forward, optimizer: optax.GradientTransformation, *, accum: int = 1, nan_policy: str = "stop"):
+def ema_update(ema, params, step, decay: float):
+    """torch's AveragedModel with get_ema_multi_avg_fn(decay), updated after optimizer step `step + 1`: the
+    first update copies the params, later ones lerp towards them by 1 - decay (integer leaves copy)."""
+    def one(e, p):
+        if not jnp.issubdtype(p.dtype, jnp.inexact):
+            return p
+        return jnp.where(step == 0, p, e + (1 - decay) * (p - e)).astype(e.dtype)
+    return jax.tree.map(one, ema, params)
+
+
+def make_train_step(forward, optimizer: optax.GradientTransformation, *, accum: int = 1, nan_policy: str = "stop",
+                    ema_decay: float | None = None):
     def scaled_forward(params, buffers, batch, key, loss_scale):
         """Differentiates loss / accum (times the loss scale): micro-batch gradients then sum to the
         batch's, within float16's range exactly as torch's `scaler.scale(loss / accum).backward()`."""
@@ -101,15 +112,16 @@ def make_train_step(forward, optimizer: optax.GradientTransformation, *, accum: 
         params = optax.apply_updates(state.params, updates)
         finite = jnp.isfinite(loss) & grads_finite
         metrics = {"loss": loss, "grad_norm": grad_norm, "finite": finite, "grads_finite": grads_finite}
+        ema = None if state.ema is None else ema_update(state.ema, params, state.step, ema_decay)
         if nan_policy == "skip" or (loss_scale is not None and loss_scale.dynamic):
             keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
-            params, opt_state, buffers = (keep(params, state.params), keep(opt_state, state.opt_state),
-                                          keep(buffers, state.buffers))
+            params, opt_state, buffers, ema = (keep(params, state.params), keep(opt_state, state.opt_state),
+                                               keep(buffers, state.buffers), keep(ema, state.ema))
         if loss_scale is not None:
             metrics["loss_scale"] = loss_scale.value       # the scale this step ran with
             loss_scale = loss_scale.update(grads_finite)
         new = state.replace(step=state.step + 1, params=params, buffers=buffers, opt_state=opt_state,
-                            loss_scale=loss_scale)
+                            loss_scale=loss_scale, ema=ema)
         return new, metrics
 
     return train_step

@@ -63,7 +63,8 @@ class Trainer:
             _check_captured_dtype(jm, compute)
         forward = make_forward(jm, self.loss_fn, inputs_fn, compute_dtype=compute, remat=config.remat)
         eval_forward = make_forward(eval_model or jm, self.loss_fn, inputs_fn, compute_dtype=compute)
-        self._step_fn = make_train_step(forward, optimizer, accum=config.grad_accum, nan_policy=config.nan_policy)
+        self._step_fn = make_train_step(forward, optimizer, accum=config.grad_accum, nan_policy=config.nan_policy,
+                                        ema_decay=config.ema_decay)
         self._eval_fn = make_eval_step(eval_forward)
         master = jax.tree.map(lambda x: x.astype(config.param_dtype)
                               if jnp.issubdtype(x.dtype, jnp.floating) else x, jm.params)
@@ -99,10 +100,12 @@ class Trainer:
         opt_sh = optax.tree_map_params(self.optimizer, lambda v, s: v if masked(v) else s, shapes.opt_state,
                                        param_sh, transform_non_params=lambda _: rep, is_leaf=masked)
         return TrainState(step=rep, params=param_sh, buffers=jax.tree.map(lambda _: rep, self.jm.buffers),
-                          opt_state=opt_sh, rng=rep, loss_scale=jax.tree.map(lambda _: rep, shapes.loss_scale))
+                          opt_state=opt_sh, rng=rep, loss_scale=jax.tree.map(lambda _: rep, shapes.loss_scale),
+                          ema=param_sh if self.config.ema_decay is not None else None)
 
     def _create(self, params, buffers) -> TrainState:
-        return TrainState.create(params, buffers, self.optimizer, self.config.seed, loss_scale=self._loss_scale0)
+        return TrainState.create(params, buffers, self.optimizer, self.config.seed, loss_scale=self._loss_scale0,
+                                 ema=self.config.ema_decay is not None)
 
     def _abstract_state(self) -> TrainState:
         return jax.eval_shape(self._create, self._params0, self.jm.buffers)
@@ -117,9 +120,13 @@ class Trainer:
             return self.init_state(), 0
         return self.checkpointer.restore(latest, abstract(self._abstract_state(), self.state_shardings))
 
-    def export_model(self, state: TrainState):
-        """The JaxModule with the trained params/buffers (in the model's own dtypes), ready for bridge.export."""
-        cast = jax.tree.map(lambda new, old: new.astype(old.dtype), state.params, self.jm.params)
+    def export_model(self, state: TrainState, *, ema: bool = False):
+        """The JaxModule with the trained params/buffers (in the model's own dtypes), ready for bridge.export;
+        ema=True: the moving average of the params (TrainConfig.ema_decay) with the run's current buffers."""
+        if ema and state.ema is None:
+            raise ValueError("this run keeps no moving average of the params: set TrainConfig(ema_decay=...)")
+        cast = jax.tree.map(lambda new, old: new.astype(old.dtype), state.ema if ema else state.params,
+                            self.jm.params)
         return self.jm.replace(params=cast, buffers=state.buffers)
 
     # -- loop -----------------------------------------------------------------------------

@@ -113,6 +113,12 @@ def enc(prefix: str, **over):
     return build(f"{prefix}Model", f"{prefix}Config", **{**ENC, **over})
 
 
+def _flex(model):
+    """The model with attn_implementation="flex_attention" (torch's FlexAttention, its masks as block masks)."""
+    model.config._attn_implementation = "flex_attention"
+    return model
+
+
 LONGFORMER_SKIP = ("branches in Python on `global_attention_mask.any().item()`: torch.export (strict and "
                    "non-strict) cannot guard on the data-dependent value")
 
@@ -461,6 +467,33 @@ ZOO = [
                          num_experts_per_tok=2), tokens(), "logits",
          skip="its experts split the routed tokens by counts read with `.tolist()` (`inputs.split(expert_size)`): "
               "sizes only the data knows, which no static-shape program can take"),
+    # fifth sweep: newer decoders, MoE routers, xLSTM, an FFT-free speech CTC model, FlexAttention through HF
+    Arch("llama4_text", build("Llama4ForCausalLM", "Llama4TextConfig", **DEC, head_dim=16, intermediate_size_mlp=128,
+                              num_local_experts=4, num_experts_per_tok=1, interleave_moe_layer_step=1,
+                              attention_chunk_size=8), tokens(), "logits"),
+    Arch("hunyuan_moe", lm("HunYuanMoEV1", num_experts=4, moe_topk=2, head_dim=16), tokens(), "logits"),
+    Arch("lfm2_moe", lm("Lfm2Moe", num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, num_dense_layers=1,
+                        layer_types=["full_attention", "conv"]), tokens(), "logits"),
+    Arch("granitemoeshared", lm("GraniteMoeShared", num_local_experts=4, num_experts_per_tok=2,
+                                shared_intermediate_size=64), tokens(), "logits"),
+    Arch("minimax_m2", lm("MiniMaxM2", num_local_experts=4, num_experts_per_tok=2, head_dim=16), tokens(), "logits"),
+    Arch("vaultgemma", lm("VaultGemma", head_dim=16), tokens(), "logits"),
+    Arch("flex_olmo", lm("FlexOlmo", num_experts=4, num_experts_per_tok=2), tokens(), "logits"),
+    Arch("nanochat", lm("NanoChat"), tokens(), "logits"),
+    Arch("modernbert_decoder", build("ModernBertDecoderForCausalLM", "ModernBertDecoderConfig", **ENC, local_attention=8,
+                                     global_attn_every_n_layers=2), tokens(), "logits"),
+    Arch("llama_flex_attention", lambda: _flex(lm("Llama")()), tokens(), "logits",
+         no_grads="torch has no CPU backward for FlexAttention (test_flex_attention.py compares the gradients with the "
+                  "same model's eager attention)"),
+    Arch("xlstm", build("xLSTMForCausalLM", "xLSTMConfig", vocab_size=V, hidden_size=64, embedding_dim=64, num_heads=4,
+                        num_blocks=2, qk_dim_factor=1.0, v_dim_factor=1.0, chunk_size=4, pad_token_id=0),
+         tokens(mask=False), "logits",
+         no_grads="torch's own backward fails: xLSTM's forward updates a tensor autograd saved in place"),
+    Arch("parakeet_ctc", build("ParakeetForCTC", "ParakeetCTCConfig", vocab_size=32, encoder_config=dict(
+        hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, num_mel_bins=16,
+        subsampling_conv_channels=16, subsampling_factor=4, conv_kernel_size=5)),
+         lambda b: {"input_features": torch.randn(b, 40, 16), "attention_mask": torch.ones(b, 40, dtype=torch.long)},
+         "logits"),
 ]
 BY_NAME = {a.name: a for a in ZOO}
 FAST = ("mistral", "mixtral", "gpt_neox", "t5", "vit", "whisper")

@@ -199,11 +199,19 @@ def auto_functionalized(op, _only_clone_these_tensors=None, **kwargs):
     return (*(outs or [None]), *(written.get(n) for n in _mutable_args(op._schema)))
 
 
+class _Written:
+    def __init__(self, name: str):
+        self.name = name
+
+
 def _run_mutating(op, kwargs: dict, names: list[str]) -> tuple[list, dict]:
     """The op's implementation on `kwargs`, writing into copies of the arguments `names`: (outputs, new values)."""
     tensors, spec, constants = _leaves(op, (), kwargs)
-    ids = {id(kwargs[n]): n for n in names}
-    mutated = tuple(i for i, t in enumerate(tensors) if id(t) in ids)
+    # which tensor leaves are the written arguments: the same flattening with markers in their places
+    marked = pytree.tree_leaves(_arguments(op._schema, (), {**kwargs, **{n: _Written(n) for n in names}}))
+    slots = [c[1] if c[0] == "tensor" else None for c in constants]
+    written_by = {slots[i]: m.name for i, m in enumerate(marked) if isinstance(m, _Written)}
+    mutated = tuple(sorted(written_by))
     specs = tuple((tuple(x.shape), jnp.dtype(x.dtype)) for x in tensors)
     from converters.interpreter import run_graph   # the interpreter imports every op family
     try:
@@ -213,7 +221,7 @@ def _run_mutating(op, kwargs: dict, names: list[str]) -> tuple[list, dict]:
         raise LoweringError(f"custom op {name} (writes into {', '.join(names)}): its implementation could not be "
                             f"traced to torch ops ({type(e).__name__}: {e}){_HINT.format(name=name)}") from e
     n_out = len(res) - len(mutated)
-    return list(res[:n_out]), {ids[id(tensors[i])]: v for i, v in zip(mutated, res[n_out:])}
+    return list(res[:n_out]), {written_by[i]: v for i, v in zip(mutated, res[n_out:])}
 
 
 @fallback

@@ -199,8 +199,8 @@ def _autograd_function_forward(gm: torch.fx.GraphModule, node: torch.fx.Node) ->
 
 @contextlib.contextmanager
 def _value_checks_off():
-    """Checks in torch's own Python that branch on tensor values, which no traced program can carry, are off
-    while capturing; neither changes a result:
+    """Checks and shortcuts in torch's and Hugging Face's own Python that no traced program can carry (most branch
+    on tensor values) are off while capturing; none changes a result:
     - torch.distributions validates arguments and samples (raise if any is out of support): valid inputs give
       the same values. A distribution built with validate_args=True still fails, with a hint.
     - nn.Transformer* compare a mask without is_causal to a causal one (`_detect_is_causal_mask`) only to

@@ -480,8 +480,8 @@ ZOO = [
     Arch("vaultgemma", lm("VaultGemma", head_dim=16), tokens(), "logits"),
     Arch("flex_olmo", lm("FlexOlmo", num_experts=4, num_experts_per_tok=2), tokens(), "logits"),
     Arch("nanochat", lm("NanoChat"), tokens(), "logits"),
-    Arch("modernbert_decoder", build("ModernBertDecoderForCausalLM", "ModernBertDecoderConfig", **ENC, local_attention=8,
-                                     global_attn_every_n_layers=2), tokens(), "logits"),
+    Arch("modernbert_decoder", build("ModernBertDecoderForCausalLM", "ModernBertDecoderConfig", **ENC,
+                                     local_attention=8, global_attn_every_n_layers=2), tokens(), "logits"),
     Arch("llama_flex_attention", lambda: _flex(lm("Llama")()), tokens(), "logits",
          no_grads="torch has no CPU backward for FlexAttention (test_flex_attention.py compares the gradients with the "
                   "same model's eager attention)"),

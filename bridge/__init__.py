@@ -21,6 +21,7 @@ _EXPORTS = {
     "from_flax": "converters.nnx",
     "as_jax_inputs": "converters.structure",
     "register_lowering": "converters.registry",
+    "PackedInput": "converters.packed",
 }
 __all__ = ["errors", *_EXPORTS]
 

@@ -17,6 +17,7 @@ import torch
 from bridge.errors import InputError, StateError
 from bridge.tree import flatten, nest
 from converters.interpreter import Program
+from converters.packed import packed_inputs
 from converters.structure import as_jax_inputs, children, input_leaf, spec_leaves
 
 
@@ -100,6 +101,7 @@ class JaxModule:
         """Flatten (args, kwargs) in the exported order, converting torch/numpy arrays."""
         spec = self.program.in_spec
         cap = self.program.captured
+        args, kwargs = packed_inputs((tuple(args), dict(kwargs)))   # torch PackedSequences: padded + lengths
         kwargs = {**cap.extra_kwargs, **cap.static_kwargs, **kwargs}   # left-out flags: their exported values
         n_static = len(cap.static_args)
         n_all = children(spec)[0].num_children if spec.num_children == 2 else 0

@@ -29,7 +29,7 @@ from converters.autograd_functions import (collecting_hooks, inlined_functions, 
 from converters.registry import registered
 from converters.checks import export_assuming_checks
 from converters.ctc import read_masked_targets, routing_ctc
-from converters.packed import routing_packed
+from converters.packed import packed_inputs, repacking, routing_packed
 from converters.caches import has_cache, is_cache, register_objects, register_transformers_caches
 from converters.structure import patched_forward, registering_outputs
 
@@ -141,7 +141,8 @@ def _dynamic_spec(module, args, kwargs, dynamic: str, sig: inspect.Signature | N
             # a registered class (ModelOutput, dataclass): torch.export matches its flattened children
             return [spec(f"{name}[{i}]", v) for i, v in enumerate(node.flatten_fn(value)[0])]
         if isinstance(value, (list, tuple)):
-            return type(value)(spec(f"{name}[{i}]", v) for i, v in enumerate(value))
+            specs = [spec(f"{name}[{i}]", v) for i, v in enumerate(value)]
+            return type(value)(*specs) if hasattr(value, "_fields") else type(value)(specs)   # NamedTuples too
         if isinstance(value, dict):
             return {k: spec(f"{name}.{k}", v) for k, v in value.items()}
         return None
@@ -260,6 +261,7 @@ def capture(module: torch.nn.Module, args: tuple = (), kwargs: dict | None = Non
         from converters.programs import capture_traced
         return capture_traced(module, args, kwargs, dynamic_shapes=dynamic_shapes, dynamic=dynamic, train=train)
     register_transformers_caches()   # KV caches in inputs or outputs flatten to their tensors
+    args, kwargs = packed_inputs((args, kwargs))   # a PackedSequence input: its padded batch and lengths
     register_objects((args, kwargs))
     # torch.export traces the examples' strides (size-1 dims included); JAX arrays have none
     args, kwargs = torch.utils._pytree.tree_map_only(torch.Tensor, _row_major, (args, kwargs))
@@ -276,7 +278,7 @@ def capture(module: torch.nn.Module, args: tuple = (), kwargs: dict | None = Non
     errors = []
     warn_backward_hooks(module)
     with _mode(module, train), _config_cache_off(module, kwargs), collecting_hooks() as hooks, \
-            _value_checks_off(), routing_ctc(), warnings.catch_warnings():
+            _value_checks_off(), routing_ctc(), repacking(module, (args, kwargs)), warnings.catch_warnings():
         # torch's own deprecation chatter and dynamo's side-effect notes say nothing about the user's model
         warnings.filterwarnings("ignore", category=FutureWarning)
         warnings.filterwarnings("ignore", message=".*side effects happened in the model.forward.*")

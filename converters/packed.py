@@ -7,6 +7,7 @@ time-major tensor (sorted by length, as torch sorts) with the lengths beside it;
 packing does; `pad_packed_sequence` fills the padding with `padding_value` and restores the batch order.
 The padded output keeps the input's time length T (torch's is the longest length: the same when the batch is
 padded to its longest sequence, or with `total_length=T`). Reading `packed.data` in other ways is refused.
+A PackedSequence given as an input becomes a PackedInput (padded batch, lengths), packed again inside forward.
 
 Example:
     >>> with routing_packed():
@@ -15,6 +16,8 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import inspect
+import typing
 
 import torch
 from torch.nn.utils.rnn import PackedSequence
@@ -135,3 +138,55 @@ def routing_packed():
     finally:
         for cls, original in originals.items():
             cls.forward = original
+
+
+class PackedInput(typing.NamedTuple):
+    """A PackedSequence given as an input, as the converted program takes it: the padded batch (B, T, *) in the
+    caller's order and the lengths (B,). `packed_inputs` makes it from torch's; JAX callers build it themselves."""
+    padded: typing.Any
+    lengths: typing.Any
+
+
+def packed_inputs(tree):
+    """`tree` with every PackedSequence replaced by its PackedInput (torch tensors)."""
+    def one(x):
+        if not isinstance(x, PackedSequence):
+            return x
+        padded, lengths = torch.nn.utils.rnn.pad_packed_sequence(x, batch_first=True)
+        return PackedInput(padded, lengths)
+    return torch.utils._pytree.tree_map(one, tree, is_leaf=lambda x: isinstance(x, PackedSequence))
+
+
+def repacking(module: torch.nn.Module, example):
+    """While capturing: forward receives PackedSequences again, packed from the PackedInputs it is given (with
+    routing_packed active, a padded stand-in), so the program's inputs are the padded batch and the lengths."""
+    from converters.structure import patched_forward
+    if not any(isinstance(x, PackedInput) for x in _nodes(example)):
+        return contextlib.nullcontext()
+
+    def repack(tree):
+        def one(x):
+            if not isinstance(x, PackedInput):
+                return x
+            return torch.nn.utils.rnn.pack_padded_sequence(x.padded, x.lengths, batch_first=True,
+                                                           enforce_sorted=False)
+        return torch.utils._pytree.tree_map(one, tree, is_leaf=lambda x: isinstance(x, PackedInput))
+
+    def wrapper(forward):
+        def packed_forward(*args, **kwargs):
+            args, kwargs = repack((args, kwargs))
+            return forward(*args, **kwargs)
+        packed_forward.__signature__ = inspect.signature(forward)
+        return packed_forward
+    return patched_forward(module, wrapper)
+
+
+def _nodes(tree) -> list:
+    """Every node of a tree of tuples, lists and dicts (NamedTuples included), leaves too."""
+    out = [tree]
+    if isinstance(tree, dict):
+        tree = list(tree.values())
+    if isinstance(tree, (list, tuple)):
+        for x in tree:
+            out.extend(_nodes(x))
+    return out

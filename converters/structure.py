@@ -26,6 +26,7 @@ from bridge.errors import InputError
 from converters.caches import (check_state_numbers, fill, is_object_node, object_view, pairs, register_objects,
                                state_numbers)
 from converters.dtypes import narrow, to_jax
+from converters.packed import packed_inputs
 
 
 def spec_structure(spec, leaves: list) -> Any:
@@ -145,11 +146,13 @@ def input_leaf(x: Any) -> Any:
 
 def as_jax_inputs(tree: Any) -> Any:
     """A torch input structure in its JAX face: tensors become arrays, registered objects (KV caches)
-    dicts of their tensors, containers stay; what `jm.apply` takes, under jit too.
+    dicts of their tensors, a PackedSequence a PackedInput (padded batch, lengths), containers stay; what
+    `jm.apply` takes, under jit too.
 
     Example:
         >>> cache = as_jax_inputs(static_cache)    # {'layers': [{'keys': Array, 'values': Array, ...}, ...]}
     """
+    tree = packed_inputs(tree)
     register_objects(tree)
     leaves, spec = torch_pytree.tree_flatten(tree)
     return spec_structure(spec, [input_leaf(x) for x in leaves])

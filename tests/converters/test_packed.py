@@ -105,3 +105,48 @@ def test_reading_packed_data_is_refused():
 
     with pytest.raises(CaptureError, match="reads a PackedSequence's data"):
         bridge.convert(Raw(), (torch.randn(B, T, I), torch.tensor([6, 2, 4, 3])))
+
+
+class TakesPacked(nn.Module):
+    """Forward is given the PackedSequence (packed by the caller's collate function)."""
+
+    def __init__(self, bidirectional):
+        super().__init__()
+        self.rnn = nn.GRU(I, H, batch_first=True, num_layers=2, bidirectional=bidirectional)
+        self.head = nn.Linear(H * (2 if bidirectional else 1), 3)
+
+    def forward(self, packed, bias):
+        out, h = self.rnn(packed)
+        y, _ = pad_packed_sequence(out, batch_first=True)
+        return self.head(y) + bias, h
+
+
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_packed_sequence_given_as_input(bidirectional):
+    """The program takes the padded batch and lengths (a PackedInput); torch PackedSequences are converted on the
+    way in (jm(...), as_jax_inputs), and outputs and gradients match torch at other batches and lengths."""
+    torch.manual_seed(0)
+    model = TakesPacked(bidirectional)
+
+    def packed(seed, b, t):
+        g = torch.Generator().manual_seed(seed)
+        lengths = torch.randint(1, t + 1, (b,), generator=g)
+        lengths[seed % b] = t
+        return pack_padded_sequence(torch.randn(b, t, I, generator=g), lengths, batch_first=True,
+                                    enforce_sorted=False)
+
+    bias = torch.randn(3)
+    jm = bridge.convert(model, (packed(0, B, T), bias), dynamic="batch+seq")
+    other = packed(1, B + 1, T + 2)
+    ref = model(other, bias)
+    got = jm(other, bias)
+    for g, r in zip(got, ref):
+        assert_close(g, r.detach())
+    w = [torch.randn(r.shape) for r in ref]
+    sum((r * wi).sum() for r, wi in zip(ref, w)).backward()
+    inputs = bridge.as_jax_inputs((other, bias))
+    assert type(inputs[0]).__name__ == "PackedInput"
+    grads = flatten(jax.jit(jax.grad(lambda p: sum(jnp.sum(o * jnp.asarray(wi.numpy())) for o, wi in zip(
+        jm.apply(p, *inputs), w))))(jm.params))
+    for n, p in model.named_parameters():
+        assert rel_err(grads[n], p.grad) <= GRAD_TOL, n

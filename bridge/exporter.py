@@ -171,6 +171,27 @@ def _copy_like(like, folder: Path) -> None:
             shutil.copy2(f, folder / f.name)
 
 
+def _is_peft(like) -> bool:
+    return hasattr(like, "peft_config") and hasattr(like, "get_base_model")
+
+
+def _adapter_entries(like, entries) -> tuple[str, list]:
+    """The active adapter's name and entries, keyed as PEFT saves an adapter (`get_peft_model_state_dict`: only
+    the adapter's tensors, the adapter name left out), found on meta stand-ins so nothing else is read."""
+    from peft.utils import get_peft_model_state_dict
+    adapter = like.active_adapter if isinstance(like.active_adapter, str) else like.active_adapter[0]
+    stand_ins = {key: torch.empty(shape, dtype=dtype, device="meta") for key, dtype, shape, _ in entries}
+    by_id = {id(t): e for t, e in zip(stand_ins.values(), entries)}
+    out = []
+    for key, t in get_peft_model_state_dict(like, state_dict=stand_ins, adapter_name=adapter).items():
+        if id(t) not in by_id:
+            raise ExportError(f"PEFT's adapter state names {key!r}, which is none of the model's tensors")
+        out.append((key, *by_id[id(t)][1:]))
+    if not out:
+        raise ExportError(f"like= is a PEFT model whose adapter {adapter!r} has no tensors among the exported ones")
+    return adapter, out
+
+
 def export(obj, path: str | os.PathLike, *, like=None, max_shard_size: int | str = "5GB",
            format: str | None = None, dtype=None) -> Path:
     """Write a JaxModule's (or params pytree's) weights for PyTorch.
@@ -179,7 +200,9 @@ def export(obj, path: str | os.PathLike, *, like=None, max_shard_size: int | str
       path: `*.safetensors` (sharded with an index past max_shard_size), `*.pt`/`*.pth`/`*.bin`, `*.pt2` (the
         converted program with these weights, for torch.export.load; a JaxModule only), or a directory (a
         Hugging Face model directory: weights + files copied from `like`).
-      like: a Hugging Face directory, model or config whose config/tokenizer files to copy.
+      like: a Hugging Face directory, model or config whose config/tokenizer files to copy; a PEFT model (LoRA...):
+        the directory is its active adapter as PEFT saves it (adapter_model.safetensors + adapter_config.json,
+        for `PeftModel.from_pretrained(base, path)`).
       format: "safetensors", "pt", "pt2" or "hf" to override the choice by suffix.
       dtype: cast floating tensors as `module.to(dtype)` would (e.g. "bfloat16" for serving); integer,
         bool and complex tensors keep theirs; a Hugging Face config.json records the new dtype.
@@ -234,6 +257,12 @@ def _export(obj, path: Path, fmt: str, like, max_bytes: int, cast: torch.dtype |
             torch.save(sd, tmp)
         return path
     entries = _entries(obj, cast)
+    if fmt == "hf" and _is_peft(like):
+        with atomic_path(path, directory=True) as tmp:
+            adapter, entries = _adapter_entries(like, entries)
+            _write_safetensors(tmp, "adapter_model", entries, max_bytes)
+            like.peft_config[adapter].save_pretrained(tmp)
+        return path
     if fmt == "hf":
         with atomic_path(path, directory=True) as tmp:
             _write_safetensors(tmp, "model", entries, max_bytes)

@@ -5,6 +5,7 @@ import functools
 
 import jax
 import numpy as np
+import optax
 import pytest
 import safetensors.torch
 import torch
@@ -171,3 +172,43 @@ def test_wrapped_models_convert_as_the_model_inside(wrapper, tmp_path):
     fresh.load_state_dict(torch.load(bridge.export(jm, tmp_path / "m.pt"), weights_only=True), strict=True)
     for k, t in model.state_dict().items():
         assert torch.equal(fresh.state_dict()[k], t), k
+
+
+def test_lora_fine_tune_exports_a_peft_adapter(tmp_path):
+    """A PEFT LoRA model converts, trains in JAX (the base model frozen, as PEFT leaves it) and exports, with
+    like=the PEFT model, as PEFT saves an adapter: PeftModel.from_pretrained on a fresh base reproduces the
+    JAX-trained model, and the adapter's tensors are the trained params bit for bit."""
+    peft = pytest.importorskip("peft")
+    from trainers import TrainConfig, Trainer
+
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
+    base_sd = transformers.LlamaForCausalLM(cfg).state_dict()
+    base = transformers.LlamaForCausalLM(cfg)
+    base.load_state_dict(base_sd)
+    model = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    ids = torch.randint(0, 64, (8, 12))   # one row per simulated device
+    jm = bridge.convert(model, kwargs={"input_ids": ids, "labels": ids}, train=True, dynamic="batch")
+    trainer = Trainer(jm, optax.adam(1e-2), config=TrainConfig(steps=3, run_dir=str(tmp_path / "run"),
+                                                               progress=False, plot=False))
+    state = trainer.fit([{"input_ids": ids.numpy(), "labels": ids.numpy()}] * 3)
+    trained = trainer.export_model(state)
+    trainer.close()
+    bridge.export(trained, tmp_path / "adapter", like=model)
+
+    written = safetensors.torch.load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    params = bridge.to_state_dict(trained)
+    assert written and all(".lora_" in k for k in written)
+    for key, t in written.items():   # PEFT leaves the adapter name out of its keys
+        ours = params[key.replace(".weight", ".default.weight")]
+        assert torch.equal(t, ours), key
+    fresh = transformers.LlamaForCausalLM(cfg)
+    fresh.load_state_dict(base_sd)
+    loaded = peft.PeftModel.from_pretrained(fresh, tmp_path / "adapter").eval()
+    with torch.no_grad():
+        ref = loaded(input_ids=ids).logits
+    got = jax.jit(trained.apply)(trained.params, input_ids=ids.numpy(), labels=ids.numpy())["logits"]
+    assert np.abs(np.asarray(got) - ref.numpy()).max() <= 1e-5 * np.abs(ref.numpy()).max()
+    with torch.no_grad():   # the adapter moved: the untrained model gives other logits
+        assert (model.eval()(input_ids=ids).logits - ref).abs().max() > 1e-3

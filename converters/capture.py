@@ -210,7 +210,10 @@ def _value_checks_off():
     - FlexAttention refuses CPU inputs that require grad (torch has no CPU backward for it); the JAX lowering is
       differentiated by JAX, so only its other checks (devices) run.
     - Hugging Face's masks test `fast_all(attention_mask)` only to leave out a padding mask of all ones: the mask
-      is applied as given."""
+      is applied as given.
+    - torch.distributions.Gamma.rsample (Chi2's too) clamps its draw in place through a detached alias, which
+      autograd does not see; a traced program would make the clamp the value and lose the draw's gradient. It
+      clamps out of place here, the gradient passed through as torch's autograd passes it."""
     transformer, flex = torch.nn.modules.transformer, torch.nn.attention.flex_attention
     hf_masks = sys.modules.get("transformers.masking_utils")
     fast_all = getattr(hf_masks, "fast_all", None)
@@ -218,6 +221,8 @@ def _value_checks_off():
         hf_masks.fast_all = lambda tensor: False
     default, detect = torch.distributions.Distribution._validate_args, transformer._detect_is_causal_mask
     validate_device = flex._validate_device
+    gamma_rsample = torch.distributions.Gamma.rsample
+    torch.distributions.Gamma.rsample = _gamma_rsample
     torch.distributions.Distribution.set_default_validate_args(False)
     transformer._detect_is_causal_mask = lambda mask, is_causal=None, size=None: is_causal is True
     flex._validate_device = lambda q, k, v: validate_device(q.detach(), k.detach(), v.detach())
@@ -227,8 +232,16 @@ def _value_checks_off():
         torch.distributions.Distribution.set_default_validate_args(default)
         transformer._detect_is_causal_mask = detect
         flex._validate_device = validate_device
+        torch.distributions.Gamma.rsample = gamma_rsample
         if fast_all is not None:
             hf_masks.fast_all = fast_all
+
+
+def _gamma_rsample(self, sample_shape=torch.Size()):
+    """Gamma.rsample's draw, clamped away from 0 as torch does, with the gradient of the unclamped draw."""
+    shape = self._extended_shape(sample_shape)
+    value = torch._standard_gamma(self.concentration.expand(shape)) / self.rate.expand(shape)
+    return value + (value.clamp(min=torch.finfo(value.dtype).tiny) - value).detach()
 
 
 @contextlib.contextmanager

@@ -182,6 +182,30 @@ def multinomial(key, probs_BC, num_samples, replacement=False, *, generator=None
     return jax.lax.top_k(logits_BC + gumbel_BC, num_samples)[1]
 
 
+@lowering(aten.poisson.default, random=True)
+def poisson(key, rates, generator=None):
+    """Poisson draws with the given rates, in the rates' dtype (counts as floats, as torch returns them)."""
+    return jax.random.poisson(key, rates.astype(jnp.float32)).astype(rates.dtype)
+
+
+@lowering(aten.binomial.default, random=True)
+def binomial(key, count, prob, generator=None):
+    return jax.random.binomial(key, count.astype(jnp.float32), prob.astype(jnp.float32)).astype(count.dtype)
+
+
+@lowering(aten._standard_gamma.default, random=True)
+def standard_gamma(key, alpha, generator=None):
+    """Gamma(alpha, 1) draws; JAX differentiates them in alpha by implicit reparameterisation, as torch's
+    rsample does (Gamma, Beta, Dirichlet, Chi2, StudentT latents train)."""
+    return jax.random.gamma(key, alpha, dtype=_float_like(alpha))
+
+
+@lowering(aten._sample_dirichlet.default, random=True)
+def sample_dirichlet(key, alpha, generator=None):
+    """Dirichlet draws over the last dim (differentiable in alpha, like torch's Dirichlet.rsample)."""
+    return jax.random.dirichlet(key, alpha, dtype=_float_like(alpha))
+
+
 def _rrelu_training(node) -> bool:
     return bool(node.args[4] if len(node.args) > 4 else node.kwargs.get("training", False))
 

@@ -47,6 +47,7 @@ class Captured:
     # into the program, so calls may leave them out; kwargs by name, positional ones as the trailing run
     static_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
     static_args: tuple = ()
+    arg_names: tuple = ()              # forward's names of the positional inputs (batches name them so)
 
 
 def state_aliases(module: torch.nn.Module) -> dict[str, str]:
@@ -348,7 +349,8 @@ def capture(module: torch.nn.Module, args: tuple = (), kwargs: dict | None = Non
             except Exception as e:
                 raise failed from e
     warn_dropped_hooks(hooks)
-    return Captured(ep, state_aliases(module), extra, mode, train, *_static_inputs(args, kwargs, extra))
+    return Captured(ep, state_aliases(module), extra, mode, train, *_static_inputs(args, kwargs, extra),
+                    _arg_names(module, len(args)))
 
 
 def _exported(module, args, kwargs, **options):
@@ -360,6 +362,16 @@ def _exported(module, args, kwargs, **options):
         ep = torch.export.export(module, args, kwargs, **options)
     sys.stderr.write(printed.getvalue())
     return ep
+
+
+def _arg_names(module: torch.nn.Module, n: int) -> tuple:
+    """The names forward gives its first n positional parameters (none past a *args)."""
+    names = []
+    for p in inspect.signature(module.forward).parameters.values():
+        if p.kind not in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) or len(names) == n:
+            break
+        names.append(p.name)
+    return tuple(names) if len(names) == n else ()
 
 
 def _static_inputs(args: tuple, kwargs: dict, extra: dict) -> tuple[dict, tuple]:

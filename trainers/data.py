@@ -1,6 +1,7 @@
 """Host data → global sharded batches, prefetched in a background thread.
 
-Any iterable of batches works: dicts or tuples of numpy arrays or torch tensors (a DataLoader too).
+Any iterable of batches works: dicts or tuples of numpy arrays or torch tensors (a DataLoader too), nested, with
+PackedSequences among them.
 Each process passes its local rows; `jax.make_array_from_process_local_data` assembles the global batch.
 """
 from __future__ import annotations
@@ -15,20 +16,26 @@ import torch
 
 from bridge.errors import InputError
 from converters.dtypes import narrow, to_numpy
+from converters.packed import packed_inputs
 
 
 def to_host(batch) -> Any:
     """torch tensors → numpy (exact dtypes), recursively; int64 narrowed as JAX will hold it (values
-    int32 cannot hold raise InputError rather than wrap)."""
+    int32 cannot hold raise InputError rather than wrap); a PackedSequence → its PackedInput (padded, lengths)."""
     def leaf(x):
         arr = to_numpy(x) if isinstance(x, torch.Tensor) else np.asarray(x)
         return narrow(arr, jax.dtypes.canonicalize_dtype(arr.dtype), "a batch", InputError)
 
-    if isinstance(batch, dict):
-        return {k: leaf(v) for k, v in batch.items()}
-    if isinstance(batch, (list, tuple)):
-        return tuple(leaf(v) for v in batch)
-    return leaf(batch)
+    def walk(x):
+        if isinstance(x, dict):
+            return {k: walk(v) for k, v in x.items()}
+        if isinstance(x, tuple) and hasattr(x, "_fields"):   # a NamedTuple (PackedInput) keeps its type
+            return type(x)(*map(walk, x))
+        if isinstance(x, (list, tuple)):
+            return tuple(walk(v) for v in x)
+        return leaf(x)
+
+    return walk(packed_inputs(batch))
 
 
 def local_rows(batch, process_index: int, process_count: int):

@@ -17,7 +17,7 @@ def throughput_unit(batch) -> tuple[int, str]:
     """(count, 'tokens' | 'examples') for a placed batch."""
     if isinstance(batch, dict) and "input_ids" in batch:
         return int(batch["input_ids"].size), "tokens"
-    first = next(iter(batch.values())) if isinstance(batch, dict) else batch[0]
+    first = jax.tree.leaves(batch)[0]   # nested batches too (a PackedInput's padded batch)
     return int(first.shape[0]), "examples"
 
 

@@ -29,7 +29,7 @@ def default_inputs(jm) -> Callable:
     spec_children = prog.in_spec.children() if hasattr(prog.in_spec, "children") else prog.in_spec.children_specs
     n_pos = spec_children[0].num_children
     kw_names = [k for k in spec_children[1].context if k not in prog.captured.extra_kwargs]
-    pos_names = [name for name, _ in prog.user_inputs[:n_pos]]
+    pos_names = list(prog.captured.arg_names[:n_pos]) or [name for name, _ in prog.user_inputs[:n_pos]]
 
     def inputs(batch):
         if isinstance(batch, dict):

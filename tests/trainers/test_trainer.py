@@ -305,3 +305,42 @@ def test_ragged_last_batch_is_skipped_and_resume_keeps_the_data_position(tmp_pat
     assert len(_losses(tmp_path / "full")) == 5
     for a, b in zip(jax.tree.leaves(full.params), jax.tree.leaves(resumed.params)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+class _PackedRegressor(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.rnn = torch.nn.GRU(3, 8, batch_first=True)
+        self.head = torch.nn.Linear(8, 2)
+
+    def forward(self, packed):
+        _, h = self.rnn(packed)
+        return self.head(h[-1])
+
+
+def test_packed_sequence_batches_train_as_torch_does(tmp_path):
+    """A DataLoader-style batch holding a PackedSequence (a collate function packs it) trains: the trainer takes it
+    as its padded batch and lengths; SGD steps match torch's on the same batches."""
+    from torch.nn.utils.rnn import pack_sequence
+    torch.manual_seed(0)
+    model = _PackedRegressor()
+    g = torch.Generator().manual_seed(1)
+
+    def batch(i):
+        seqs = [torch.randn(int(n), 3, generator=g) for n in torch.randint(1, 7, (8,), generator=g)]
+        return {"packed": pack_sequence(seqs, enforce_sorted=False), "target": torch.randn(8, 2, generator=g)}
+
+    batches = [batch(i) for i in range(3)]
+    jm = bridge.convert(model, (batches[0]["packed"],), dynamic="batch+seq")
+    trainer = Trainer(jm, optax.sgd(0.1), loss_fn=mse(),   # the batch names forward's argument: no inputs_fn
+                      config=TrainConfig(steps=3, run_dir=str(tmp_path), progress=False, plot=False))
+    state = trainer.fit(batches)
+    trainer.close()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for b in batches:
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(model(b["packed"]), b["target"]).backward()
+        opt.step()
+    trained = bridge.to_state_dict(trainer.export_model(state))
+    for name, p in model.named_parameters():
+        np.testing.assert_allclose(trained[name].numpy(), p.detach().numpy(), rtol=1e-5, atol=1e-6, err_msg=name)

@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import inspect
 import io
+import re
 import sys
 import warnings
 from typing import Any
@@ -334,8 +335,9 @@ def capture(module: torch.nn.Module, args: tuple = (), kwargs: dict | None = Non
                     "torch.cond (lowered to lax.cond)" if any("data-dependent" in e.lower() for e in errors) else "")
             if hint and any("torch/distributions" in e for e in errors):
                 hint += "; a torch.distributions object built with validate_args=True checks its values so: drop it"
-            if any("torch.autograd.grad" in e or "requires_grad_" in e for e in errors):
-                hint += ("\nhint: derivatives taken inside forward (torch.autograd.grad, requires_grad_) cannot be "
+            if any("torch.autograd.grad" in e or "requires_grad_" in e for e in errors) or _takes_derivatives(module):
+                hint += ("\nhint: derivatives taken inside forward (torch.autograd.grad, requires_grad_, torch.func's "
+                         "grad / jacrev / jacfwd / vjp / jvp / hessian) cannot be "
                          "captured; convert the network without them and differentiate in JAX, e.g. "
                          "jax.grad(lambda x: jm.apply(params, x).sum())(x)")
             failed = CaptureError(f"torch.export failed for {type(module).__name__}:\n" + "\n".join(errors) + hint)
@@ -362,6 +364,21 @@ def _exported(module, args, kwargs, **options):
         ep = torch.export.export(module, args, kwargs, **options)
     sys.stderr.write(printed.getvalue())
     return ep
+
+
+_DERIVATIVES = re.compile(r"\b(jacrev|jacfwd|hessian|vjp|jvp|grad_and_value|func\.grad|autograd\.grad)\s*\(")
+
+
+def _takes_derivatives(module: torch.nn.Module) -> bool:
+    """Whether a forward in the module tree calls a derivative transform (read from its source)."""
+    for m in module.modules():
+        try:
+            src = inspect.getsource(type(m).forward)
+        except (OSError, TypeError):
+            continue
+        if _DERIVATIVES.search(src):
+            return True
+    return False
 
 
 def _arg_names(module: torch.nn.Module, n: int) -> tuple:

@@ -309,3 +309,15 @@ def test_derivatives_inside_forward_point_to_jax_grad():
     jm = bridge.convert(model.net, (x.detach(),))
     du = jax.grad(lambda xj: jm.apply(jm.params, xj).sum())(to_jax(x.detach()))
     assert_close(du, model(x)[1].detach(), what="du/dx")
+    with pytest.raises(CaptureError, match="(?s)derivatives taken inside forward.*jacrev.*jax.grad"):
+        bridge.convert(_JacobianPenalty(), (torch.randn(4, 2),))   # torch.func transforms: the same advice
+
+
+class _JacobianPenalty(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.net = torch.nn.Sequential(torch.nn.Linear(2, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
+
+    def forward(self, x):
+        jac = torch.func.vmap(torch.func.jacrev(self.net))(x)
+        return self.net(x), (jac ** 2).sum((1, 2))

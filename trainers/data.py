@@ -26,16 +26,16 @@ def to_host(batch) -> Any:
         arr = to_numpy(x) if isinstance(x, torch.Tensor) else np.asarray(x)
         return narrow(arr, jax.dtypes.canonicalize_dtype(arr.dtype), "a batch", InputError)
 
-    def walk(x):
+    def walk(x, top=False):   # a list inside a dict is one array (nested Python lists of ids), as before
         if isinstance(x, dict):
             return {k: walk(v) for k, v in x.items()}
         if isinstance(x, tuple) and hasattr(x, "_fields"):   # a NamedTuple (PackedInput) keeps its type
             return type(x)(*map(walk, x))
-        if isinstance(x, (list, tuple)):
+        if top and isinstance(x, (list, tuple)):
             return tuple(walk(v) for v in x)
         return leaf(x)
 
-    return walk(packed_inputs(batch))
+    return walk(packed_inputs(batch), top=True)
 
 
 def local_rows(batch, process_index: int, process_count: int):

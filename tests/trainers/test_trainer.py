@@ -344,3 +344,20 @@ def test_packed_sequence_batches_train_as_torch_does(tmp_path):
     trained = bridge.to_state_dict(trainer.export_model(state))
     for name, p in model.named_parameters():
         np.testing.assert_allclose(trained[name].numpy(), p.detach().numpy(), rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+def test_batches_to_host_keep_python_lists_whole_and_place_packed_sequences():
+    """A dict batch's nested Python lists are one array (as before PackedSequences were supported), a
+    PackedSequence becomes its padded batch and lengths, and a top-level tuple stays a tuple of arrays."""
+    from torch.nn.utils.rnn import pack_sequence
+
+    from converters.packed import PackedInput
+    from trainers.data import to_host
+    packed = pack_sequence([torch.ones(3, 2), torch.ones(1, 2)])
+    host = to_host({"input_ids": [[1, 2, 3], [4, 5, 6]], "packed": packed})
+    np.testing.assert_array_equal(host["input_ids"], np.array([[1, 2, 3], [4, 5, 6]], np.int32))
+    assert isinstance(host["packed"], PackedInput)
+    assert host["packed"].padded.shape == (2, 3, 2)
+    np.testing.assert_array_equal(host["packed"].lengths, [3, 1])
+    pair = to_host((np.zeros((2, 3)), [[1], [2]]))
+    assert isinstance(pair, tuple) and pair[1].shape == (2, 1)

@@ -19,7 +19,6 @@ import warnings
 from typing import Any
 
 import torch
-import torch.nn.attention.flex_attention  # noqa: F401  (its device check is lifted while capturing)
 from torch.export import Dim
 
 from bridge.errors import CaptureError
@@ -32,6 +31,7 @@ from converters.checks import export_assuming_checks
 from converters.ctc import read_masked_targets, routing_ctc
 from converters.packed import packed_inputs, repacking, routing_packed
 from converters.caches import has_cache, is_cache, register_objects, register_transformers_caches
+from converters.shortcuts import shortcuts_off
 from converters.structure import patched_forward, registering_outputs
 
 DYNAMIC_PRESETS = {"batch": (0,), "batch+seq": (0, 1)}
@@ -201,52 +201,6 @@ def _autograd_function_forward(gm: torch.fx.GraphModule, node: torch.fx.Node) ->
 
 
 @contextlib.contextmanager
-def _value_checks_off():
-    """Checks and shortcuts in torch's and Hugging Face's own Python that no traced program can carry (most branch
-    on tensor values) are off while capturing; none changes a result:
-    - torch.distributions validates arguments and samples (raise if any is out of support): valid inputs give
-      the same values. A distribution built with validate_args=True still fails, with a hint.
-    - nn.Transformer* compare a mask without is_causal to a causal one (`_detect_is_causal_mask`) only to
-      pick a faster kernel ("is_causal=False for a causal mask may lead to reduced performance"): the mask is
-      applied as given.
-    - FlexAttention refuses CPU inputs that require grad (torch has no CPU backward for it); the JAX lowering is
-      differentiated by JAX, so only its other checks (devices) run.
-    - Hugging Face's masks test `fast_all(attention_mask)` only to leave out a padding mask of all ones: the mask
-      is applied as given.
-    - torch.distributions.Gamma.rsample (Chi2's too) clamps its draw in place through a detached alias, which
-      autograd does not see; a traced program would make the clamp the value and lose the draw's gradient. It
-      clamps out of place here, the gradient passed through as torch's autograd passes it."""
-    transformer, flex = torch.nn.modules.transformer, torch.nn.attention.flex_attention
-    hf_masks = sys.modules.get("transformers.masking_utils")
-    fast_all = getattr(hf_masks, "fast_all", None)
-    if fast_all is not None:
-        hf_masks.fast_all = lambda tensor: False
-    default, detect = torch.distributions.Distribution._validate_args, transformer._detect_is_causal_mask
-    validate_device = flex._validate_device
-    gamma_rsample = torch.distributions.Gamma.rsample
-    torch.distributions.Gamma.rsample = _gamma_rsample
-    torch.distributions.Distribution.set_default_validate_args(False)
-    transformer._detect_is_causal_mask = lambda mask, is_causal=None, size=None: is_causal is True
-    flex._validate_device = lambda q, k, v: validate_device(q.detach(), k.detach(), v.detach())
-    try:
-        yield
-    finally:
-        torch.distributions.Distribution.set_default_validate_args(default)
-        transformer._detect_is_causal_mask = detect
-        flex._validate_device = validate_device
-        torch.distributions.Gamma.rsample = gamma_rsample
-        if fast_all is not None:
-            hf_masks.fast_all = fast_all
-
-
-def _gamma_rsample(self, sample_shape=torch.Size()):
-    """Gamma.rsample's draw, clamped away from 0 as torch does, with the gradient of the unclamped draw."""
-    shape = self._extended_shape(sample_shape)
-    value = torch._standard_gamma(self.concentration.expand(shape)) / self.rate.expand(shape)
-    return value + (value.clamp(min=torch.finfo(value.dtype).tiny) - value).detach()
-
-
-@contextlib.contextmanager
 def _non_strict_routes():
     """What non-strict export only takes through bridge's ops: user autograd.Functions and gradient hooks
     (their own backward), packed sequences (padded, with their lengths)."""
@@ -293,7 +247,7 @@ def capture(module: torch.nn.Module, args: tuple = (), kwargs: dict | None = Non
     errors = []
     warn_backward_hooks(module)
     with _mode(module, train), _config_cache_off(module, kwargs), collecting_hooks() as hooks, \
-            _value_checks_off(), routing_ctc(), repacking(module, (args, kwargs)), warnings.catch_warnings():
+            shortcuts_off(), routing_ctc(), repacking(module, (args, kwargs)), warnings.catch_warnings():
         # torch's own deprecation chatter and dynamo's side-effect notes say nothing about the user's model
         warnings.filterwarnings("ignore", category=FutureWarning)
         warnings.filterwarnings("ignore", message=".*side effects happened in the model.forward.*")

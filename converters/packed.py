@@ -161,7 +161,8 @@ def repacking(module: torch.nn.Module, example):
     """While capturing: forward receives PackedSequences again, packed from the PackedInputs it is given (with
     routing_packed active, a padded stand-in), so the program's inputs are the padded batch and the lengths."""
     from converters.structure import patched_forward
-    if not any(isinstance(x, PackedInput) for x in _nodes(example)):
+    is_packed = lambda x: isinstance(x, PackedInput)   # noqa: E731
+    if not any(map(is_packed, torch.utils._pytree.tree_leaves(example, is_leaf=is_packed))):
         return contextlib.nullcontext()
 
     def repack(tree):
@@ -180,13 +181,3 @@ def repacking(module: torch.nn.Module, example):
         return packed_forward
     return patched_forward(module, wrapper)
 
-
-def _nodes(tree) -> list:
-    """Every node of a tree of tuples, lists and dicts (NamedTuples included), leaves too."""
-    out = [tree]
-    if isinstance(tree, dict):
-        tree = list(tree.values())
-    if isinstance(tree, (list, tuple)):
-        for x in tree:
-            out.extend(_nodes(x))
-    return out

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import torch
 
+from converters.ops.nn import safe_softmax
 from converters.registry import lowering
 
 
@@ -51,11 +52,10 @@ def flex_attention(query, key, value, score_mod, block_mask, scale, kernel_optio
     modded = _over_bhqk(lambda s, *i: _run(score_mod, [s, *i, *score_mod_other_buffers]), True)(scores_BHQK, *idx)
     keep = _over_bhqk(lambda *i: _run(block_mask[-1], [*i, *mask_mod_other_buffers]), False)(*idx)
     post = jnp.where(keep, modded.astype(work), -jnp.inf)
-    live = jnp.any(post != -jnp.inf, axis=-1, keepdims=True)
-    safe = jnp.where(live, post, 0.0)
-    lse = jnp.where(live[..., 0], jax.nn.logsumexp(safe, axis=-1), -jnp.inf)
+    live = jnp.any(post != -jnp.inf, axis=-1)
+    lse = jnp.where(live, jax.nn.logsumexp(jnp.where(live[..., None], post, 0.0), axis=-1), -jnp.inf)
     max_score = jnp.max(post, axis=-1)
-    probs = jnp.where(live, jax.nn.softmax(safe, axis=-1), 0.0)
+    probs = safe_softmax(post, -1)   # zeros, not nan, on rows with every key masked
     out = jnp.einsum("bhqk,bhkd->bhqd", probs.astype(query.dtype), value.astype(query.dtype),
                      preferred_element_type=query.dtype)
     return out, lse / math.log(2), max_score / math.log(2)

@@ -1,9 +1,11 @@
 """Sorting, selection and histogram ops (sort, topk, kthvalue, median, mode, searchsorted, histc, histogram...).
 
 Every selection is a stable sort with NaN largest, as torch orders them: ties resolve as torch's stable sort
-and as its CPU selection kernels on small rows (the later index for kthvalue/median/mode; torch's unstable
-std::sort/nth_element order on long rows with ties is implementation-defined), and gradients flow to the
-selected elements through the sort's permutation. Histograms take their bin edges from the arguments or from
+and as its CPU selection kernels on small rows (the later index for kthvalue/median/mode). topk rows with ties
+run torch's CPU algorithms step for step (cpu_topk: libstdc++'s partial_sort / nth_element), so tied scores
+select what torch selects; torch's unstable std::sort order on sort rows longer than 16 with ties is not
+reproduced. Gradients flow to the selected elements through the sort's permutation or the selection's gather.
+Histograms take their bin edges from the arguments or from
 the data's min/max (values only, so shapes stay static). bincount/unique/unique_consecutive have data-dependent
 output sizes (torch.export gives them unbacked sizes) and are not lowered.
 """
@@ -16,7 +18,11 @@ import jax.numpy as jnp
 from jax import lax
 
 from converters.ops.common import aten, as_array, dim_
+from converters.ops.cpu_topk import dense_ranks, has_ties, topk_order_supported, topk_row
 from converters.registry import lowering
+
+
+CPU_ORDER_MAX_N = 1024     # rows up to this long reproduce torch's CPU order among ties
 
 
 def _index_dtype():
@@ -63,12 +69,22 @@ def sort(x, dim=-1, descending=False, *, stable=None):
 @lowering(aten.topk.default)
 @_scalar_safe
 def topk(x, k, dim=-1, largest=True, sorted=True):
+    """Largest (smallest) first, ties by lower index; rows with ties (up to CPU_ORDER_MAX_N long) take torch's
+    CPU kernel order instead (cpu_topk), so a tied router picks the experts torch picks."""
     axis = dim_(dim, x.ndim)
+    x_RN = jnp.moveaxis(x, axis, -1)
     if largest and x.dtype != jnp.bool_:
-        vals, idx = lax.top_k(jnp.moveaxis(x, axis, -1), k)
-        return jnp.moveaxis(vals, -1, axis), jnp.moveaxis(idx.astype(_index_dtype()), -1, axis)
-    vals, idx = _sort(x, axis, descending=largest)
-    return lax.slice_in_dim(vals, 0, k, axis=axis), lax.slice_in_dim(idx, 0, k, axis=axis)
+        idx = lax.top_k(x_RN, k)[1]
+    else:
+        idx = lax.slice_in_dim(_sort(x_RN, x.ndim - 1, descending=largest)[1], 0, k, axis=x.ndim - 1)
+    n = x_RN.shape[-1]
+    if 0 < k and x.size and x.dtype != jnp.bool_ and n <= CPU_ORDER_MAX_N and topk_order_supported(n, k, sorted):
+        rows = x_RN.reshape(-1, n)
+        ranks = dense_ranks(lax.stop_gradient(rows))
+        cpu = jax.vmap(lambda r: topk_row(r, k, largest, sorted))
+        idx = lax.cond(has_ties(ranks), lambda: cpu(ranks).reshape(idx.shape), lambda: idx.astype(jnp.int32))
+    idx = idx.astype(_index_dtype())
+    return jnp.moveaxis(jnp.take_along_axis(x_RN, idx, axis=-1), -1, axis), jnp.moveaxis(idx, -1, axis)
 
 
 def _select(x, axis, keepdim, pos):

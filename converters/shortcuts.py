@@ -7,8 +7,8 @@ while capturing. None changes a result:
   faster kernel: the mask is applied as given.
 - FlexAttention refuses CPU inputs that require grad (torch has no CPU backward for it); JAX differentiates the
   lowering, so only its other checks (devices) run.
-- Hugging Face's masks test `fast_all(attention_mask)` only to leave out a padding mask of all ones: the mask is
-  applied as given.
+- Hugging Face's masks test `fast_all(attention_mask)` only to leave out a padding mask of all ones, and FSMT's
+  `make_padding_mask` tests `.any()` only to leave out one that masks nothing: the mask is applied as given.
 - Gamma.rsample (Chi2's too) clamps its draw in place through a detached alias, which autograd does not see; a
   traced program would make the clamp the value and lose the draw's gradient. It clamps out of place here, the
   gradient passed through as torch's autograd passes it.
@@ -44,10 +44,17 @@ def _replacements() -> list[tuple[object, str, object]]:
         (flex, "_validate_device", lambda original: lambda q, k, v: original(q.detach(), k.detach(), v.detach())),
         (torch.distributions.Gamma, "rsample", lambda original: _gamma_rsample),
     ]
-    hf_masks = sys.modules.get("transformers.masking_utils")   # only once transformers is in use
-    if hasattr(hf_masks, "fast_all"):
-        table.append((hf_masks, "fast_all", lambda original: lambda tensor: False))
+    for module, name, replacement in _HF:   # only modules already in use
+        if hasattr(sys.modules.get(module), name):
+            table.append((sys.modules[module], name, replacement))
     return table
+
+
+_HF = [
+    ("transformers.masking_utils", "fast_all", lambda original: lambda tensor: False),
+    ("transformers.models.fsmt.modeling_fsmt", "make_padding_mask",
+     lambda original: lambda input_ids, padding_idx=1: input_ids.eq(padding_idx)),
+]
 
 
 @contextlib.contextmanager

@@ -537,6 +537,11 @@ ZOO = [
     Arch("dac", build("DacModel", "DacConfig", encoder_hidden_size=8, downsampling_ratios=[2, 4],
                       decoder_hidden_size=32, n_codebooks=2, codebook_size=16, codebook_dim=4, hidden_size=16),
          lambda b: {"input_values": torch.randn(b, 1, 256)}, "audio_values"),
+    # FSMT tests `padding_mask.any()` to leave out a mask that masks nothing (switched off while capturing); its
+    # decoder applies the causal mask only with use_cache=False (with the cache on, a full pass attends ahead)
+    Arch("fsmt", build("FSMTModel", "FSMTConfig", **{k: v for k, v in S2S.items() if k != "vocab_size"},
+                       langs=["en", "de"], src_vocab_size=V, tgt_vocab_size=V),
+         lambda b: {**tokens(decoder=True)(b), "use_cache": False}, "last_hidden_state"),
 ]
 BY_NAME = {a.name: a for a in ZOO}
 FAST = ("mistral", "mixtral", "gpt_neox", "t5", "vit", "whisper")
@@ -562,7 +567,7 @@ def converted(name: str):
 
 
 def _jax(kwargs):
-    return {k: to_jax(v) for k, v in kwargs.items()}
+    return {k: to_jax(v) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
 
 
 @pytest.mark.parametrize("name", _params())

@@ -1,28 +1,28 @@
 """Sorting, selection and histogram ops (sort, topk, kthvalue, median, mode, searchsorted, histc, histogram...).
 
 Every selection is a stable sort with NaN largest, as torch orders them: ties resolve as torch's stable sort
-and as its CPU selection kernels on small rows (the later index for kthvalue/median/mode). topk rows with ties
-run torch's CPU algorithms step for step (cpu_topk: libstdc++'s partial_sort / nth_element), so tied scores
-select what torch selects; torch's unstable std::sort order on sort rows longer than 16 with ties is not
-reproduced. Gradients flow to the selected elements through the sort's permutation or the selection's gather.
+and as its CPU selection kernels on small rows (the later index for kthvalue/median/mode). torch's CPU kernels
+are not stable beyond that (libstdc++'s std::sort / nth_element / partial_sort, a quickselect): on a row of
+equal values (a zero-initialised router's scores, a constant mask) they return a fixed permutation, which
+`_tied_order` asks torch for once per shape, so such rows select and order what torch does; rows where only
+some values tie keep the stable order. Gradients reach the elements selected (a gather at the indices).
 Histograms take their bin edges from the arguments or from
 the data's min/max (values only, so shapes stay static). bincount/unique/unique_consecutive have data-dependent
 output sizes (torch.export gives them unbacked sizes) and are not lowered.
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
 import jax.numpy as jnp
+import torch
 from jax import lax
 
 from converters.ops.common import aten, as_array, dim_
-from converters.ops.cpu_topk import dense_ranks, has_ties, topk_order_supported, topk_row
 from converters.registry import lowering
 
-
-CPU_ORDER_MAX_N = 1024     # rows up to this long reproduce torch's CPU order among ties
 
 
 def _index_dtype():
@@ -51,6 +51,36 @@ def _take(a, pos, axis: int, keepdim: bool):
     return out if keepdim else jnp.squeeze(out, axis)
 
 
+@functools.lru_cache(maxsize=256)
+def _tied_order(op: str, n: int, *args):
+    """torch's CPU indices for a row of n equal values (a permutation its algorithms' swaps fix), e.g.
+    _tied_order("topk", 4, 2, True, True) -> [2, 3]."""
+    z = torch.zeros(n)
+    with torch.no_grad():
+        out = {"topk": lambda k, largest, sorted_: torch.topk(z, k, largest=largest, sorted=sorted_),
+               "sort": lambda descending: torch.sort(z, descending=descending),
+               "kthvalue": lambda k: torch.kthvalue(z, k),
+               "median": lambda: torch.median(z, 0),
+               "mode": lambda: torch.mode(z)}[op](*args)
+    return out.indices.numpy().astype("int32")
+
+
+def _all_tied(x, axis: int, nan_ties: bool):
+    """Rows (keepdims) whose values all compare equal (NaNs too where torch's comparator makes them equal)."""
+    first = lax.slice_in_dim(x, 0, 1, axis=axis)
+    same = x == first
+    if nan_ties and jnp.issubdtype(x.dtype, jnp.inexact):
+        same = same | (jnp.isnan(x) & jnp.isnan(first))
+    return jnp.all(same, axis=axis, keepdims=True)
+
+
+def _as_torch_on_ties(x, axis: int, idx, order, nan_ties: bool = True):
+    """idx (positions along axis), with torch's `order` on rows of equal values; values gathered from x."""
+    order = jnp.asarray(order).astype(idx.dtype).reshape([-1 if i == axis else 1 for i in range(x.ndim)])
+    idx = jnp.where(_all_tied(x, axis, nan_ties), order, idx)
+    return jnp.take_along_axis(x, idx, axis=axis), idx
+
+
 def _scalar_safe(fn):
     """Run a dim-wise op on 0-d inputs as 1-element vectors (torch accepts dim 0 / -1 there)."""
     def wrapped(x, *args, **kwargs):
@@ -63,28 +93,35 @@ def _scalar_safe(fn):
 @lowering(aten.sort.default, aten.sort.stable)
 @_scalar_safe
 def sort(x, dim=-1, descending=False, *, stable=None):
-    return _sort(x, dim_(dim, x.ndim), descending)
+    axis = dim_(dim, x.ndim)
+    vals, idx = _sort(x, axis, descending)
+    if stable or x.shape[axis] <= 1:
+        return vals, idx
+    return _as_torch_on_ties(x, axis, idx, _tied_order("sort", x.shape[axis], bool(descending)))
 
 
 @lowering(aten.topk.default)
 @_scalar_safe
 def topk(x, k, dim=-1, largest=True, sorted=True):
-    """Largest (smallest) first, ties by lower index; rows with ties (up to CPU_ORDER_MAX_N long) take torch's
-    CPU kernel order instead (cpu_topk), so a tied router picks the experts torch picks."""
     axis = dim_(dim, x.ndim)
     x_RN = jnp.moveaxis(x, axis, -1)
     if largest and x.dtype != jnp.bool_:
-        idx = lax.top_k(x_RN, k)[1]
+        idx = lax.top_k(x_RN, k)[1].astype(_index_dtype())
     else:
         idx = lax.slice_in_dim(_sort(x_RN, x.ndim - 1, descending=largest)[1], 0, k, axis=x.ndim - 1)
-    n = x_RN.shape[-1]
-    if 0 < k and x.size and x.dtype != jnp.bool_ and n <= CPU_ORDER_MAX_N and topk_order_supported(n, k, sorted):
-        rows = x_RN.reshape(-1, n)
-        ranks = dense_ranks(lax.stop_gradient(rows))
-        cpu = jax.vmap(lambda r: topk_row(r, k, largest, sorted))
-        idx = lax.cond(has_ties(ranks), lambda: cpu(ranks).reshape(idx.shape), lambda: idx.astype(jnp.int32))
-    idx = idx.astype(_index_dtype())
-    return jnp.moveaxis(jnp.take_along_axis(x_RN, idx, axis=-1), -1, axis), jnp.moveaxis(idx, -1, axis)
+    if k == 0 or x.dtype == jnp.bool_:
+        vals = jnp.take_along_axis(x_RN, idx, axis=-1)
+    else:
+        order = _tied_order("topk", x_RN.shape[-1], k, bool(largest), bool(sorted))
+        vals, idx = _as_torch_on_ties(x_RN, x.ndim - 1, idx, order)
+    return jnp.moveaxis(vals, -1, axis), jnp.moveaxis(idx, -1, axis)
+
+
+def _one_on_ties(x, axis, keepdim, idx, index):
+    """(value, index) at idx (keepdims), torch's `index` on rows of equal values; the value gathered from x."""
+    idx = jnp.where(_all_tied(x, axis, nan_ties=False), jnp.asarray(index).astype(idx.dtype), idx)
+    val = jnp.take_along_axis(x, idx, axis=axis)
+    return (val, idx) if keepdim else (jnp.squeeze(val, axis), jnp.squeeze(idx, axis))
 
 
 def _select(x, axis, keepdim, pos):
@@ -97,7 +134,8 @@ def _select(x, axis, keepdim, pos):
 @lowering(aten.kthvalue.default)
 @_scalar_safe
 def kthvalue(x, k, dim=-1, keepdim=False):
-    return _select(x, dim_(dim, x.ndim), keepdim, k - 1)
+    axis = dim_(dim, x.ndim)
+    return _one_on_ties(x, axis, keepdim, _select(x, axis, True, k - 1)[1], _tied_order("kthvalue", x.shape[axis], k))
 
 
 def _median(x, axis, keepdim, ignore_nan):
@@ -114,7 +152,9 @@ def _median(x, axis, keepdim, ignore_nan):
 @lowering(aten.median.dim)
 @_scalar_safe
 def median_dim(x, dim=-1, keepdim=False):
-    return _median(x, dim_(dim, x.ndim), keepdim, ignore_nan=False)
+    axis = dim_(dim, x.ndim)
+    return _one_on_ties(x, axis, keepdim, _median(x, axis, True, ignore_nan=False)[1],
+                        _tied_order("median", x.shape[axis]))
 
 
 @lowering(aten.nanmedian.dim)
@@ -144,7 +184,7 @@ def mode(x, dim=-1, keepdim=False):
     starts = (pos == 0) | (vals != prev)
     run = pos - lax.cummax(jnp.where(starts, pos, 0), axis=axis)
     best = jnp.argmax(run, axis=axis, keepdims=True)   # first maximal run ends there: the smallest mode value
-    return _take(vals, best, axis, keepdim), _take(idx, best, axis, keepdim)
+    return _one_on_ties(x, axis, keepdim, _take(idx, best, axis, True), _tied_order("mode", x.shape[axis]))
 
 
 # ------------------------------------------------------------------------------ binary search

@@ -24,7 +24,6 @@ from converters.ops.common import aten, as_array, dim_
 from converters.registry import lowering
 
 
-
 def _index_dtype():
     return jnp.int64 if jax.config.jax_enable_x64 else jnp.int32
 
@@ -66,7 +65,8 @@ def _tied_order(op: str, n: int, *args):
 
 
 def _all_tied(x, axis: int, nan_ties: bool):
-    """Rows (keepdims) whose values all compare equal (NaNs too where torch's comparator makes them equal)."""
+    """Rows (keepdims) whose values all compare equal (with nan_ties, all-NaN rows too: sort's and topk's
+    comparators order NaN above everything, so NaNs tie with each other)."""
     first = lax.slice_in_dim(x, 0, 1, axis=axis)
     same = x == first
     if nan_ties and jnp.issubdtype(x.dtype, jnp.inexact):
@@ -74,10 +74,10 @@ def _all_tied(x, axis: int, nan_ties: bool):
     return jnp.all(same, axis=axis, keepdims=True)
 
 
-def _as_torch_on_ties(x, axis: int, idx, order, nan_ties: bool = True):
+def _as_torch_on_ties(x, axis: int, idx, order):
     """idx (positions along axis), with torch's `order` on rows of equal values; values gathered from x."""
     order = jnp.asarray(order).astype(idx.dtype).reshape([-1 if i == axis else 1 for i in range(x.ndim)])
-    idx = jnp.where(_all_tied(x, axis, nan_ties), order, idx)
+    idx = jnp.where(_all_tied(x, axis, nan_ties=True), order, idx)
     return jnp.take_along_axis(x, idx, axis=axis), idx
 
 

@@ -6,9 +6,9 @@ are not stable beyond that (libstdc++'s std::sort / nth_element / partial_sort, 
 equal values (a zero-initialised router's scores, a constant mask) they return a fixed permutation, which
 `_tied_order` asks torch for once per shape, so such rows select and order what torch does; rows where only
 some values tie keep the stable order. Gradients reach the elements selected (a gather at the indices).
-Histograms take their bin edges from the arguments or from
-the data's min/max (values only, so shapes stay static). bincount/unique/unique_consecutive have data-dependent
-output sizes (torch.export gives them unbacked sizes) and are not lowered.
+Histograms take their bin edges from the arguments or from the data's min/max (values only, so shapes stay
+static). bincount/unique/unique_consecutive have data-dependent output sizes (torch.export gives them unbacked
+sizes) and are not lowered.
 """
 from __future__ import annotations
 

@@ -236,7 +236,7 @@ class Program:
         return None if k is None else jax.random.fold_in(key, k)
 
     def output_structure(self, flat_outputs: list):
-        return spec_structure(self.out_spec, flat_outputs)
+        return spec_structure(self.out_spec, flat_outputs, ordered=True)
 
 
 def eval_node(node: torch.fx.Node, env: dict, key):

@@ -1,6 +1,7 @@
 """torch pytree structures (TreeSpec) as JAX-friendly containers, both ways.
 
-tuple/list and NamedTuples stay, dicts, `ModelOutput`-like classes and dataclasses become dicts, None stays
+tuple/list and NamedTuples stay, dicts, `ModelOutput`-like classes and dataclasses become dicts (OrderedDicts
+for outputs, which keep their key order through jax.jit), None stays
 None, registered objects (KV caches) become dicts of their tensor-holding attributes (converters/caches.py).
 `spec_leaves` reads a user's JAX inputs in a spec's leaf order, by key, so dict order does not matter.
 
@@ -10,6 +11,7 @@ Example:
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import functools
@@ -29,8 +31,10 @@ from converters.dtypes import narrow, to_jax
 from converters.packed import packed_inputs
 
 
-def spec_structure(spec, leaves: list) -> Any:
-    return _build(spec, iter(leaves))
+def spec_structure(spec, leaves: list, ordered: bool = False) -> Any:
+    """`leaves` in `spec`'s containers; `ordered=True` builds mappings as OrderedDicts (outputs: jax keeps an
+    OrderedDict's key order through jit, where it sorts a dict's, and a ModelOutput is an OrderedDict)."""
+    return _build(spec, iter(leaves), collections.OrderedDict if ordered else dict)
 
 
 def children(spec) -> list:
@@ -38,10 +42,10 @@ def children(spec) -> list:
     return list(spec.children()) if hasattr(spec, "children") else list(spec.children_specs)
 
 
-def _build(spec, it):
+def _build(spec, it, mapping):
     if spec.is_leaf():
         return next(it)
-    kids = [_build(c, it) for c in children(spec)]
+    kids = [_build(c, it, mapping) for c in children(spec)]
     typ = spec.type
     layout = object_view(spec) if is_object_node(spec) else None
     if layout is not None:
@@ -54,14 +58,32 @@ def _build(spec, it):
         return typ(*kids)
     if isinstance(spec.context, type) and issubclass(spec.context, tuple) and hasattr(spec.context, "_fields"):
         return spec.context(*kids)                          # torch's namedtuple node: the class is the context
-    if dataclasses.is_dataclass(typ) and not issubclass(typ, dict):   # register_dataclass: [[set], [None]]
-        given = dict(zip(spec.context[0], kids))
-        return {f.name: given.get(f.name) for f in dataclasses.fields(typ) if f.init}
+    names = _dataclass_fields(spec)
+    if names is not None:
+        given = dict(zip(names, kids))
+        if issubclass(typ, dict):   # a ModelOutput: its keys are the fields that are set
+            return mapping(given)
+        return mapping((f.name, given.get(f.name)) for f in dataclasses.fields(typ) if f.init)
     if isinstance(spec.context, (list, tuple)) and len(spec.context) == len(kids):
-        return dict(zip(spec.context, kids))
+        return mapping(zip(spec.context, kids))
     if spec.context is not None and hasattr(spec.context, "__len__") and len(spec.context) == len(kids):
-        return dict(zip(list(spec.context), kids))
+        return mapping(zip(list(spec.context), kids))
     return tuple(kids)
+
+
+def _dataclass_fields(spec) -> list | None:
+    """The field names a dataclass node holds, where it was registered as register_dataclass does (context
+    [set fields, None fields]; torch.export registers a ModelOutput returned inside a container this way
+    too), else None."""
+    typ, ctx = spec.type, spec.context
+    if not dataclasses.is_dataclass(typ):
+        return None
+    if not issubclass(typ, dict):
+        return list(ctx[0])
+    if isinstance(ctx, (list, tuple)) and len(ctx) == 2 and all(isinstance(c, (list, tuple)) for c in ctx):
+        names = list(ctx[0])
+        return names if len(names) == spec.num_children and all(isinstance(n, str) for n in names) else None
+    return None
 
 
 def spec_leaves(spec, value: Any, path: str = "inputs") -> list:
@@ -86,9 +108,9 @@ def spec_leaves(spec, value: Any, path: str = "inputs") -> list:
         except KeyError as e:
             raise ValueError(e.args[0]) from None
         return [x for (i, v, p) in got for x in spec_leaves(kids[i], v, p)]
-    if dataclasses.is_dataclass(typ) and not issubclass(typ, dict):
-        names = list(spec.context[0])
-        value = value if isinstance(value, dict) else {n: getattr(value, n, None) for n in names}
+    names = _dataclass_fields(spec)
+    if names is not None:
+        value = value if isinstance(value, Mapping) else {n: getattr(value, n, None) for n in names}
         keys = names
     elif typ is dict or (isinstance(typ, type) and issubclass(typ, Mapping)):   # BatchEncoding, UserDict too
         keys = list(spec.context)

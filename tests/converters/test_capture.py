@@ -219,6 +219,37 @@ def test_dataclass_namedtuple_and_nested_outputs_keep_their_structure():
     assert_close(grad["lin"]["weight"], model.lin.weight.grad, what="weight grad")
 
 
+class _Unsorted(torch.nn.Module):
+    """Outputs whose keys are not in sorted order: a ModelOutput, a dataclass and a dict."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(4, 4)
+
+    def forward(self, x):
+        h = self.lin(x)
+        seq2seq = transformers.modeling_outputs.Seq2SeqLMOutput(logits=h, encoder_last_hidden_state=h.tanh())
+        return seq2seq, _Out(h.exp(), aux=h.sum(-1), extra=-h), {"z": h.cos(), "a": h.sin(), "m": h * 2}
+
+
+@pytest.mark.parametrize("call", ["jm", "jit_apply"])
+def test_output_mappings_keep_torch_key_order(call):
+    """jax sorts a dict's keys when a jitted function returns it; outputs keep torch's order (a ModelOutput
+    and a dataclass in field order, a dict in insertion order), so zipping `out.values()` with
+    `ref.to_tuple()` pairs the same tensors."""
+    torch.manual_seed(0)
+    model, x = _Unsorted(), torch.randn(3, 4)
+    jm = bridge.convert(model, (x,))
+    got = jm(x) if call == "jm" else jax.jit(jm.apply)(jm.params, to_jax(x))
+    ref = model(x)
+    assert list(got[0]) == list(ref[0].keys()) == ["logits", "encoder_last_hidden_state"]
+    assert list(got[1]) == ["hidden", "aux", "extra"] and list(got[2]) == ["z", "a", "m"]
+    for g, r in zip(got[0].values(), ref[0].to_tuple()):
+        assert_close(g, r.detach())
+    for g, r in zip(got[2].values(), ref[2].values()):
+        assert_close(g, r.detach())
+
+
 class _ReadsABatch(torch.nn.Module):
     """Takes a tokenizer's BatchEncoding (a Mapping, not a dict), read by key and by attribute, as
     sentence-transformers models do."""

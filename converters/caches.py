@@ -16,6 +16,7 @@ import dataclasses
 import sys
 from collections.abc import Mapping
 from typing import Any
+from unittest import mock
 
 import torch
 import torch.utils._pytree as torch_pytree
@@ -120,13 +121,26 @@ def has_cache(args: tuple, kwargs: dict) -> bool:
     return any(is_cache(v) for v in (*args, *kwargs.values()))
 
 
+def _register_dataclass(cls: type) -> None:
+    """A ModelOutput made while torch.export traces (transformers skips registering it then) is registered
+    as transformers registers it, which it then finds done; other dataclasses by their fields."""
+    generic = sys.modules.get("transformers.utils.generic")
+    if generic is not None and issubclass(cls, generic.ModelOutput) and hasattr(
+            generic, "_register_model_output_pytree_node"):
+        with mock.patch.object(torch.compiler, "is_compiling", lambda: False):   # it skips while tracing
+            generic._register_model_output_pytree_node(cls)
+        if cls in torch_pytree.SUPPORTED_NODES:
+            return
+    torch_pytree.register_dataclass(cls)
+
+
 def register_objects(tree: Any) -> None:
     """Register the object types inside `tree` (example inputs, a forward's outputs) as torch pytree nodes:
     caches as nodes of their tensors, a user's own `@dataclass` by its fields (`ModelOutput` registers
     itself), so torch.export can flatten them."""
     if dataclasses.is_dataclass(tree) and not isinstance(tree, type):
         if type(tree) not in torch_pytree.SUPPORTED_NODES:
-            torch_pytree.register_dataclass(type(tree))
+            _register_dataclass(type(tree))
         for f in dataclasses.fields(tree):
             register_objects(getattr(tree, f.name))
     elif isinstance(tree, (list, tuple)):

@@ -19,6 +19,7 @@ import warnings
 from typing import Any
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensor
 from torch.export import Dim
 
 from bridge.errors import CaptureError
@@ -203,9 +204,24 @@ def _autograd_function_forward(gm: torch.fx.GraphModule, node: torch.fx.Node) ->
 @contextlib.contextmanager
 def _non_strict_routes():
     """What non-strict export only takes through bridge's ops: user autograd.Functions and gradient hooks
-    (their own backward), packed sequences (padded, with their lengths)."""
-    with recording_functions(), routing_packed():
+    (their own backward), packed sequences (padded, with their lengths); `x.data` reads as `x.detach()`."""
+    with recording_functions(), routing_packed(), _data_as_detach():
         yield
+
+
+_DATA = torch._C.TensorBase.data
+
+
+@contextlib.contextmanager
+def _data_as_detach():
+    """`t.data` is an alias of t that autograd does not see; torch.export refuses writes through it
+    (`pe_full.data[:, k:].copy_(pe)`, CogVideoX's patch embedding) as mutating a lifted constant. `t.detach()`
+    is the same alias as an op, whose writes functionalize into t; assigning `t.data = ...` is unchanged."""
+    torch.Tensor.data = property(lambda t: t.detach(), lambda t, value: _DATA.__set__(t, value))
+    try:
+        yield
+    finally:
+        del torch.Tensor.data
 
 
 @contextlib.contextmanager
@@ -267,6 +283,9 @@ def capture(module: torch.nn.Module, args: tuple = (), kwargs: dict | None = Non
                 with contextlib.nullcontext() if mode else _non_strict_routes(), _flat_forward(module, flat), \
                         contextlib.nullcontext() if mode else registering_outputs(module):
                     ep = _exported(module, args, kwargs, dynamic_shapes=dynamic_shapes, strict=mode)
+                if mode and any(isinstance(c, FakeTensor) for c in ep.constants.values()):
+                    raise CaptureError("strict export made a tensor read through `.data` a constant snapshot; "
+                                       "non-strict reads it as the tensor")
                 if mode and strict is None and hooks:
                     inlined, strict_hooks = ep, list(hooks)
                     raise CaptureError("strict export drops gradient hooks; non-strict keeps them")

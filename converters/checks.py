@@ -7,6 +7,9 @@ that only raises, capture exports again stepping over that check (a line tracer 
 passed, which it did for the example), until the export succeeds or fails on a value that decides real
 computation (a branch, a loop count, a Python number), which is refused naming its source line. The
 converted model does not raise on bad input (nothing can under jit); convert warns naming each check.
+A loop that skips an empty selection (`if tok.numel() == 0: continue`, MoE expert loops) is stepped over the
+same way: rows selected by a mask keep every row (converters/selected_rows.py), and on an empty selection
+the rest of the body writes nothing.
 
 Example:
     >>> ep, assumed = export_assuming_checks(lambda: torch.export.export(model, (x, var), strict=False))
@@ -44,12 +47,13 @@ def export_assuming_checks(export):
             where = _describe(path, line)
             if node is None or not _is_check(node):
                 raise CaptureError("a value read from a tensor decides more than a check that raises, "
-                                   f"at {where}") from e
+                                   f"at {where}{_loop_hint(path, line)}") from e
             target = _continue_at(path, node)
             if target is None or (path, node.lineno) in skips:
                 raise CaptureError(f"cannot step over the check at {where}") from e
             skips[(path, node.lineno)] = target
-            assumed.append(where)
+            assumed.append(where + ("  (assumed not empty: the loop body writes nothing for no rows)"
+                                    if _skips_empty(node) else ""))
 
 
 @contextlib.contextmanager
@@ -145,6 +149,18 @@ def _conditions(path: str) -> tuple:
     return () if tree is None else tuple(n for n in ast.walk(tree) if isinstance(n, kinds))
 
 
+def _loop_hint(path: str, line: int) -> str:
+    """For `for e in mask.nonzero():` (a trip count read from a tensor): how to write the loop instead."""
+    tree = _tree(path)
+    loops = [] if tree is None else [n for n in ast.walk(tree) if isinstance(n, ast.For)
+                                     and n.iter.lineno <= line <= (n.iter.end_lineno or n.iter.lineno)]
+    if not loops:
+        return ""
+    return ("\nhint: the loop's trip count is read from a tensor; loop over every candidate instead "
+            "(`for e in range(num_experts):`) and select inside (`slot, tok = torch.where(mask[e])`): rows of an "
+            "empty selection write nothing")
+
+
 def _raises_only(block: list) -> bool:
     """A block that ends in `raise` and does nothing else but call (log, warn) on the way."""
     return bool(block) and isinstance(block[-1], ast.Raise) and all(isinstance(s, ast.Expr) for s in block[:-1])
@@ -153,7 +169,33 @@ def _raises_only(block: list) -> bool:
 def _is_check(node) -> bool:
     if isinstance(node, ast.Assert):
         return True
-    return isinstance(node, ast.If) and (_raises_only(node.body) or _raises_only(node.orelse))
+    return isinstance(node, ast.If) and (_raises_only(node.body) or _raises_only(node.orelse) or _skips_empty(node))
+
+
+_COUNTS = ("numel", "size", "shape", "len", "nelement")
+
+
+def _skips_empty(node) -> bool:
+    """`if rows.numel() == 0: continue` (also `.shape[0]`, `.size(0)`, `len(rows)`, `not rows.numel()`): a loop
+    that skips an empty selection, as MoE expert loops do. Rows selected by a mask keep every row (see
+    converters/selected_rows.py), so running the rest of the body on an empty selection writes nothing."""
+    if not isinstance(node, ast.If) or node.orelse or len(node.body) != 1 or not isinstance(node.body[0], ast.Continue):
+        return False
+    return _tests_empty(node.test)
+
+
+def _tests_empty(test) -> bool:
+    if isinstance(test, ast.BoolOp) and isinstance(test.op, ast.And):   # `if flag and rows.numel() == 0`
+        return any(_tests_empty(v) for v in test.values)
+    if isinstance(test, ast.UnaryOp) and isinstance(test.op, ast.Not):
+        counted = test.operand
+    elif (isinstance(test, ast.Compare) and len(test.ops) == 1 and isinstance(test.ops[0], (ast.Eq, ast.LtE))
+          and isinstance(test.comparators[0], ast.Constant) and test.comparators[0].value == 0):
+        counted = test.left
+    else:
+        return False
+    return any((getattr(n, "attr", None) or getattr(n, "id", None)) in _COUNTS
+               for n in ast.walk(counted) if isinstance(n, (ast.Attribute, ast.Name)))
 
 
 def _describe(path: str, line: int) -> str:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 from collections import Counter, defaultdict
 from typing import Any
 
@@ -121,8 +122,9 @@ class Program:
         self.placeholder_meta = {n.name: n.meta.get("val") for n in self.graph.nodes if n.op == "placeholder"}
         self.nodes = [n for n in self.graph.nodes if n.op == "call_function"]
         for n in self.nodes:   # an update made through a detached alias (a no_grad block's input) is read back
-            if n.target is torch.ops.aten.detach.default and getattr(n.args[0], "name", None) in self.param_updates:
-                self.param_updates[n.name] = self.param_updates[n.args[0].name]   # through detach(update)
+            if n.target is torch.ops.aten.detach.default and getattr(n.args[0], "name", None) in self.param_updates \
+                    and not _user_written(n):   # functionalization's detach(update); a user's `.data` stops grads
+                self.param_updates[n.name] = self.param_updates[n.args[0].name]
         # subgraphs (torch.cond branches, loop bodies) referenced by get_attr nodes: lowerings receive them
         self.attrs = {n.name: _attr(ep.graph_module, n.target) for n in self.graph.nodes if n.op == "get_attr"}
         self.random_nodes = {n.name: i for i, n in enumerate(self.nodes) if draws_random(n)}
@@ -237,6 +239,11 @@ class Program:
 
     def output_structure(self, flat_outputs: list):
         return spec_structure(self.out_spec, flat_outputs, ordered=True)
+
+
+def _user_written(node: torch.fx.Node) -> bool:
+    """Whether a source file (not code FX generated, `<eval_with_key>`) made the node."""
+    return any(not f.startswith("<") for f in re.findall(r'File "([^"]+)"', node.meta.get("stack_trace") or ""))
 
 
 def eval_node(node: torch.fx.Node, env: dict, key):

@@ -7,13 +7,16 @@ shapes only. Here such a tensor keeps all N = mask.numel() rows, and the mask ri
 - reductions and contractions over the rows fill the unselected rows with the reduction's identity first
   (0 for sums and matmuls, -inf for max, 1 for products); a mean divides by the selected count;
 - `out[mask] = rows` becomes `where(mask, rows, out)`, and `x[mask].shape[0]` is the selected count where
-  it is a number, N where it is a size.
+  it is a number, N where it is a size;
+- writes at indices the rows carry (`tok` of `_, tok = torch.where(mask)`: `index_add_`, `scatter_add`,
+  `out[tok] += rows`) add 0 from the unselected rows; `index_copy`, `scatter` and `out[tok] = rows` drop them.
 What would mix selected rows otherwise (sorting, slicing, indexing them, returning them) raises under jit,
 naming the op and line; with a concrete mask (outside jit) everything runs as in torch. Masked losses and
 per-group adapters thus convert and differentiate:
 
     >>> loss = F.cross_entropy(logits[mask], labels[mask])      # mean over the selected rows only
     >>> h_new[lang_mask] = adapter(h[lang_mask])                 # X-MOD's per-language adapters
+    >>> out.index_add_(0, tok, expert(x[tok]) * w[tok, slot, None])  # Mixtral's loop over experts
 """
 from __future__ import annotations
 
@@ -31,6 +34,7 @@ from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
 from bridge.errors import LoweringError
 
 aten = torch.ops.aten
+_DROP = "drop"   # fill an index the rows carry with one past any size: the write is dropped
 _SOURCES = (aten.index.Tensor, aten.masked_select.default, aten.nonzero.default)
 _PUTS = (aten.index_put.default, aten.index_put_.default)
 # reductions / contractions over the selected rows: the identity the unselected ones are filled with
@@ -38,7 +42,10 @@ _FILL = {**dict.fromkeys((aten.sum, aten.nansum, aten.mean, aten.mm, aten.addmm,
                           aten.matmul, aten.dot, aten.vdot, aten.mv, aten.einsum, aten.any, aten.count_nonzero,
                           aten.linear, aten.tensordot), 0),
          **dict.fromkeys((aten.amax, aten.max, aten.logsumexp), -np.inf),
-         **dict.fromkeys((aten.amin, aten.min), np.inf), aten.prod: 1, aten.all: True}
+         **dict.fromkeys((aten.amin, aten.min), np.inf), aten.prod: 1, aten.all: True,
+         # writes at integer indices the rows carry (`torch.where(mask)`'s): the unselected rows add 0 / are dropped
+         **dict.fromkeys((aten.index_add, aten.scatter_add), 0),
+         **dict.fromkeys((aten.index_copy, aten.scatter), _DROP)}
 # ops that keep the rows but combine them along a dim: safe once the unselected rows hold the identity
 _SCANS = {**dict.fromkeys((aten._softmax, aten.softmax, aten._log_softmax, aten.log_softmax,
                            aten.logcumsumexp), -np.inf), aten.cumsum: 0, aten.cumprod: 1}
@@ -99,6 +106,9 @@ def _rule(node, symbol, positions: dict, val) -> Rule:
     if not isinstance(val, (torch.Tensor, list, tuple)):
         return Rule("size", symbol, positions)
     if node.target in _PUTS:
+        index_rows = [i for i in node.args[1] if isinstance(i, torch.fx.Node) and i.name in positions]
+        if index_rows and all(i.meta["val"].dtype != torch.bool for i in index_rows):   # out[idx] = v, idx rows
+            return Rule("reduce", symbol, positions, 0 if _bound(node).get("accumulate", False) else _DROP)
         return Rule("put", symbol, positions)
     if positions and node.target is not operator.getitem and getattr(node.target, "namespace", "") != "aten":
         return Rule("refuse", symbol, fill="passes rows selected by a boolean mask into an op bridge does not see "
@@ -221,6 +231,10 @@ class Selection:
 
     def _fill(self, x, dims, symbol, value):
         valid = self.valid[symbol]
+        if value is _DROP:   # only the indices: a write past every size is dropped (JAX's scatter mode)
+            if jnp.issubdtype(x.dtype, jnp.floating) or x.dtype == jnp.bool_:
+                return x
+            value = np.inf
         if jnp.issubdtype(x.dtype, jnp.floating) or x.dtype == jnp.bool_:
             fill = jnp.asarray(value, x.dtype)
         else:

@@ -5,6 +5,7 @@ import collections
 import dataclasses
 import types
 import typing
+from unittest import mock
 
 import jax
 import numpy as np
@@ -248,6 +249,28 @@ def test_output_mappings_keep_torch_key_order(call):
         assert_close(g, r.detach())
     for g, r in zip(got[2].values(), ref[2].values()):
         assert_close(g, r.detach())
+
+
+def test_a_model_output_first_made_while_tracing_stays_a_model_output():
+    """transformers registers a ModelOutput class as a pytree when the class is made, except while torch traces
+    (a lazily imported `modeling_outputs` module first touched inside forward): capture registers it as
+    transformers would, so building one eagerly afterwards does not fail as registered twice."""
+    with mock.patch.object(torch.compiler, "is_compiling", lambda: True):
+        @dataclasses.dataclass
+        class LateOutput(transformers.utils.ModelOutput):
+            zeta: torch.Tensor | None = None
+            alpha: torch.Tensor | None = None
+
+    class Late(torch.nn.Module):
+        def forward(self, x):
+            return LateOutput(zeta=x.exp(), alpha=x.sin())
+
+    x = torch.randn(2, 3)
+    jm = bridge.convert(Late(), (x,))
+    out = jm(x)
+    assert list(out) == ["zeta", "alpha"]
+    assert_close(out["alpha"], x.sin())
+    assert list(LateOutput(zeta=x, alpha=x).keys()) == ["zeta", "alpha"]   # eager, after capture: no error
 
 
 class _ReadsABatch(torch.nn.Module):

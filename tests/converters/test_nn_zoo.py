@@ -336,6 +336,25 @@ class WeightClip(nn.Module):
         return self.lin(x)
 
 
+class DataAttr(nn.Module):
+    """`.data` in forward: a weight read past autograd, a weight clipped and a running mean updated through it,
+    and CogVideoX's table filled through `.data[...].copy_` (torch.export's strict mode snapshots these)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(6, 6)
+        self.register_buffer("running", torch.zeros(6))
+
+    def forward(self, x):
+        self.lin.weight.data.clamp_(-0.3, 0.3)
+        table = x.new_zeros(x.shape[0], 8)
+        table.data[:, 2:].copy_(torch.arange(6.0).expand(x.shape[0], 6))
+        y = self.lin(x) + x @ self.lin.weight.data.T + table[:, :6]
+        if self.training:
+            self.running.data.mul_(0.9).add_(0.1 * y.data.mean(0))
+        return y + self.running
+
+
 class Autocast(nn.Module):
     def __init__(self):
         super().__init__()
@@ -809,6 +828,7 @@ CASES = [
     Case("scan_and_map", ScanRNN, lambda: (r(2, 6), r(5, 2, 5))),
     Case("no_grad_teacher_detach", Distill, lambda: (r(4, 6),)),
     Case("weight_clip_in_place", WeightClip, lambda: (r(3, 6),)),
+    Case("data_attribute", DataAttr, lambda: (r(3, 6),), train=True),
     Case("dict_nested_outputs", DictOut, lambda: (r(3, 4), r(5, 4)), slow=True),
     Case("embedding_sparse_scale_grad_by_freq",
          fmod(lambda s, i: s.e(i) + s.f(i), e=nn.Embedding(10, 4, sparse=True),

@@ -80,7 +80,32 @@ def where_coordinates(m, h, mask, labels):   # torch.where(mask) / nonzero: coor
     return out, m.emb.weight[mask.nonzero()[:, 1]].sum(0)
 
 
-HEADS = [token_loss, bce_loss, adapter_rows, adapter_tokens, select_mean, count_divides, over_rows, gram, where_coordinates]
+def moe_index_add(m, h, mask, labels):   # Mixtral's expert loop (transformers 4.x): rows per expert, index_add_
+    x = h.reshape(-1, H)
+    weights, chosen = torch.softmax(m.cls(x), -1).topk(2, dim=-1)
+    expert_mask = F.one_hot(chosen, C).permute(2, 1, 0)
+    out = torch.zeros_like(x)
+    for e in range(C):
+        slot, tok = torch.where(expert_mask[e])
+        rows = m.adapter(x[None, tok].reshape(-1, H)) * (e + 1) * weights[tok, slot, None]
+        out.index_add_(0, tok, rows)
+    return out
+
+
+def writes_at_row_indices(m, h, mask, labels):   # scatter_add / index_copy / index_put at the rows' coordinates
+    b, s = torch.where(mask)
+    rows = m.cls(h[b, s])
+    flat = b * S + s
+    added = torch.zeros(B * S, C).scatter_add(0, flat[:, None].expand(-1, C), rows)
+    copied = m.cls(h).reshape(-1, C).index_copy(0, flat, rows.tanh())
+    put = m.cls(h).clone()
+    put[b, s] = rows.sin()
+    acc = m.cls(h).index_put((b, s), rows.exp(), accumulate=True)
+    return added, copied, put, acc
+
+
+HEADS = [token_loss, bce_loss, adapter_rows, adapter_tokens, select_mean, count_divides, over_rows, gram,
+         where_coordinates, moe_index_add, writes_at_row_indices]
 
 
 def _inputs(seed: int):

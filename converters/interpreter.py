@@ -82,8 +82,9 @@ class Program:
                 if isinstance(spec.arg, ConstantArgument):   # a Python value torch.export baked in
                     self.constant_inputs[name] = spec.arg.value
                 continue
-            if spec.kind == InputKind.TOKEN:      # effect tokens order side effects; JAX programs are pure
-                self.tokens.append(name)
+            if spec.kind == InputKind.TOKEN or (   # effect tokens order side effects; JAX programs are pure
+                    spec.kind == InputKind.CUSTOM_OBJ and isinstance(ep.constants.get(spec.target), torch.Generator)):
+                self.tokens.append(name)   # a torch.Generator made in forward: draws come from `rng`
                 continue
             if spec.kind not in (InputKind.PARAMETER, InputKind.BUFFER, InputKind.CONSTANT_TENSOR):
                 raise UnsupportedOpsError({f"graph input kind {spec.kind.name}": (1, [spec.target])})

@@ -8,6 +8,14 @@ from converters.ops.common import aten, default_float, dt, size_
 from converters.registry import lowering
 
 
+def _with_generator(packet, *names) -> list:
+    """The overloads `names` and their `generator=` twins (`torch.randn(shape, generator=g)`, even g=None, as
+    diffusers' randn_tensor calls it, selects randn.generator); the draw comes from the rng either way."""
+    twins = {"default": "generator", "low": "low_generator", "Tensor": "Tensor_generator",
+             "low_dtype": "low_generator_dtype"}
+    return [getattr(packet, n) for name in names for n in (name, twins[name]) if n in packet.overloads()]
+
+
 def _dropout_active(node) -> bool:
     p = node.args[1] if len(node.args) > 1 else node.kwargs.get("p", 0.5)
     train = node.args[2] if len(node.args) > 2 else node.kwargs.get("train", True)
@@ -33,23 +41,25 @@ def dropout(key, x, p, train):
     return _dropout(key, x, p)[0]
 
 
-@lowering(aten.rand.default, random=True)
+@lowering(*_with_generator(aten.rand, "default"), random=True)
 def rand(key, size, *, dtype=None, layout=None, device=None, pin_memory=None, generator=None):
     return jax.random.uniform(key, size_(size), dt(dtype, default_float()))
 
 
-@lowering(aten.randn.default, random=True)
+@lowering(*_with_generator(aten.randn, "default"), random=True)
 def randn(key, size, *, dtype=None, layout=None, device=None, pin_memory=None, generator=None):
     return jax.random.normal(key, size_(size), dt(dtype, default_float()))
 
 
-@lowering(aten.rand_like.default, random=True)
-def rand_like(key, x, *, dtype=None, layout=None, device=None, pin_memory=None, memory_format=None):
+@lowering(*_with_generator(aten.rand_like, "default"), random=True)
+def rand_like(key, x, *, dtype=None, layout=None, device=None, pin_memory=None, memory_format=None,
+              generator=None):
     return jax.random.uniform(key, x.shape, dt(dtype, x.dtype))
 
 
-@lowering(aten.randn_like.default, random=True)
-def randn_like(key, x, *, dtype=None, layout=None, device=None, pin_memory=None, memory_format=None):
+@lowering(*_with_generator(aten.randn_like, "default"), random=True)
+def randn_like(key, x, *, dtype=None, layout=None, device=None, pin_memory=None, memory_format=None,
+               generator=None):
     return jax.random.normal(key, x.shape, dt(dtype, x.dtype))
 
 
@@ -70,25 +80,27 @@ def _ints(key, shape, low, high, dtype):
     return jax.random.randint(key, shape, min(low, bound), min(high, bound), dtype=idt).astype(dtype)
 
 
-@lowering(aten.randint.low, random=True)
+@lowering(*_with_generator(aten.randint, "low"), random=True)
 def randint_low(key, low, high, size, *, dtype=None, layout=None, device=None, pin_memory=None, generator=None):
     return _ints(key, size_(size), low, high, dt(dtype, jnp.int32))
 
 
-@lowering(aten.randint.default, random=True)
+@lowering(*_with_generator(aten.randint, "default"), random=True)
 def randint(key, high, size, *, dtype=None, layout=None, device=None, pin_memory=None, generator=None):
     return _ints(key, size_(size), 0, high, dt(dtype, jnp.int32))
 
 
-@lowering(aten.randint_like.default, aten.randint_like.Tensor, random=True)
-def randint_like(key, x, high, *, dtype=None, layout=None, device=None, pin_memory=None, memory_format=None):
+@lowering(*_with_generator(aten.randint_like, "default", "Tensor"), random=True)
+def randint_like(key, x, high, *, dtype=None, layout=None, device=None, pin_memory=None, memory_format=None,
+                 generator=None):
     if hasattr(high, "shape"):
         return jax.random.randint(key, x.shape, 0, high).astype(dt(dtype, x.dtype))
     return _ints(key, x.shape, 0, high, dt(dtype, x.dtype))
 
 
-@lowering(aten.randint_like.low_dtype, random=True)
-def randint_like_low(key, x, low, high, *, dtype=None, layout=None, device=None, pin_memory=None, memory_format=None):
+@lowering(*_with_generator(aten.randint_like, "low_dtype"), random=True)
+def randint_like_low(key, x, low, high, *, dtype=None, layout=None, device=None, pin_memory=None, memory_format=None,
+                     generator=None):
     return _ints(key, x.shape, low, high, dt(dtype, x.dtype))
 
 
@@ -114,7 +126,7 @@ def random_from(key, x, low, high=None, *, generator=None):
     return _ints(key, x.shape, low, _random_high(x) if high is None else high, x.dtype)
 
 
-@lowering(aten.randperm.default, random=True)
+@lowering(*_with_generator(aten.randperm, "default"), random=True)
 def randperm(key, n, *, dtype=None, layout=None, device=None, pin_memory=None, generator=None):
     return jax.random.permutation(key, n).astype(dt(dtype, jnp.int32))
 

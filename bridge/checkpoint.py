@@ -27,7 +27,10 @@ from bridge.tree import flatten, nest
 from converters.dtypes import jax_dtype, narrow, numpy_dtype, to_numpy
 
 HF_CANDIDATES = ("model.safetensors.index.json", "model.safetensors", "pytorch_model.bin.index.json",
-                 "pytorch_model.bin", "model.pt", "model.pth")
+                 "pytorch_model.bin", "model.pt", "model.pth",
+                 # diffusers' model directories
+                 "diffusion_pytorch_model.safetensors.index.json", "diffusion_pytorch_model.safetensors",
+                 "diffusion_pytorch_model.bin.index.json", "diffusion_pytorch_model.bin")
 TORCH_SUFFIXES = (".pt", ".pth", ".bin")
 
 

@@ -152,8 +152,23 @@ def _write_safetensors(folder: Path, stem: str, entries, max_bytes: int) -> list
     return names + [f"{stem}.safetensors.index.json"]
 
 
+def _is_diffusers(like) -> bool:
+    """A diffusers model (ConfigMixin: `save_config`) or directory (`_diffusers_version` in its config.json)."""
+    if like is None or hasattr(like, "save_config"):
+        return like is not None
+    if isinstance(like, (str, os.PathLike)) and (Path(like) / "config.json").is_file():
+        try:
+            return "_diffusers_version" in json.loads((Path(like) / "config.json").read_text())
+        except (OSError, ValueError):
+            return False
+    return False
+
+
 def _copy_like(like, folder: Path) -> None:
     if like is None:
+        return
+    if hasattr(like, "save_config") and hasattr(like, "config"):           # a diffusers model
+        like.save_config(folder)
         return
     if hasattr(like, "save_pretrained") and hasattr(like, "config"):      # a transformers model
         like.config.save_pretrained(folder)
@@ -264,10 +279,12 @@ def _export(obj, path: Path, fmt: str, like, max_bytes: int, cast: torch.dtype |
             like.peft_config[adapter].save_pretrained(tmp)
         return path
     if fmt == "hf":
-        with atomic_path(path, directory=True) as tmp:
-            _write_safetensors(tmp, "model", entries, max_bytes)
+        diffusers = _is_diffusers(like)
+        with atomic_path(path, directory=True) as tmp:   # diffusers names its weights diffusion_pytorch_model
+            _write_safetensors(tmp, "diffusion_pytorch_model" if diffusers else "model", entries, max_bytes)
             _copy_like(like, tmp)
-            _set_config_dtype(tmp, cast)
+            if not diffusers:   # diffusers' from_pretrained takes the dtype as an argument, not from config.json
+                _set_config_dtype(tmp, cast)
         return path
     stem = _stem(path)
     with staging_dir(path) as tmp:

@@ -212,3 +212,35 @@ def test_lora_fine_tune_exports_a_peft_adapter(tmp_path):
     assert np.abs(np.asarray(got) - ref.numpy()).max() <= 1e-5 * np.abs(ref.numpy()).max()
     with torch.no_grad():   # the adapter moved: the untrained model gives other logits
         assert (model.eval()(input_ids=ids).logits - ref).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("like", ["model", "directory"])
+@pytest.mark.parametrize("shards", [1, 3])
+def test_diffusers_model_exports_a_directory_from_pretrained_loads(like, shards, tmp_path):
+    """like= a diffusers model (or its directory): weights as diffusion_pytorch_model*.safetensors (shards and
+    index past max_shard_size) beside its config.json; diffusers' from_pretrained and bridge.load_weights read
+    the directory back bit for bit, and the JAX-trained weights come back as trained."""
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    model = diffusers.UNet2DModel(sample_size=8, in_channels=3, out_channels=3, layers_per_block=1,
+                                  block_out_channels=(16, 32), down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+                                  up_block_types=("AttnUpBlock2D", "UpBlock2D"), norm_num_groups=8)
+    jm = bridge.convert(model, kwargs={"sample": torch.randn(2, 3, 8, 8), "timestep": torch.tensor([1, 9])})
+    params = jax.tree.map(lambda p: p * 1.5, jm.params)   # "trained" weights
+    source = model
+    if like == "directory":
+        model.save_pretrained(tmp_path / "original")
+        source = str(tmp_path / "original")
+    total = sum(p.numel() * 4 for p in model.parameters())
+    bridge.export(jm.replace(params=params), tmp_path / "out", like=source, max_shard_size=total // shards + 1)
+    names = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert "config.json" in names and all(n.startswith("diffusion_pytorch_model") for n in names if n != "config.json")
+    assert ("diffusion_pytorch_model.safetensors.index.json" in names) == (shards > 1)
+    back = diffusers.UNet2DModel.from_pretrained(tmp_path / "out")
+    want = {k: v * 1.5 if k in dict(model.named_parameters()) else v for k, v in model.state_dict().items()}
+    got = back.state_dict()
+    assert list(got) == list(want)
+    for k, v in want.items():
+        assert got[k].dtype == v.dtype and torch.equal(got[k], v), k
+    loaded = bridge.tree.flatten(bridge.load_weights(tmp_path / "out"))
+    assert all(np.array_equal(np.asarray(loaded[k]), v.numpy()) for k, v in want.items())

@@ -217,11 +217,15 @@ def _data_as_detach():
     """`t.data` is an alias of t that autograd does not see; torch.export refuses writes through it
     (`pe_full.data[:, k:].copy_(pe)`, CogVideoX's patch embedding) as mutating a lifted constant. `t.detach()`
     is the same alias as an op, whose writes functionalize into t; assigning `t.data = ...` is unchanged."""
+    before = torch.Tensor.__dict__.get("data")   # set by an enclosing capture, or None
     torch.Tensor.data = property(lambda t: t.detach(), lambda t, value: _DATA.__set__(t, value))
     try:
         yield
     finally:
-        del torch.Tensor.data
+        if before is None:
+            del torch.Tensor.data
+        else:
+            torch.Tensor.data = before
 
 
 @contextlib.contextmanager

@@ -61,8 +61,6 @@ def _build(spec, it, mapping):
     names = _dataclass_fields(spec)
     if names is not None:
         given = dict(zip(names, kids))
-        if issubclass(typ, dict):   # a ModelOutput: its keys are the fields that are set
-            return mapping(given)
         return mapping((f.name, given.get(f.name)) for f in dataclasses.fields(typ) if f.init)
     if isinstance(spec.context, (list, tuple)) and len(spec.context) == len(kids):
         return mapping(zip(spec.context, kids))
@@ -72,17 +70,10 @@ def _build(spec, it, mapping):
 
 
 def _dataclass_fields(spec) -> list | None:
-    """The field names a dataclass node holds, where it was registered as register_dataclass does (context
-    [set fields, None fields]; torch.export registers a ModelOutput returned inside a container this way
-    too), else None."""
-    typ, ctx = spec.type, spec.context
-    if not dataclasses.is_dataclass(typ):
-        return None
-    if not issubclass(typ, dict):
-        return list(ctx[0])
-    if isinstance(ctx, (list, tuple)) and len(ctx) == 2 and all(isinstance(c, (list, tuple)) for c in ctx):
-        names = list(ctx[0])
-        return names if len(names) == spec.num_children and all(isinstance(n, str) for n in names) else None
+    """The field names of a dataclass node registered as register_dataclass does (context [set fields, None
+    fields]); None for other nodes (a ModelOutput is a dict keyed by its set fields)."""
+    if dataclasses.is_dataclass(spec.type) and not issubclass(spec.type, dict):
+        return list(spec.context[0])
     return None
 
 

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch._subclasses.fake_tensor import FakeTensor
 from torch.export import Dim
+from torch.fx.experimental.symbolic_shapes import is_concrete_int
 
 from bridge.errors import CaptureError
 from converters import ops as _ops  # noqa: F401  (registers every lowering)
@@ -272,6 +273,7 @@ def capture(module: torch.nn.Module, args: tuple = (), kwargs: dict | None = Non
         warnings.filterwarnings("ignore", category=FutureWarning)
         warnings.filterwarnings("ignore", message=".*side effects happened in the model.forward.*")
         inlined, strict_hooks = None, []   # a strict program that lost a custom backward or gradient hook
+        narrow = None   # a strict program that fixed a size dynamic= asked to vary
         for mode in modes:
             hooks.clear()   # hooks the attempt that succeeds leaves out
             try:
@@ -300,6 +302,11 @@ def capture(module: torch.nn.Module, args: tuple = (), kwargs: dict | None = Non
                                            "non-strict keeps its backward")
                     warnings.warn(_INLINED + "; leave strict=None (or pass strict=False) to keep its backward",
                                   stacklevel=3)
+                if mode and strict is None and dynamic is not None and _fixed_dims(ep, dynamic):
+                    # dynamo specializes a size the code reads as a Python int (an f-string, a check's
+                    # message); non-strict runs the code as Python and keeps it symbolic
+                    narrow = ep
+                    raise CaptureError(f"strict export fixed {_fixed_text(_fixed_dims(ep, dynamic))}")
                 # inside the loop: a strict program can fail to decompose (torch.autocast blocks), non-strict not
                 ep = _decomposed(ep)
                 break
@@ -318,6 +325,8 @@ def capture(module: torch.nn.Module, args: tuple = (), kwargs: dict | None = Non
                          "captured; convert the network without them and differentiate in JAX, e.g. "
                          "jax.grad(lambda x: jm.apply(params, x).sum())(x)")
             failed = CaptureError(f"torch.export failed for {type(module).__name__}:\n" + "\n".join(errors) + hint)
+            if inlined is None and narrow is not None:
+                inlined = narrow
             if inlined is None:
                 raise failed
             hooks[:] = strict_hooks
@@ -328,8 +337,28 @@ def capture(module: torch.nn.Module, args: tuple = (), kwargs: dict | None = Non
             except Exception as e:
                 raise failed from e
     warn_dropped_hooks(hooks)
+    if dynamic is not None and _fixed_dims(ep, dynamic):
+        warnings.warn(f"dynamic={dynamic!r}: {type(module).__name__}'s code ties "
+                      f"{_fixed_text(_fixed_dims(ep, dynamic))} to a static size (torch.export specialized it); "
+                      "the converted model takes only the example's size there", stacklevel=3)
     return Captured(ep, state_aliases(module), extra, mode, train, *_static_inputs(args, kwargs, extra),
                     _arg_names(module, len(args)))
+
+
+def _fixed_dims(ep, dynamic: str) -> list[tuple[str, int, int]]:
+    """(input, dim, size) of each dim `dynamic` asks to vary that the program holds static."""
+    user = set(ep.graph_signature.user_inputs)
+    fixed = []
+    for node in ep.graph.nodes:
+        shape = getattr(node.meta.get("val"), "shape", None) if node.op == "placeholder" else None
+        if node.name in user and shape is not None:
+            fixed += [(node.name, d, int(shape[d])) for d in DYNAMIC_PRESETS[dynamic]
+                      if d < len(shape) and is_concrete_int(shape[d]) and int(shape[d]) >= 2]
+    return fixed
+
+
+def _fixed_text(fixed: list) -> str:
+    return ", ".join(f"input {name!r} dim {d} (size {size})" for name, d, size in fixed)
 
 
 def _exported(module, args, kwargs, **options):

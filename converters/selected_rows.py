@@ -7,7 +7,7 @@ shapes only. Here such a tensor keeps all N = mask.numel() rows, and the mask ri
 - reductions and contractions over the rows fill the unselected rows with the reduction's identity first
   (0 for sums and matmuls, -inf for max, 1 for products); a mean divides by the selected count;
 - `out[mask] = rows` becomes `where(mask, rows, out)`, and `x[mask].shape[0]` is the selected count where
-  it is a number, N where it is a size;
+  it is a number, N where it is a size; `torch.arange` of it numbers each selected row by its rank;
 - writes at indices the rows carry (`tok` of `_, tok = torch.where(mask)`: `index_add_`, `scatter_add`,
   `out[tok] += rows`) add 0 from the unselected rows; `index_copy`, `scatter` and `out[tok] = rows` drop them.
 What would mix selected rows otherwise (sorting, slicing, indexing them, returning them) raises under jit,
@@ -32,6 +32,7 @@ import torch
 from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
 
 from bridge.errors import LoweringError
+from converters.dtypes import jax_dtype
 
 aten = torch.ops.aten
 _DROP = "drop"   # fill an index the rows carry with one past any size: the write is dropped
@@ -60,7 +61,7 @@ _COUNTED = ("Scalar", "float", "number", "Tensor")   # schema types where a size
 
 @dataclasses.dataclass
 class Rule:
-    kind: str                   # source | size | put | rows | reduce | scan | refuse
+    kind: str                   # source | size | put | rows | rank | reduce | scan | refuse
     symbol: object
     positions: dict = dataclasses.field(default_factory=dict)   # input node name -> dims holding the rows
     fill: object = None         # reduce/scan: the identity; refuse: why
@@ -118,8 +119,10 @@ def _rule(node, symbol, positions: dict, val) -> Rule:
     if isinstance(val, (list, tuple)) and packet in (aten.max, aten.min) and any(
             u.target is not operator.getitem or u.args[1] != 0 for u in node.users):
         return Rule("refuse", symbol, fill="takes the index of the largest/smallest of rows selected by a mask")
+    if packet is aten.arange and out_dims == [0] and _bound(node).get("step", 1) == 1:
+        return Rule("rank", symbol, positions)   # arange(count): each selected row's position among them
     if packet in (aten.arange, aten.randperm):
-        return Rule("refuse", symbol, fill="numbers rows selected by a boolean mask by their position")
+        return Rule("refuse", symbol, fill="numbers rows selected by a boolean mask in random order")
     if not positions or packet in _TEMPLATES:   # the count as a number, a new size, or a template
         return Rule("rows", symbol, positions)
     if not out_dims and not (isinstance(val, (list, tuple)) and packet not in _FILL):
@@ -188,6 +191,11 @@ class Selection:
             return eval_node(node, env, key)
         if rule.kind == "put":
             return self._put(node, env, rule.symbol)
+        if rule.kind == "rank":   # the k-th selected row is numbered k (start + k); the others any number
+            start = _bound(node).get("start", 0)
+            rank = jnp.cumsum(self.valid[rule.symbol], dtype=jnp.int32) - 1
+            return (rank + (start if isinstance(start, (int, float)) else env[start.name])).astype(
+                jax_dtype(node.meta["val"].dtype))
         env = self._counted(node, env)
         if rule.kind == "rows":
             return eval_node(node, env, key)

@@ -36,9 +36,9 @@ def linear(x_BI, w_OI, b_O=None):
     # as one 2-D product: the backward's weight gradient is then a plain (T, O)ᵀ·(T, I) contraction,
     # which XLA's CPU dot emitters take as is (a batched contraction made it transpose the whole dY)
     x_TI = x_BI.reshape(-1, x_BI.shape[-1]) if x_BI.ndim > 2 else x_BI
-    with dot_precision(x_BI, w_OI):
-        y = lax.dot_general(x_TI, w_OI, (((x_TI.ndim - 1,), (1,)), ((), ())))
-    y = y.reshape(*x_BI.shape[:-1], w_OI.shape[0])
+    with dot_precision(x_BI, w_OI):   # a 1-D weight (torch allows it) contracts to x's leading shape
+        y = lax.dot_general(x_TI, w_OI, (((x_TI.ndim - 1,), (w_OI.ndim - 1,)), ((), ())))
+    y = y.reshape(*x_BI.shape[:-1], *w_OI.shape[:-1])
     return y if b_O is None else y + b_O
 
 

@@ -188,6 +188,13 @@ def _attention(rng, q, k, v, mask, bias, dropout_p, is_causal, scale):
     """fp32: XLA's attention. bf16/fp16: cuDNN's fused (flash) attention on GPUs where it accepts the
     shapes, else attention written out with fp32 logits (jax.nn.dot_product_attention's XLA path pins
     fp16 dots to F16_F16_F32, which CPUs cannot compile, and its bf16 backward needs implicit promotion)."""
+    hq, hv = q.shape[-1], v.shape[-1]
+    if hv != hq:   # torch lets the value head dim differ (MLA); XLA's and cuDNN's attention take zero padding
+        width, scale = max(hq, hv), 1 / math.sqrt(hq) if scale is None else scale
+
+        def pad(t):
+            return jnp.pad(t, [(0, 0)] * (t.ndim - 1) + [(0, width - t.shape[-1])])
+        return _attention(rng, pad(q), pad(k), pad(v), mask, bias, dropout_p, is_causal, scale)[..., :hv]
     low = q.dtype in (jnp.bfloat16, jnp.float16)
     if rng is None and low and jax.default_backend() == "gpu":
         try:

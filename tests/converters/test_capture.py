@@ -46,6 +46,43 @@ def test_dynamic_batch_one_example_is_refused_clearly():
         bridge.convert(MODELS["mlp"]().module, (torch.randn(1, 32),), dynamic="batch")
 
 
+class SizeInMessage(torch.nn.Module):
+    """Formats the batch size into a check's message (HF's torch_compilable_check): dynamo specializes it."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(4, 4)
+
+    def forward(self, x, images):
+        n = images.shape[0] * images.shape[1]
+        message = f"{n} image features for {x.shape[0]} rows"
+        torch._check(x.shape[0] == images.shape[0], lambda: message)
+        return self.lin(x) + images.mean((1, 2))[:, None]
+
+
+class FixedBatch(SizeInMessage):
+    def forward(self, x, images):
+        return self.lin(x.reshape(2, 4)) + images.mean((1, 2))[:, None]
+
+
+def test_dynamic_size_read_as_python_int_stays_dynamic():
+    """Strict export fixes a size the code formats into a string; capture then keeps non-strict's symbolic one."""
+    torch.manual_seed(0)
+    m = SizeInMessage().eval()
+    jm = bridge.convert(m, (torch.randn(2, 4), torch.randn(2, 3, 5)), dynamic="batch")
+    x, images = torch.randn(5, 4), torch.randn(5, 3, 5)
+    with torch.no_grad():
+        ref = m(x, images)
+    assert_close(jm(to_jax(x), to_jax(images)), ref, what="batch 5")
+
+
+def test_dynamic_size_the_code_fixes_is_named():
+    with pytest.warns(UserWarning, match=r"ties input 'x' dim 0 \(size 2\), input 'images' dim 0 \(size 2\)"):
+        jm = bridge.convert(FixedBatch().eval(), (torch.randn(2, 4), torch.randn(2, 3, 5)), dynamic="batch")
+    with pytest.raises(InputError, match="'x' dim 0: exported with static size 2, got 3"):
+        jm(np.zeros((3, 4), np.float32), np.zeros((3, 3, 5), np.float32))
+
+
 def test_static_shapes_give_named_input_errors():
     case = MODELS["mlp"]()
     jm = bridge.convert(case.module, (torch.randn(2, 32),))

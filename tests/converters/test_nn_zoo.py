@@ -640,6 +640,14 @@ CASES = [
     Case("sdpa_gqa_float_mask",
          fmod(lambda s, q, k, v, m: F.scaled_dot_product_attention(q, k, v, attn_mask=m, enable_gqa=True, scale=0.3)),
          lambda: (r(2, 4, 5, 8), r(2, 2, 7, 8), r(2, 2, 7, 8), r(5, 7)), slow=True),
+    # a 1-D weight: D-FINE's distribution-to-offset projection (F.linear(corners, project))
+    Case("linear_vector_weight",
+         fmod(lambda s, x: F.linear(x, s.w, s.b), w=nn.Parameter(torch.randn(9)), b=nn.Parameter(torch.randn(()))),
+         lambda: (r(2, 4, 9),)),
+    # a value head dim other than the query's (multi-head latent attention), causal with a boolean mask
+    Case("sdpa_value_dim",
+         fmod(lambda s, q, k, v, m: F.scaled_dot_product_attention(q, k, v, attn_mask=m)),
+         lambda: (r(2, 2, 5, 8), r(2, 2, 7, 8), r(2, 2, 7, 6), torch.rand(5, 7) > 0.3)),
     # query rows with every key masked: torch returns zeros (and zero gradients), not nan
     Case("sdpa_float_mask_dead_rows",
          fmod(lambda s, q, k, v, m: F.scaled_dot_product_attention(q, k, v, attn_mask=m)),

@@ -104,8 +104,14 @@ def writes_at_row_indices(m, h, mask, labels):   # scatter_add / index_copy / in
     return added, copied, put, acc
 
 
+def numbered_rows(m, h, mask, labels):   # Idefics2: the real images numbered by position, arange(count)
+    rows = m.cls(h[mask])
+    pos = torch.arange(rows.shape[0])
+    return (rows * (pos[:, None] + 1)).sum(0), torch.arange(0, rows.shape[0], dtype=torch.float32).sum()
+
+
 HEADS = [token_loss, bce_loss, adapter_rows, adapter_tokens, select_mean, count_divides, over_rows, gram,
-         where_coordinates, moe_index_add, writes_at_row_indices]
+         where_coordinates, moe_index_add, writes_at_row_indices, numbered_rows]
 
 
 def _inputs(seed: int):

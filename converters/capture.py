@@ -75,6 +75,22 @@ def _hf_kwargs(module: torch.nn.Module, kwargs: dict) -> dict:
     return extra
 
 
+def _install_output_hooks(module: torch.nn.Module) -> None:
+    """transformers installs its output-recording hooks on the first forward that records outputs (CLIPSeg's
+    decoder reads the vision tower's hidden states), under a threading lock strict export cannot trace: each
+    outermost Hugging Face model gets them up front, as its first eager call would give them."""
+    hooks = sys.modules.get("transformers.utils.output_capturing")
+    install = getattr(hooks, "maybe_install_capturing_hooks", None)
+    if install is None:
+        return
+    from transformers import PreTrainedModel
+    if isinstance(module, PreTrainedModel):
+        install(module)
+        return
+    for child in module.children():
+        _install_output_hooks(child)
+
+
 @contextlib.contextmanager
 def _config_cache_off(module: torch.nn.Module, kwargs: dict):
     """Hugging Face models whose forward passes `use_cache` on only through **kwargs read it from the config:
@@ -256,6 +272,7 @@ def capture(module: torch.nn.Module, args: tuple = (), kwargs: dict | None = Non
     # torch.export traces the examples' strides (size-1 dims included); JAX arrays have none
     args, kwargs = torch.utils._pytree.tree_map_only(torch.Tensor, _row_major, (args, kwargs))
     extra = _hf_kwargs(module, kwargs)
+    _install_output_hooks(module)
     kwargs.update(extra)
     if dynamic is not None:
         if dynamic_shapes is not None:

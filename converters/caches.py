@@ -12,6 +12,7 @@ Example:
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import sys
 from collections.abc import Mapping
@@ -130,8 +131,52 @@ def _register_dataclass(cls: type) -> None:
         with mock.patch.object(torch.compiler, "is_compiling", lambda: False):   # it skips while tracing
             generic._register_model_output_pytree_node(cls)
         if cls in torch_pytree.SUPPORTED_NODES:
+            if _IN_FIELD_ORDER is not None:
+                _flatten_in_field_order(cls)
             return
     torch_pytree.register_dataclass(cls)
+
+
+_IN_FIELD_ORDER: dict | None = None   # while capturing: ModelOutput class -> its node as registered
+
+
+def _flatten_in_field_order(cls: type) -> None:
+    node = torch_pytree.SUPPORTED_NODES[cls]
+    rank = {f.name: i for i, f in enumerate(dataclasses.fields(cls))}
+
+    def flatten(obj):
+        values, keys = node.flatten_fn(obj)
+        order = sorted(range(len(keys)), key=lambda i: rank.get(keys[i], len(rank)))
+        return [values[i] for i in order], [keys[i] for i in order]
+
+    def flatten_with_keys(obj):
+        values, keys = flatten(obj)
+        return [(torch_pytree.MappingKey(k), v) for k, v in zip(keys, values)], keys
+    _IN_FIELD_ORDER[cls] = node
+    torch_pytree.SUPPORTED_NODES[cls] = node._replace(flatten_fn=flatten, flatten_with_keys_fn=flatten_with_keys)
+
+
+@contextlib.contextmanager
+def model_outputs_in_field_order():
+    """ModelOutputs flatten in their field order while capturing. One whose fields were set out of order
+    (`out.pooler_output = ...` after `out["hidden_states"] = ...`) flattens in key order, but torch.export
+    rebuilds it field by field (dynamo, and each decomposition's retrace): the graph's outputs then came back
+    under each other's keys."""
+    global _IN_FIELD_ORDER
+    generic = sys.modules.get("transformers.utils.generic")
+    if generic is None or _IN_FIELD_ORDER is not None:
+        yield
+        return
+    _IN_FIELD_ORDER = {}
+    try:
+        for cls in list(torch_pytree.SUPPORTED_NODES):
+            if isinstance(cls, type) and issubclass(cls, generic.ModelOutput) and dataclasses.is_dataclass(cls):
+                _flatten_in_field_order(cls)
+        yield
+    finally:
+        for cls, node in _IN_FIELD_ORDER.items():
+            torch_pytree.SUPPORTED_NODES[cls] = node
+        _IN_FIELD_ORDER = None
 
 
 def register_objects(tree: Any) -> None:

@@ -32,7 +32,8 @@ from converters.registry import registered
 from converters.checks import export_assuming_checks
 from converters.ctc import read_masked_targets, routing_ctc
 from converters.packed import packed_inputs, repacking, routing_packed
-from converters.caches import has_cache, is_cache, register_objects, register_transformers_caches
+from converters.caches import (has_cache, is_cache, model_outputs_in_field_order, register_objects,
+                              register_transformers_caches)
 from converters.shortcuts import shortcuts_off
 from converters.structure import patched_forward, registering_outputs
 
@@ -285,7 +286,8 @@ def capture(module: torch.nn.Module, args: tuple = (), kwargs: dict | None = Non
     errors = []
     warn_backward_hooks(module)
     with _mode(module, train), _config_cache_off(module, kwargs), collecting_hooks() as hooks, \
-            shortcuts_off(), routing_ctc(), repacking(module, (args, kwargs)), warnings.catch_warnings():
+            shortcuts_off(), routing_ctc(), repacking(module, (args, kwargs)), model_outputs_in_field_order(), \
+            warnings.catch_warnings():
         # torch's own deprecation chatter and dynamo's side-effect notes say nothing about the user's model
         warnings.filterwarnings("ignore", category=FutureWarning)
         warnings.filterwarnings("ignore", message=".*side effects happened in the model.forward.*")

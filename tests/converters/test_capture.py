@@ -310,6 +310,35 @@ def test_output_mappings_keep_torch_key_order(call):
         assert_close(g, r.detach())
 
 
+class _SetLate(torch.nn.Module):
+    """A ModelOutput whose fields are set out of field order (HF's get_image_features sets `pooler_output`
+    after the hidden states were recorded): torch.export rebuilds it field by field while tracing and
+    decomposing, so tensors came back under each other's keys."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(4, 4)
+
+    def forward(self, x):
+        out = transformers.modeling_outputs.BaseModelOutputWithPooling(last_hidden_state=self.lin(x))
+        out["hidden_states"] = (x + 1, x * 3)
+        out.pooler_output = out.last_hidden_state.mean(1)
+        return out
+
+
+@pytest.mark.parametrize("strict", [True, False])
+def test_model_output_fields_set_out_of_order_keep_their_tensors(strict):
+    torch.manual_seed(0)
+    model, x = _SetLate(), torch.randn(2, 3, 4)
+    jm = bridge.convert(model, (x,), strict=strict, dynamic="batch")
+    x = torch.randn(3, 3, 4)
+    got, ref = jax.jit(jm.apply)(jm.params, to_jax(x)), model(x)
+    assert set(got) == set(ref.keys())
+    for key, value in ref.items():
+        for g, r in zip(*(v if isinstance(v, tuple) else (v,) for v in (got[key], value))):
+            assert_close(g, r.detach(), what=key)
+
+
 def test_a_model_output_first_made_while_tracing_stays_a_model_output():
     """transformers registers a ModelOutput class as a pytree when the class is made, except while torch traces
     (a lazily imported `modeling_outputs` module first touched inside forward): capture registers it as

@@ -188,7 +188,7 @@ class Program:
         for name in self.tokens:
             env[name] = None
         env.update(self.attrs)
-        rows = selected_rows.Selection(self.selected_rows)
+        rows = selected_rows.Selection(self.selected_rows, self.placeholder_meta)
         for node in self.nodes:
             if node.name in rows.rules:
                 env[node.name] = rows.eval(node, env, self._key(node, key), eval_node)

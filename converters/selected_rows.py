@@ -10,6 +10,8 @@ shapes only. Here such a tensor keeps all N = mask.numel() rows, and the mask ri
   it is a number, N where it is a size; `torch.arange` of it numbers each selected row by its rank;
 - writes at indices the rows carry (`tok` of `_, tok = torch.where(mask)`: `index_add_`, `scatter_add`,
   `out[tok] += rows`) add 0 from the unselected rows; `index_copy`, `scatter` and `out[tok] = rows` drop them.
+Where a check fixes the count (`torch._check(x[mask].numel() == feats.numel())`, HF's placeholder check), the
+program knows the size: the first `count` selected rows are gathered at that static size instead.
 What would mix selected rows otherwise (sorting, slicing, indexing them, returning them) raises under jit,
 naming the op and line; with a concrete mask (outside jit) everything runs as in torch. Masked losses and
 per-group adapters thus convert and differentiate:
@@ -29,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
-from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
+from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols, is_concrete_int
 
 from bridge.errors import LoweringError
 from converters.dtypes import jax_dtype
@@ -61,7 +63,7 @@ _COUNTED = ("Scalar", "float", "number", "Tensor")   # schema types where a size
 
 @dataclasses.dataclass
 class Rule:
-    kind: str                   # source | size | put | rows | rank | reduce | scan | refuse
+    kind: str                   # source | pinned | size | put | rows | rank | reduce | scan | refuse
     symbol: object
     positions: dict = dataclasses.field(default_factory=dict)   # input node name -> dims holding the rows
     fill: object = None         # reduce/scan: the identity; refuse: why
@@ -151,6 +153,9 @@ def plan(nodes: list) -> dict[str, Rule]:
         val = node.meta.get("val")
         ins = set().union(*(_symbols(n.meta.get("val")) for n in node.all_input_nodes))
         outs = _symbols(val)
+        if node.target in _SOURCES and not outs and not ins and _mask_node(node) is not None:
+            rules[node.name] = Rule("pinned", None)   # a check (`torch._check`) fixed the count: a static shape
+            continue
         if node.target in _SOURCES and len(outs - ins) == 1 and not ins:
             (symbol,) = outs
             known.add(symbol)
@@ -172,14 +177,17 @@ class Selection:
     """One run's masks, keyed by their row-count symbol, and the selected counts of size nodes. A mask that
     is a concrete array (eager, outside jit) selects as torch does: rows are compacted, nothing is filled."""
 
-    def __init__(self, rules: dict[str, Rule]):
+    def __init__(self, rules: dict[str, Rule], placeholders: dict | None = None):
         self.rules = rules
+        self.placeholders = placeholders or {}   # placeholder name -> meta: binds size symbols to input sizes
         self.valid: dict = {}     # symbol -> (N,) bool, for masks traced under jit
         self.mask_of: dict = {}   # symbol -> name of the mask node
         self.counts: dict = {}    # size node name -> the count version of its value
 
     def eval(self, node, env: dict, key, eval_node):
         rule = self.rules[node.name]
+        if rule.kind == "pinned":
+            return self._pinned(node, env, key, eval_node)
         if rule.kind == "source":
             return self._source(node, env, rule.symbol, key, eval_node)
         if rule.symbol not in self.valid:   # a concrete mask: torch's own semantics
@@ -276,6 +284,35 @@ class Selection:
         self.valid[symbol] = mask.reshape(-1)
         return x.reshape(x.shape[:j] + (-1,) + x.shape[j + mask.ndim:])
 
+    def _pinned(self, node, env, key, eval_node):
+        """x[mask] / masked_select / nonzero with a count the program knows (`torch._check(x[m].numel() ==
+        feats.numel())`, HF's placeholder check): the first `count` Trues, gathered at a static size."""
+        mask = env[_mask_node(node).name]
+        if not isinstance(mask, jax.core.Tracer):
+            return eval_node(node, env, key)
+        shape = [int(d) if is_concrete_int(d) else int(d.node.expr.xreplace(self._bindings(env)))
+                 for d in node.meta["val"].shape]
+        if node.target is aten.nonzero.default:
+            return jnp.argwhere(mask, size=shape[0], fill_value=-1).astype(jax_dtype(node.meta["val"].dtype))
+        x = env[node.args[0].name]
+        if node.target is aten.masked_select.default:
+            full = jnp.broadcast_shapes(x.shape, mask.shape)
+            x, mask, j = jnp.broadcast_to(x, full).reshape(-1), jnp.broadcast_to(mask, full), 0
+        else:
+            j = next(i for i, ix in enumerate(node.args[1]) if ix is not None)
+            x = x.reshape(x.shape[:j] + (-1,) + x.shape[j + mask.ndim:])
+        picked = jnp.nonzero(mask.reshape(-1), size=shape[j], fill_value=x.shape[j])[0]   # past the end: NaN
+        return jnp.take(x, picked, axis=j, mode="fill")
+
+    def _bindings(self, env) -> dict:
+        """Each size symbol of the inputs (s0: the batch) -> its size in this run."""
+        out = {}
+        for name, meta in self.placeholders.items():
+            for want, got in zip(getattr(meta, "shape", ()), getattr(env.get(name), "shape", ())):
+                if not is_concrete_int(want):
+                    out[want.node.expr] = got
+        return out
+
     def _put(self, node, env, symbol):
         out_node, indices, values_node = node.args[:3]
         accumulate = _bound(node).get("accumulate", False)
@@ -293,6 +330,17 @@ class Selection:
         values = values.reshape(out.shape)
         mask = mask.reshape((1,) * j + mask.shape + (1,) * (out.ndim - j - mask.ndim))
         return out + jnp.where(mask, values, 0) if accumulate else jnp.where(mask, values, out)
+
+
+def _mask_node(node):
+    """The boolean mask a source op selects with (x[mask] with a single index, masked_select, nonzero)."""
+    if node.target is aten.index.Tensor:
+        used = [ix for ix in node.args[1] if ix is not None]
+        ok = len(used) == 1 and isinstance(used[0], torch.fx.Node) and used[0].meta["val"].dtype == torch.bool
+        return used[0] if ok else None
+    if node.target is aten.nonzero.default:
+        return node.args[0]
+    return node.args[1] if node.target is aten.masked_select.default else None
 
 
 def _refuse(node, what: str) -> LoweringError:

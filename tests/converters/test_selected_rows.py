@@ -193,3 +193,45 @@ def test_rows_passed_into_a_custom_function_are_refused_under_jit():
     jm = bridge.convert(model, _inputs(0))
     with pytest.raises(LoweringError, match="an op bridge does not see into"):
         jax.jit(jm.apply)(jm.params, *_jax(_inputs(1)))
+
+
+class PinnedCount(torch.nn.Module):
+    """HF's placeholder check (granite_speech, voxtral): `torch._check` that a mask selects as many values as
+    there are features fixes the selection's size, which torch.export then records as a static size."""
+
+    def __init__(self, numel_check: bool):
+        super().__init__()
+        self.lin = torch.nn.Linear(H, H)
+        self.numel_check = numel_check
+
+    def forward(self, x, ids, feats):
+        mask = (ids == 7).unsqueeze(-1).expand_as(x)
+        if self.numel_check:   # (with a dynamic batch, torch's value ranges trip over this one's bound)
+            torch._check(x[mask].numel() == feats.numel())
+        rows = x[ids == 7]
+        torch._check(rows.shape[0] == feats.shape[0] * feats.shape[1])
+        return self.lin(x.masked_scatter(mask, feats)), (self.lin(rows) * feats.reshape(rows.shape)).sum(0)
+
+
+def _pinned_inputs(b, seed):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 7, (b, S), generator=g)
+    ids[torch.arange(b), torch.randint(0, S - 1, (b,), generator=g)] = 7   # 2 placeholders per row, moving
+    ids[:, S - 1] = 7
+    return torch.randn(b, S, H, generator=g), ids, torch.randn(b, 2, H, generator=g)
+
+
+@pytest.mark.parametrize("dynamic", [None, "batch"])
+def test_a_count_a_check_pins_selects_at_that_size_under_jit(dynamic):
+    torch.manual_seed(0)
+    model = PinnedCount(numel_check=dynamic is None)
+    jm = bridge.convert(model, _pinned_inputs(2, 0), dynamic=dynamic)
+    args = _pinned_inputs(3 if dynamic else 2, 1)   # other placeholder positions (and batch) than the example's
+    ref = model(*args)
+    got = jax.jit(jm.apply)(jm.params, *_jax(args))
+    for g, r in zip(got, ref):
+        assert_close(g, r.detach())
+    sum(r.sum() for r in ref).backward()
+    grads = flatten(jax.jit(jax.grad(lambda p: sum(jnp.sum(o) for o in jm.apply(p, *_jax(args)))))(jm.params))
+    for name, p in model.named_parameters():
+        assert rel_err(grads[name], p.grad) <= GRAD_TOL, name

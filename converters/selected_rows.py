@@ -7,7 +7,8 @@ shapes only. Here such a tensor keeps all N = mask.numel() rows, and the mask ri
 - reductions and contractions over the rows fill the unselected rows with the reduction's identity first
   (0 for sums and matmuls, -inf for max, 1 for products); a mean divides by the selected count;
 - `out[mask] = rows` becomes `where(mask, rows, out)`, and `x[mask].shape[0]` is the selected count where
-  it is a number, N where it is a size; `torch.arange` of it numbers each selected row by its rank;
+  it is a number, N where it is a size; `torch.arange` of it numbers each selected row by its rank, and
+  `x.masked_scatter(other_mask, rows)` fills the other mask's Trues with the selected rows in order;
 - writes at indices the rows carry (`tok` of `_, tok = torch.where(mask)`: `index_add_`, `scatter_add`,
   `out[tok] += rows`) add 0 from the unselected rows; `index_copy`, `scatter` and `out[tok] = rows` drop them.
 Where a check fixes the count (`torch._check(x[mask].numel() == feats.numel())`, HF's placeholder check), the
@@ -63,7 +64,7 @@ _COUNTED = ("Scalar", "float", "number", "Tensor")   # schema types where a size
 
 @dataclasses.dataclass
 class Rule:
-    kind: str                   # source | pinned | size | put | rows | rank | reduce | scan | refuse
+    kind: str                   # source | pinned | size | put | rows | rank | compact | reduce | scan | refuse
     symbol: object
     positions: dict = dataclasses.field(default_factory=dict)   # input node name -> dims holding the rows
     fill: object = None         # reduce/scan: the identity; refuse: why
@@ -127,6 +128,8 @@ def _rule(node, symbol, positions: dict, val) -> Rule:
         return Rule("refuse", symbol, fill="numbers rows selected by a boolean mask in random order")
     if not positions or packet in _TEMPLATES:   # the count as a number, a new size, or a template
         return Rule("rows", symbol, positions)
+    if packet is aten.masked_scatter and set(positions) == {node.args[2].name}:
+        return Rule("compact", symbol, positions)   # the selected rows, in order, fill another mask's Trues
     if not out_dims and not (isinstance(val, (list, tuple)) and packet not in _FILL):
         if packet not in _FILL:
             return Rule("refuse", symbol, fill="reduces rows selected by a boolean mask by their order")
@@ -166,7 +169,10 @@ def plan(nodes: list) -> dict[str, Rule]:
             continue
         symbol = next(iter(touched))
         if len(ins | outs) > 1:
-            rules[node.name] = Rule("refuse", symbol, fill="mixes rows selected by different masks")
+            if len(touched) == 1 and not isinstance(val, torch.Tensor):   # the count against a number read
+                rules[node.name] = Rule("size", symbol)                     # from a tensor (`.item()`): a check
+            else:
+                rules[node.name] = Rule("refuse", symbol, fill="mixes rows selected by different masks")
             continue
         positions = {n.name: _row_dims(n.meta.get("val"), symbol) for n in node.all_input_nodes}
         rules[node.name] = _rule(node, symbol, {k: v for k, v in positions.items() if v != []}, val)
@@ -207,6 +213,10 @@ class Selection:
         env = self._counted(node, env)
         if rule.kind == "rows":
             return eval_node(node, env, key)
+        if rule.kind == "compact":   # the selected rows first, in their order
+            order = jnp.argsort(~self.valid[rule.symbol], stable=True)
+            first = {n: jnp.take(env[n], order, axis=dims[0]) for n, dims in rule.positions.items()}
+            return eval_node(node, ChainMap(first, env), key)
         filled = {n: self._fill(env[n], dims, rule.symbol, rule.fill) for n, dims in rule.positions.items()}
         out = eval_node(node, ChainMap(filled, env), key)
         if node.target.overloadpacket is aten.mean:   # a mean over all N rows -> over the selected ones

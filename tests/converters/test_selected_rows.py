@@ -110,8 +110,16 @@ def numbered_rows(m, h, mask, labels):   # Idefics2: the real images numbered by
     return (rows * (pos[:, None] + 1)).sum(0), torch.arange(0, rows.shape[0], dtype=torch.float32).sum()
 
 
+def scatter_into_other_mask(m, h, mask, labels):   # Qwen2-Audio: rows fill another mask's slots, count checked
+    rows = m.adapter(h[mask])
+    slots = mask.flip(-1)
+    torch._check(slots.sum().item() == rows.shape[0])
+    return h.masked_scatter(slots[..., None], rows)
+
+
 HEADS = [token_loss, bce_loss, adapter_rows, adapter_tokens, select_mean, count_divides, over_rows, gram,
-         where_coordinates, moe_index_add, writes_at_row_indices, numbered_rows]
+         where_coordinates, moe_index_add, writes_at_row_indices, numbered_rows,
+         scatter_into_other_mask]
 
 
 def _inputs(seed: int):

@@ -82,7 +82,9 @@ def _install_output_hooks(module: torch.nn.Module) -> None:
     outermost Hugging Face model gets them up front, as its first eager call would give them."""
     hooks = sys.modules.get("transformers.utils.output_capturing")
     install = getattr(hooks, "maybe_install_capturing_hooks", None)
-    if install is None:
+    # a model that ran already has them where it records outputs: installing from its root would hook those
+    # parts a second time (transformers checks only the root's flag), and each output would be recorded twice
+    if install is None or any(getattr(m, "_output_capturing_hooks_installed", False) for m in module.modules()):
         return
     from transformers import PreTrainedModel
     if isinstance(module, PreTrainedModel):

@@ -83,9 +83,12 @@ def test_dynamic_size_the_code_fixes_is_named():
         jm(np.zeros((3, 4), np.float32), np.zeros((3, 3, 5), np.float32))
 
 
-def test_hf_output_hooks_are_installed_before_strict_export():
+@pytest.mark.parametrize("ran_first", [False, True])
+def test_hf_output_hooks_are_installed_before_strict_export(ran_first):
     """CLIPSeg's decoder reads the vision tower's hidden states through transformers' output hooks, which its
-    first call installs under a lock strict export cannot trace; non-strict then fixed the batch (`len(ids)`)."""
+    first call installs under a lock strict export cannot trace; non-strict then fixed the batch (`len(ids)`).
+    A model that ran already keeps its hooks as they are (installed again, each hidden state was recorded
+    twice: the torch model itself then computed something else)."""
     torch.manual_seed(0)
     text = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                 max_position_embeddings=16, bos_token_id=1, eos_token_id=2)
@@ -97,9 +100,17 @@ def test_hf_output_hooks_are_installed_before_strict_export():
 
     def inputs(b):
         return {"input_ids": torch.randint(3, 64, (b, 7)), "pixel_values": torch.randn(b, 3, 32, 32)}
+    kwargs = inputs(3)
+    if ran_first:
+        with torch.no_grad():
+            before = model(**kwargs).logits
+    hooks = sum(len(m._forward_hooks) for m in model.modules())
     jm = bridge.convert(model, kwargs=inputs(2), dynamic="batch")
     assert jm.program.captured.strict
-    kwargs = inputs(3)
+    if ran_first:
+        assert sum(len(m._forward_hooks) for m in model.modules()) == hooks
+        with torch.no_grad():
+            assert torch.equal(model(**kwargs).logits, before)
     with torch.no_grad():   # float64: the decoder's float32 logits are ill-conditioned (torch's own are 3e-5 off)
         ref = model.double()(**{k: v.double() if v.is_floating_point() else v for k, v in kwargs.items()})
     assert_close(jm(**{k: to_jax(v) for k, v in kwargs.items()})["logits"], ref.logits, what="batch 3")

@@ -76,6 +76,28 @@ def _hf_kwargs(module: torch.nn.Module, kwargs: dict) -> dict:
     return extra
 
 
+@contextlib.contextmanager
+def _no_fake_leftovers(module: torch.nn.Module):
+    """What forward caches on the model while torch.export traces it (a functools.cached_property of a helper
+    object: Chameleon's img2bpe_mapping_tensor) is a fake tensor, which torch would then compute with: such
+    values are put back as they were (or dropped, so torch computes them again)."""
+    owners = list(module.modules())
+    owners += [v for m in owners[:] for v in vars(m).values()
+               if hasattr(v, "__dict__") and not isinstance(v, (torch.nn.Module, torch.Tensor, type))]
+    before = [(o, dict(vars(o))) for o in owners]
+    try:
+        yield
+    finally:
+        for owner, old in before:
+            for key, value in list(vars(owner).items()):
+                if isinstance(value, FakeTensor) or (isinstance(value, (tuple, list)) and any(
+                        isinstance(v, FakeTensor) for v in value)):
+                    if key in old and old[key] is not value:
+                        vars(owner)[key] = old[key]
+                    else:
+                        del vars(owner)[key]
+
+
 def _install_output_hooks(module: torch.nn.Module) -> None:
     """transformers installs its output-recording hooks on the first forward that records outputs (CLIPSeg's
     decoder reads the vision tower's hidden states), under a threading lock strict export cannot trace: each
@@ -289,7 +311,7 @@ def capture(module: torch.nn.Module, args: tuple = (), kwargs: dict | None = Non
     warn_backward_hooks(module)
     with _mode(module, train), _config_cache_off(module, kwargs), collecting_hooks() as hooks, \
             shortcuts_off(), routing_ctc(), repacking(module, (args, kwargs)), model_outputs_in_field_order(), \
-            warnings.catch_warnings():
+            _no_fake_leftovers(module), warnings.catch_warnings():
         # torch's own deprecation chatter and dynamo's side-effect notes say nothing about the user's model
         warnings.filterwarnings("ignore", category=FutureWarning)
         warnings.filterwarnings("ignore", message=".*side effects happened in the model.forward.*")

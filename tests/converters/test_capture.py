@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import types
 import typing
 from unittest import mock
@@ -114,6 +115,36 @@ def test_hf_output_hooks_are_installed_before_strict_export(ran_first):
     with torch.no_grad():   # float64: the decoder's float32 logits are ill-conditioned (torch's own are 3e-5 off)
         ref = model.double()(**{k: v.double() if v.is_floating_point() else v for k, v in kwargs.items()})
     assert_close(jm(**{k: to_jax(v) for k, v in kwargs.items()})["logits"], ref.logits, what="batch 3")
+
+
+class _Vocabulary:
+    """A helper object whose table is a functools.cached_property, first computed inside forward (Chameleon)."""
+
+    @functools.cached_property
+    def table(self):
+        return torch.arange(16).flip(0)
+
+
+class _CachesATable(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = torch.nn.Embedding(16, 4)
+        self.vocabulary = _Vocabulary()
+
+    def forward(self, ids):
+        return self.emb(self.vocabulary.table[ids])
+
+
+@pytest.mark.parametrize("strict", [None, False])   # (Python 3.11's cached_property takes a lock dynamo refuses)
+def test_values_forward_caches_while_traced_do_not_stay_fake(strict):
+    torch.manual_seed(0)
+    model, ids = _CachesATable(), torch.randint(0, 16, (2, 5))
+    jm = bridge.convert(model, (ids,), strict=strict)
+    assert "table" not in vars(model.vocabulary)   # computed again, by torch, on the next call
+    with torch.no_grad():
+        ref = model(ids)
+    assert type(ref) is torch.Tensor and type(model.vocabulary.table) is torch.Tensor
+    assert_close(jm(to_jax(ids)), ref)
 
 
 def test_static_shapes_give_named_input_errors():

@@ -20,8 +20,6 @@ from typing import Any
 
 import torch
 from torch._subclasses.fake_tensor import FakeTensor
-from torch.export import Dim
-from torch.fx.experimental.symbolic_shapes import is_concrete_int
 
 from bridge.errors import CaptureError
 from converters import ops as _ops  # noqa: F401  (registers every lowering)
@@ -32,12 +30,12 @@ from converters.registry import registered
 from converters.checks import export_assuming_checks
 from converters.ctc import read_masked_targets, routing_ctc
 from converters.packed import packed_inputs, repacking, routing_packed
-from converters.caches import (has_cache, is_cache, model_outputs_in_field_order, register_objects,
+from converters.caches import (has_cache, model_outputs_in_field_order, register_objects,
                               register_transformers_caches)
+from converters.dynamic import dynamic_spec, fixed_dims, fixed_text
+from converters.model_conventions import config_cache_off, hf_kwargs, install_output_hooks, no_fake_leftovers
 from converters.shortcuts import shortcuts_off
 from converters.structure import patched_forward, registering_outputs
-
-DYNAMIC_PRESETS = {"batch": (0,), "batch+seq": (0, 1)}
 
 
 @dataclasses.dataclass
@@ -66,71 +64,6 @@ def state_aliases(module: torch.nn.Module) -> dict[str, str]:
     return out
 
 
-def _hf_kwargs(module: torch.nn.Module, kwargs: dict) -> dict:
-    """Hugging Face models: turn the KV cache off unless the caller chose otherwise (or passed a cache)."""
-    extra = {}
-    params = inspect.signature(module.forward).parameters
-    if getattr(module, "config", None) is not None and "use_cache" in params and "use_cache" not in kwargs \
-            and not has_cache((), kwargs):
-        extra["use_cache"] = False
-    return extra
-
-
-@contextlib.contextmanager
-def _no_fake_leftovers(module: torch.nn.Module):
-    """What forward caches on the model while torch.export traces it (a functools.cached_property of a helper
-    object: Chameleon's img2bpe_mapping_tensor) is a fake tensor, which torch would then compute with: such
-    values are put back as they were (or dropped, so torch computes them again)."""
-    owners = list(module.modules())
-    owners += [v for m in owners[:] for v in vars(m).values()
-               if hasattr(v, "__dict__") and not isinstance(v, (torch.nn.Module, torch.Tensor, type))]
-    before = [(o, dict(vars(o))) for o in owners]
-    try:
-        yield
-    finally:
-        for owner, old in before:
-            for key, value in list(vars(owner).items()):
-                if isinstance(value, FakeTensor) or (isinstance(value, (tuple, list)) and any(
-                        isinstance(v, FakeTensor) for v in value)):
-                    if key in old and old[key] is not value:
-                        vars(owner)[key] = old[key]
-                    else:
-                        del vars(owner)[key]
-
-
-def _install_output_hooks(module: torch.nn.Module) -> None:
-    """transformers installs its output-recording hooks on the first forward that records outputs (CLIPSeg's
-    decoder reads the vision tower's hidden states), under a threading lock strict export cannot trace: each
-    outermost Hugging Face model gets them up front, as its first eager call would give them."""
-    hooks = sys.modules.get("transformers.utils.output_capturing")
-    install = getattr(hooks, "maybe_install_capturing_hooks", None)
-    # a model that ran already has them where it records outputs: installing from its root would hook those
-    # parts a second time (transformers checks only the root's flag), and each output would be recorded twice
-    if install is None or any(getattr(m, "_output_capturing_hooks_installed", False) for m in module.modules()):
-        return
-    from transformers import PreTrainedModel
-    if isinstance(module, PreTrainedModel):
-        install(module)
-        return
-    for child in module.children():
-        _install_output_hooks(child)
-
-
-@contextlib.contextmanager
-def _config_cache_off(module: torch.nn.Module, kwargs: dict):
-    """Hugging Face models whose forward passes `use_cache` on only through **kwargs read it from the config:
-    turned off there while capturing (as a keyword it would hit torch.export's **kwargs dynamic-shape bug)."""
-    config = getattr(module, "config", None)
-    if "use_cache" in kwargs or not getattr(config, "use_cache", False) or has_cache((), kwargs):
-        yield
-        return
-    config.use_cache = False
-    try:
-        yield
-    finally:
-        config.use_cache = True
-
-
 def _flat_signature(module: torch.nn.Module, kwargs: dict) -> inspect.Signature | None:
     """forward's signature with the kwargs that would land in `**kwargs` as keyword-only parameters, or None:
     torch.export cannot match dynamic_shapes to `**kwargs` (HF models take use_cache, past_key_values so)."""
@@ -154,45 +87,6 @@ def _flat_forward(module: torch.nn.Module, sig: inspect.Signature | None):
         flat.__signature__ = sig
         return flat
     return patched_forward(module, wrapper)
-
-
-def _dynamic_spec(module, args, kwargs, dynamic: str, sig: inspect.Signature | None = None):
-    if dynamic not in DYNAMIC_PRESETS:
-        raise CaptureError(f"dynamic={dynamic!r} is not one of {sorted(DYNAMIC_PRESETS)}")
-    dims = DYNAMIC_PRESETS[dynamic]
-    bound = (sig or inspect.signature(module.forward)).bind(*args, **kwargs)
-    # a decode step (a cache among the inputs) is written with one new token: that size-1 dim stays static
-    decode = has_cache(args, kwargs)
-
-    def spec(name, value):
-        if isinstance(value, torch.Tensor):
-            out = {}
-            for d in dims:
-                if d < value.dim():
-                    if value.shape[d] < 2 and decode:
-                        continue
-                    if value.shape[d] < 2:
-                        raise CaptureError(
-                            f"dynamic={dynamic!r}: input {name!r} has size {value.shape[d]} in dim {d}; "
-                            "torch.export specializes sizes 0 and 1, use an example with size >= 2")
-                    out[d] = Dim.AUTO
-            return out or None
-        if is_cache(value):   # its tensors (B, heads, length, dim): any size the code does not fix may vary
-            return [{d: Dim.AUTO for d in range(t.dim()) if t.shape[d] >= 2}
-                    for t in torch.utils._pytree.tree_leaves(value)]
-        node = torch.utils._pytree.SUPPORTED_NODES.get(type(value))
-        builtin = getattr(torch.utils._pytree, "BUILTIN_TYPES", (list, tuple, dict))
-        if node is not None and type(value) not in builtin and not hasattr(value, "_fields"):
-            # a registered class (ModelOutput, dataclass): torch.export matches its flattened children
-            return [spec(f"{name}[{i}]", v) for i, v in enumerate(node.flatten_fn(value)[0])]
-        if isinstance(value, (list, tuple)):
-            specs = [spec(f"{name}[{i}]", v) for i, v in enumerate(value)]
-            return type(value)(*specs) if hasattr(value, "_fields") else type(value)(specs)   # NamedTuples too
-        if isinstance(value, dict):
-            return {k: spec(f"{name}.{k}", v) for k, v in value.items()}
-        return None
-
-    return {name: spec(name, value) for name, value in bound.arguments.items()}
 
 
 def decomposition_table(decompose: set = frozenset()) -> dict:
@@ -296,22 +190,22 @@ def capture(module: torch.nn.Module, args: tuple = (), kwargs: dict | None = Non
     register_objects((args, kwargs))
     # torch.export traces the examples' strides (size-1 dims included); JAX arrays have none
     args, kwargs = torch.utils._pytree.tree_map_only(torch.Tensor, _row_major, (args, kwargs))
-    extra = _hf_kwargs(module, kwargs)
-    _install_output_hooks(module)
+    extra = hf_kwargs(module, kwargs)
+    install_output_hooks(module)
     kwargs.update(extra)
     if dynamic is not None:
         if dynamic_shapes is not None:
             raise CaptureError("pass either dynamic= or dynamic_shapes=, not both")
-        dynamic_shapes = _dynamic_spec(module, args, kwargs, dynamic, _flat_signature(module, kwargs))
+        dynamic_shapes = dynamic_spec(module, args, kwargs, dynamic, _flat_signature(module, kwargs))
     flat = _flat_signature(module, kwargs) if dynamic_shapes is not None else None
     # a cache passed in is updated in place, and counts may live in Python: non-strict runs forward as Python,
     # where registering_outputs checks them (HF's own exporter uses non-strict for caches too)
     modes = ([False] if has_cache(args, kwargs) else [True, False]) if strict is None else [strict]
     errors = []
     warn_backward_hooks(module)
-    with _mode(module, train), _config_cache_off(module, kwargs), collecting_hooks() as hooks, \
+    with _mode(module, train), config_cache_off(module, kwargs), collecting_hooks() as hooks, \
             shortcuts_off(), routing_ctc(), repacking(module, (args, kwargs)), model_outputs_in_field_order(), \
-            _no_fake_leftovers(module), warnings.catch_warnings():
+            no_fake_leftovers(module), warnings.catch_warnings():
         # torch's own deprecation chatter and dynamo's side-effect notes say nothing about the user's model
         warnings.filterwarnings("ignore", category=FutureWarning)
         warnings.filterwarnings("ignore", message=".*side effects happened in the model.forward.*")
@@ -345,11 +239,11 @@ def capture(module: torch.nn.Module, args: tuple = (), kwargs: dict | None = Non
                                            "non-strict keeps its backward")
                     warnings.warn(_INLINED + "; leave strict=None (or pass strict=False) to keep its backward",
                                   stacklevel=3)
-                if mode and strict is None and dynamic is not None and _fixed_dims(ep, dynamic):
+                if mode and strict is None and dynamic is not None and fixed_dims(ep, dynamic):
                     # dynamo specializes a size the code reads as a Python int (an f-string, a check's
                     # message); non-strict runs the code as Python and keeps it symbolic
                     narrow = ep
-                    raise CaptureError(f"strict export fixed {_fixed_text(_fixed_dims(ep, dynamic))}")
+                    raise CaptureError(f"strict export fixed {fixed_text(fixed_dims(ep, dynamic))}")
                 # inside the loop: a strict program can fail to decompose (torch.autocast blocks), non-strict not
                 ep = _decomposed(ep)
                 break
@@ -380,28 +274,12 @@ def capture(module: torch.nn.Module, args: tuple = (), kwargs: dict | None = Non
             except Exception as e:
                 raise failed from e
     warn_dropped_hooks(hooks)
-    if dynamic is not None and _fixed_dims(ep, dynamic):
+    if dynamic is not None and fixed_dims(ep, dynamic):
         warnings.warn(f"dynamic={dynamic!r}: {type(module).__name__}'s code ties "
-                      f"{_fixed_text(_fixed_dims(ep, dynamic))} to a static size (torch.export specialized it); "
+                      f"{fixed_text(fixed_dims(ep, dynamic))} to a static size (torch.export specialized it); "
                       "the converted model takes only the example's size there", stacklevel=3)
     return Captured(ep, state_aliases(module), extra, mode, train, *_static_inputs(args, kwargs, extra),
                     _arg_names(module, len(args)))
-
-
-def _fixed_dims(ep, dynamic: str) -> list[tuple[str, int, int]]:
-    """(input, dim, size) of each dim `dynamic` asks to vary that the program holds static."""
-    user = set(ep.graph_signature.user_inputs)
-    fixed = []
-    for node in ep.graph.nodes:
-        shape = getattr(node.meta.get("val"), "shape", None) if node.op == "placeholder" else None
-        if node.name in user and shape is not None:
-            fixed += [(node.name, d, int(shape[d])) for d in DYNAMIC_PRESETS[dynamic]
-                      if d < len(shape) and is_concrete_int(shape[d]) and int(shape[d]) >= 2]
-    return fixed
-
-
-def _fixed_text(fixed: list) -> str:
-    return ", ".join(f"input {name!r} dim {d} (size {size})" for name, d, size in fixed)
 
 
 def _exported(module, args, kwargs, **options):

@@ -1,0 +1,73 @@
+"""Dynamic sizes: the `dynamic=` presets as torch.export specs, and the sizes a captured program holds static.
+
+Example:
+    >>> spec = dynamic_spec(model, (x,), {}, "batch")       # {'x': {0: Dim.AUTO}}
+    >>> fixed_dims(ep, "batch")                             # [('x', 0, 2)] where the code fixes the batch
+"""
+from __future__ import annotations
+
+import inspect
+
+import torch
+from torch.export import Dim
+from torch.fx.experimental.symbolic_shapes import is_concrete_int
+
+from bridge.errors import CaptureError
+from converters.caches import has_cache, is_cache
+
+DYNAMIC_PRESETS = {"batch": (0,), "batch+seq": (0, 1)}
+
+
+def dynamic_spec(module, args, kwargs, dynamic: str, sig: inspect.Signature | None = None):
+    if dynamic not in DYNAMIC_PRESETS:
+        raise CaptureError(f"dynamic={dynamic!r} is not one of {sorted(DYNAMIC_PRESETS)}")
+    dims = DYNAMIC_PRESETS[dynamic]
+    bound = (sig or inspect.signature(module.forward)).bind(*args, **kwargs)
+    # a decode step (a cache among the inputs) is written with one new token: that size-1 dim stays static
+    decode = has_cache(args, kwargs)
+
+    def spec(name, value):
+        if isinstance(value, torch.Tensor):
+            out = {}
+            for d in dims:
+                if d < value.dim():
+                    if value.shape[d] < 2 and decode:
+                        continue
+                    if value.shape[d] < 2:
+                        raise CaptureError(
+                            f"dynamic={dynamic!r}: input {name!r} has size {value.shape[d]} in dim {d}; "
+                            "torch.export specializes sizes 0 and 1, use an example with size >= 2")
+                    out[d] = Dim.AUTO
+            return out or None
+        if is_cache(value):   # its tensors (B, heads, length, dim): any size the code does not fix may vary
+            return [{d: Dim.AUTO for d in range(t.dim()) if t.shape[d] >= 2}
+                    for t in torch.utils._pytree.tree_leaves(value)]
+        node = torch.utils._pytree.SUPPORTED_NODES.get(type(value))
+        builtin = getattr(torch.utils._pytree, "BUILTIN_TYPES", (list, tuple, dict))
+        if node is not None and type(value) not in builtin and not hasattr(value, "_fields"):
+            # a registered class (ModelOutput, dataclass): torch.export matches its flattened children
+            return [spec(f"{name}[{i}]", v) for i, v in enumerate(node.flatten_fn(value)[0])]
+        if isinstance(value, (list, tuple)):
+            specs = [spec(f"{name}[{i}]", v) for i, v in enumerate(value)]
+            return type(value)(*specs) if hasattr(value, "_fields") else type(value)(specs)   # NamedTuples too
+        if isinstance(value, dict):
+            return {k: spec(f"{name}.{k}", v) for k, v in value.items()}
+        return None
+
+    return {name: spec(name, value) for name, value in bound.arguments.items()}
+
+
+def fixed_dims(ep, dynamic: str) -> list[tuple[str, int, int]]:
+    """(input, dim, size) of each dim `dynamic` asks to vary that the program holds static."""
+    user = set(ep.graph_signature.user_inputs)
+    fixed = []
+    for node in ep.graph.nodes:
+        shape = getattr(node.meta.get("val"), "shape", None) if node.op == "placeholder" else None
+        if node.name in user and shape is not None:
+            fixed += [(node.name, d, int(shape[d])) for d in DYNAMIC_PRESETS[dynamic]
+                      if d < len(shape) and is_concrete_int(shape[d]) and int(shape[d]) >= 2]
+    return fixed
+
+
+def fixed_text(fixed: list) -> str:
+    return ", ".join(f"input {name!r} dim {d} (size {size})" for name, d, size in fixed)

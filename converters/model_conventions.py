@@ -1,0 +1,82 @@
+"""How a model's own conventions are kept while torch.export traces it: Hugging Face's KV-cache switch and
+output-recording hooks, and values forward caches on the model (which tracing would leave fake).
+
+Example:
+    >>> with config_cache_off(model, kwargs), no_fake_leftovers(model):
+    ...     ep = torch.export.export(model, (), {**kwargs, **hf_kwargs(model, kwargs)})
+"""
+from __future__ import annotations
+
+import contextlib
+import inspect
+import sys
+
+import torch
+from torch._subclasses.fake_tensor import FakeTensor
+
+from converters.caches import has_cache
+
+
+def hf_kwargs(module: torch.nn.Module, kwargs: dict) -> dict:
+    """Hugging Face models: turn the KV cache off unless the caller chose otherwise (or passed a cache)."""
+    extra = {}
+    params = inspect.signature(module.forward).parameters
+    if getattr(module, "config", None) is not None and "use_cache" in params and "use_cache" not in kwargs \
+            and not has_cache((), kwargs):
+        extra["use_cache"] = False
+    return extra
+
+
+@contextlib.contextmanager
+def no_fake_leftovers(module: torch.nn.Module):
+    """What forward caches on the model while torch.export traces it (a functools.cached_property of a helper
+    object: Chameleon's img2bpe_mapping_tensor) is a fake tensor, which torch would then compute with: such
+    values are put back as they were (or dropped, so torch computes them again)."""
+    owners = list(module.modules())
+    owners += [v for m in owners[:] for v in vars(m).values()
+               if hasattr(v, "__dict__") and not isinstance(v, (torch.nn.Module, torch.Tensor, type))]
+    before = [(o, dict(vars(o))) for o in owners]
+    try:
+        yield
+    finally:
+        for owner, old in before:
+            for key, value in list(vars(owner).items()):
+                if isinstance(value, FakeTensor) or (isinstance(value, (tuple, list)) and any(
+                        isinstance(v, FakeTensor) for v in value)):
+                    if key in old and old[key] is not value:
+                        vars(owner)[key] = old[key]
+                    else:
+                        del vars(owner)[key]
+
+
+def install_output_hooks(module: torch.nn.Module) -> None:
+    """transformers installs its output-recording hooks on the first forward that records outputs (CLIPSeg's
+    decoder reads the vision tower's hidden states), under a threading lock strict export cannot trace: each
+    outermost Hugging Face model gets them up front, as its first eager call would give them."""
+    hooks = sys.modules.get("transformers.utils.output_capturing")
+    install = getattr(hooks, "maybe_install_capturing_hooks", None)
+    # a model that ran already has them where it records outputs: installing from its root would hook those
+    # parts a second time (transformers checks only the root's flag), and each output would be recorded twice
+    if install is None or any(getattr(m, "_output_capturing_hooks_installed", False) for m in module.modules()):
+        return
+    from transformers import PreTrainedModel
+    if isinstance(module, PreTrainedModel):
+        install(module)
+        return
+    for child in module.children():
+        install_output_hooks(child)
+
+
+@contextlib.contextmanager
+def config_cache_off(module: torch.nn.Module, kwargs: dict):
+    """Hugging Face models whose forward passes `use_cache` on only through **kwargs read it from the config:
+    turned off there while capturing (as a keyword it would hit torch.export's **kwargs dynamic-shape bug)."""
+    config = getattr(module, "config", None)
+    if "use_cache" in kwargs or not getattr(config, "use_cache", False) or has_cache((), kwargs):
+        yield
+        return
+    config.use_cache = False
+    try:
+        yield
+    finally:
+        config.use_cache = True

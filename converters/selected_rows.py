@@ -7,13 +7,14 @@ shapes only. Here such a tensor keeps all N = mask.numel() rows, and the mask ri
 - reductions and contractions over the rows fill the unselected rows with the reduction's identity first
   (0 for sums and matmuls, -inf for max, 1 for products); a mean divides by the selected count;
 - `out[mask] = rows` becomes `where(mask, rows, out)`, and `x[mask].shape[0]` is the selected count where
-  it is a number, N where it is a size; `torch.arange` of it numbers each selected row by its rank, and
-  `x.masked_scatter(other_mask, rows)` fills the other mask's Trues with the selected rows in order;
+  it is a number, N where it is a size; `torch.arange` of it numbers each selected row by its rank,
+  `rows[idx]` reads the idx-th selected rows, and `x.masked_scatter(other_mask, rows)` fills the other
+  mask's Trues with the selected rows in order;
 - writes at indices the rows carry (`tok` of `_, tok = torch.where(mask)`: `index_add_`, `scatter_add`,
   `out[tok] += rows`) add 0 from the unselected rows; `index_copy`, `scatter` and `out[tok] = rows` drop them.
 Where a check fixes the count (`torch._check(x[mask].numel() == feats.numel())`, HF's placeholder check), the
 program knows the size: the first `count` selected rows are gathered at that static size instead.
-What would mix selected rows otherwise (sorting, slicing, indexing them, returning them) raises under jit,
+What would mix selected rows otherwise (sorting, slicing, returning them) raises under jit,
 naming the op and line; with a concrete mask (outside jit) everything runs as in torch. Masked losses and
 per-group adapters thus convert and differentiate:
 
@@ -64,7 +65,7 @@ _COUNTED = ("Scalar", "float", "number", "Tensor")   # schema types where a size
 
 @dataclasses.dataclass
 class Rule:
-    kind: str                   # source | pinned | size | put | rows | rank | compact | reduce | scan | refuse
+    kind: str                   # source | pinned | size | put | rows | rank | compact | gather | reduce | scan | refuse
     symbol: object
     positions: dict = dataclasses.field(default_factory=dict)   # input node name -> dims holding the rows
     fill: object = None         # reduce/scan: the identity; refuse: why
@@ -130,11 +131,16 @@ def _rule(node, symbol, positions: dict, val) -> Rule:
         return Rule("rows", symbol, positions)
     if packet is aten.masked_scatter and set(positions) == {node.args[2].name}:
         return Rule("compact", symbol, positions)   # the selected rows, in order, fill another mask's Trues
+    rows = positions.get(first, [])
+    if packet is aten.index and len(rows) == 1 and len(node.args[1]) > rows[0]:
+        idx = node.args[1][rows[0]]   # x[m][idx]: idx numbers the selected rows (their rank)
+        if isinstance(idx, torch.fx.Node) and not idx.meta["val"].dtype.is_floating_point \
+                and idx.meta["val"].dtype != torch.bool:
+            return Rule("gather", symbol, {first: rows, "index": idx.name})
     if not out_dims and not (isinstance(val, (list, tuple)) and packet not in _FILL):
         if packet not in _FILL:
             return Rule("refuse", symbol, fill="reduces rows selected by a boolean mask by their order")
         return Rule("reduce", symbol, positions, _FILL[packet])
-    rows = positions.get(first, [])
     ndim = node.all_input_nodes[0].meta["val"].dim() if rows else 0
     hit = {d % ndim for d in _dim_values(node)} & set(rows) if ndim and packet not in _MOVES else set()
     if packet is aten.index and rows:   # x[m][idx]: which rows idx picks depends on their position
@@ -213,6 +219,13 @@ class Selection:
         env = self._counted(node, env)
         if rule.kind == "rows":
             return eval_node(node, env, key)
+        if rule.kind == "gather":   # rank k -> the k-th selected row's place among all N
+            name = rule.positions["index"]
+            valid = self.valid[rule.symbol]
+            order = jnp.argsort(~valid, stable=True)
+            idx = env[name]
+            idx = jnp.where(idx < 0, idx + self.count(rule.symbol), idx)
+            return eval_node(node, ChainMap({name: order[jnp.clip(idx, 0, valid.shape[0] - 1)]}, env), key)
         if rule.kind == "compact":   # the selected rows first, in their order
             order = jnp.argsort(~self.valid[rule.symbol], stable=True)
             first = {n: jnp.take(env[n], order, axis=dims[0]) for n, dims in rule.positions.items()}

@@ -58,15 +58,19 @@ def dynamic_spec(module, args, kwargs, dynamic: str, sig: inspect.Signature | No
 
 
 def fixed_dims(ep, dynamic: str) -> list[tuple[str, int, int]]:
-    """(input, dim, size) of each dim `dynamic` asks to vary that the program holds static."""
+    """(input, dim, size) of each dim `dynamic` asks to vary that the program holds static where it matters:
+    at a size another input keeps variable in that dim (images tied to the tokens' batch), or where nothing
+    varies at all. A size only the example shares (a cache's heads, a bias) is not named."""
     user = set(ep.graph_signature.user_inputs)
-    fixed = []
-    for node in ep.graph.nodes:
-        shape = getattr(node.meta.get("val"), "shape", None) if node.op == "placeholder" else None
-        if node.name in user and shape is not None:
-            fixed += [(node.name, d, int(shape[d])) for d in DYNAMIC_PRESETS[dynamic]
-                      if d < len(shape) and is_concrete_int(shape[d]) and int(shape[d]) >= 2]
-    return fixed
+    shapes = [(n.name, n.meta["val"].shape) for n in ep.graph.nodes
+              if n.op == "placeholder" and n.name in user and hasattr(n.meta.get("val"), "shape")]
+    dims = DYNAMIC_PRESETS[dynamic]
+    varying = {(d, shape[d].node.hint) for _, shape in shapes for d in dims
+               if d < len(shape) and not is_concrete_int(shape[d])}
+    anything = any(not is_concrete_int(size) for _, shape in shapes for size in shape)
+    return [(name, d, int(shape[d])) for name, shape in shapes for d in dims
+            if d < len(shape) and is_concrete_int(shape[d]) and int(shape[d]) >= 2
+            and (not anything or (d, int(shape[d])) in varying)]
 
 
 def fixed_text(fixed: list) -> str:

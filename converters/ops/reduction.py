@@ -67,15 +67,21 @@ def min_all(x):
 @lowering(aten.max.dim)
 @scalar_dims
 def max_dim(x, dim, keepdim=False):
-    d = dim_(dim, x.ndim)
-    return jnp.max(x, axis=d, keepdims=keepdim), jnp.argmax(x, axis=d, keepdims=keepdim)
+    return _at_index(x, dim_(dim, x.ndim), keepdim, jnp.argmax)
+
+
+def _at_index(x, d, keepdim, arg):
+    """(value, index) read at the index: the gradient goes to that one element, as torch's does (jnp.max
+    splits it over ties — torch's amax does too, max(dim) does not)."""
+    i = arg(x, axis=d, keepdims=True)
+    v = jnp.take_along_axis(x, i, axis=d)
+    return (v, i) if keepdim else (jnp.squeeze(v, d), jnp.squeeze(i, d))
 
 
 @lowering(aten.min.dim)
 @scalar_dims
 def min_dim(x, dim, keepdim=False):
-    d = dim_(dim, x.ndim)
-    return jnp.min(x, axis=d, keepdims=keepdim), jnp.argmin(x, axis=d, keepdims=keepdim)
+    return _at_index(x, dim_(dim, x.ndim), keepdim, jnp.argmin)
 
 
 @lowering(aten.argmax.default)

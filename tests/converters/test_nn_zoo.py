@@ -640,6 +640,12 @@ CASES = [
     Case("sdpa_gqa_float_mask",
          fmod(lambda s, q, k, v, m: F.scaled_dot_product_attention(q, k, v, attn_mask=m, enable_gqa=True, scale=0.3)),
          lambda: (r(2, 4, 5, 8), r(2, 2, 7, 8), r(2, 2, 7, 8), r(5, 7)), slow=True),
+    # max(dim)/min(dim) over exact ties (EfficientLoFTR's matching at init): all the gradient to the index returned
+    Case("max_min_dim_ties",
+         fmod(lambda s, x: torch.stack([s.a * x, s.b * x, x.detach()], -1).max(-1).values
+              + torch.stack([s.a * x, s.b * x], 1).min(1).values,
+              a=nn.Parameter(torch.ones(4)), b=nn.Parameter(torch.ones(4))),
+         lambda: (r(3, 4),)),
     # a 1-D weight: D-FINE's distribution-to-offset projection (F.linear(corners, project))
     Case("linear_vector_weight",
          fmod(lambda s, x: F.linear(x, s.w, s.b), w=nn.Parameter(torch.randn(9)), b=nn.Parameter(torch.randn(()))),

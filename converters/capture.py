@@ -239,11 +239,10 @@ def capture(module: torch.nn.Module, args: tuple = (), kwargs: dict | None = Non
                                            "non-strict keeps its backward")
                     warnings.warn(_INLINED + "; leave strict=None (or pass strict=False) to keep its backward",
                                   stacklevel=3)
-                if mode and strict is None and dynamic is not None and fixed_dims(ep, dynamic):
-                    # dynamo specializes a size the code reads as a Python int (an f-string, a check's
-                    # message); non-strict runs the code as Python and keeps it symbolic
-                    narrow = ep
-                    raise CaptureError(f"strict export fixed {fixed_text(fixed_dims(ep, dynamic))}")
+                fixed = fixed_dims(ep, dynamic) if mode and strict is None and dynamic is not None else []
+                if fixed:   # dynamo specializes a size the code reads as a Python int (an f-string, a check's
+                    narrow = ep   # message); non-strict runs the code as Python and keeps it symbolic
+                    raise CaptureError(f"strict export fixed {fixed_text(fixed)}")
                 # inside the loop: a strict program can fail to decompose (torch.autocast blocks), non-strict not
                 ep = _decomposed(ep)
                 break
@@ -274,9 +273,10 @@ def capture(module: torch.nn.Module, args: tuple = (), kwargs: dict | None = Non
             except Exception as e:
                 raise failed from e
     warn_dropped_hooks(hooks)
-    if dynamic is not None and fixed_dims(ep, dynamic):
+    fixed = fixed_dims(ep, dynamic) if dynamic is not None else []
+    if fixed:
         warnings.warn(f"dynamic={dynamic!r}: {type(module).__name__}'s code ties "
-                      f"{fixed_text(fixed_dims(ep, dynamic))} to a static size (torch.export specialized it); "
+                      f"{fixed_text(fixed)} to a static size (torch.export specialized it); "
                       "the converted model takes only the example's size there", stacklevel=3)
     return Captured(ep, state_aliases(module), extra, mode, train, *_static_inputs(args, kwargs, extra),
                     _arg_names(module, len(args)))

@@ -68,7 +68,7 @@ class Rule:
     kind: str                   # source | pinned | size | put | rows | rank | compact | gather | reduce | scan | refuse
     symbol: object
     positions: dict = dataclasses.field(default_factory=dict)   # input node name -> dims holding the rows
-    fill: object = None         # reduce/scan: the identity; refuse: why
+    fill: object = None         # reduce/scan: the identity; gather: the index node; refuse: why
 
 
 def _symbols(val) -> set:
@@ -136,7 +136,7 @@ def _rule(node, symbol, positions: dict, val) -> Rule:
         idx = node.args[1][rows[0]]   # x[m][idx]: idx numbers the selected rows (their rank)
         if isinstance(idx, torch.fx.Node) and not idx.meta["val"].dtype.is_floating_point \
                 and idx.meta["val"].dtype != torch.bool:
-            return Rule("gather", symbol, {first: rows, "index": idx.name})
+            return Rule("gather", symbol, {first: rows}, fill=idx.name)
     if not out_dims and not (isinstance(val, (list, tuple)) and packet not in _FILL):
         if packet not in _FILL:
             return Rule("refuse", symbol, fill="reduces rows selected by a boolean mask by their order")
@@ -220,14 +220,11 @@ class Selection:
         if rule.kind == "rows":
             return eval_node(node, env, key)
         if rule.kind == "gather":   # rank k -> the k-th selected row's place among all N
-            name = rule.positions["index"]
-            valid = self.valid[rule.symbol]
-            order = jnp.argsort(~valid, stable=True)
-            idx = env[name]
+            order, idx = self.order(rule.symbol), env[rule.fill]
             idx = jnp.where(idx < 0, idx + self.count(rule.symbol), idx)
-            return eval_node(node, ChainMap({name: order[jnp.clip(idx, 0, valid.shape[0] - 1)]}, env), key)
+            return eval_node(node, ChainMap({rule.fill: order[jnp.clip(idx, 0, order.size - 1)]}, env), key)
         if rule.kind == "compact":   # the selected rows first, in their order
-            order = jnp.argsort(~self.valid[rule.symbol], stable=True)
+            order = self.order(rule.symbol)
             first = {n: jnp.take(env[n], order, axis=dims[0]) for n, dims in rule.positions.items()}
             return eval_node(node, ChainMap(first, env), key)
         filled = {n: self._fill(env[n], dims, rule.symbol, rule.fill) for n, dims in rule.positions.items()}
@@ -238,6 +235,10 @@ class Selection:
 
     def count(self, symbol):
         return jnp.sum(self.valid[symbol], dtype=jnp.int32)
+
+    def order(self, symbol):
+        """Positions of the selected rows among all N, in order (then the unselected ones)."""
+        return jnp.argsort(~self.valid[symbol], stable=True)
 
     def output(self, node, value):
         """A graph output: sizes as counts; selected rows only outside jit (their number is the data's)."""
@@ -348,7 +349,7 @@ class Selection:
         values = jnp.broadcast_to(values.astype(out.dtype), rows)
         if indices[j].name != self.mask_of[symbol]:   # another mask (as many Trues): its k-th True takes the
             ranks = jnp.cumsum(mask.reshape(-1)) - 1  # k-th selected row
-            order = jnp.argsort(~self.valid[symbol], stable=True)
+            order = self.order(symbol)
             values = jnp.take(values, order[jnp.clip(ranks, 0, mask.size - 1)], axis=j)
         values = values.reshape(out.shape)
         mask = mask.reshape((1,) * j + mask.shape + (1,) * (out.ndim - j - mask.ndim))

@@ -18,6 +18,10 @@ jax.config.update("jax_numpy_rank_promotion", "raise")
 jax.config.update("jax_numpy_dtype_promotion", "strict")
 torch.set_num_threads(2)
 
+# make test runs a representative subset; make test-full (BRIDGE_TEST_FULL=1) adds these
+FULL = os.environ.get("BRIDGE_TEST_FULL") == "1"
+full_only = pytest.mark.skipif(not FULL, reason="make test-full (BRIDGE_TEST_FULL=1) only")
+
 # relative to the reference's scale (max |ref|); grads per tensor
 TOL = {"float32": 1e-5, "bfloat16": 2e-2, "float16": 2e-3}
 GRAD_TOL = 1e-4

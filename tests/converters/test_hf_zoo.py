@@ -544,7 +544,7 @@ ZOO = [
          lambda b: {**tokens(decoder=True)(b), "use_cache": False}, "last_hidden_state"),
 ]
 BY_NAME = {a.name: a for a in ZOO}
-FAST = ("mistral", "mixtral", "gpt_neox", "t5", "vit", "whisper")
+FAST = ("mistral", "mixtral", "t5", "vit", "whisper")
 
 
 def _params(grads=False):

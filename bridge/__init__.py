@@ -20,6 +20,7 @@ _EXPORTS = {
     "to_flax": "converters.nnx",
     "from_flax": "converters.nnx",
     "as_jax_inputs": "converters.structure",
+    "static_cache": "converters.model_conventions",
     "register_lowering": "converters.registry",
     "PackedInput": "converters.packed",
 }

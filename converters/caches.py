@@ -250,7 +250,8 @@ def check_state_numbers(before: dict, after: dict) -> None:
         k = changed[0]
         raise ValueError(f"cache attribute {k} is a Python number the forward changes ({before[k]} -> {after[k]}); "
                          "a converted program would bake it in: use a cache that keeps its state in tensors "
-                         "(StaticCache), or run without a cache (use_cache=False)")
+                         "(`bridge.static_cache(model, batch_size, max_cache_len)`, which holds sliding-window "
+                         "layers at full length too), or run without a cache (use_cache=False)")
 
 
 def is_object_node(spec) -> bool:

@@ -80,3 +80,34 @@ def config_cache_off(module: torch.nn.Module, kwargs: dict):
         yield
     finally:
         config.use_cache = True
+
+
+def static_cache(model, batch_size: int, max_cache_len: int, *, dtype: torch.dtype | None = None,
+                 device: torch.device | str = "cpu"):
+    """A Hugging Face `StaticCache` for `model` whose state is all tensors, sliding-window layers included.
+
+    transformers' static sliding-window and chunked layers keep their length as a Python int, so no traced
+    program can carry them. Here those layers hold all `max_cache_len` positions like full-attention layers;
+    the model's own mask still applies the window or chunk (its positions are absolute), so the logits are
+    the same and one converted program runs the prompt and every next token under `jax.jit`.
+
+    Example:
+        >>> cache = bridge.static_cache(model, batch_size=2, max_cache_len=64)
+        >>> jm = bridge.convert(model, kwargs={"input_ids": ids, "past_key_values": cache, "use_cache": True},
+        ...                     dynamic="batch+seq")
+        >>> out = jm(input_ids=ids.numpy(), past_key_values=bridge.as_jax_inputs(cache))
+    """
+    import transformers
+    from transformers.cache_utils import StaticLayer, StaticSlidingWindowLayer
+
+    config = getattr(model, "config", model)
+    text = config.get_text_config(decoder=True)
+    cache = transformers.StaticCache(config=config, max_cache_len=max_cache_len)
+    cache.layers = [StaticLayer(max_cache_len=max_cache_len) if isinstance(layer, StaticSlidingWindowLayer)
+                    else layer for layer in cache.layers]
+    if dtype is None:
+        dtype = next(model.parameters()).dtype if isinstance(model, torch.nn.Module) else torch.float32
+    heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    cache.early_initialization(batch_size, heads, head_dim, dtype, torch.device(device))
+    return cache

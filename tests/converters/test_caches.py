@@ -17,7 +17,7 @@ import transformers as tf
 
 import bridge
 from bridge.errors import CaptureError, InputError
-from tests.conftest import assert_close
+from tests.conftest import assert_close, full_only
 
 FULL = os.environ.get("BRIDGE_TEST_FULL") == "1"
 V, B, P, N = 64, 2, 5, 4          # vocabulary, batch, prompt length, new tokens
@@ -111,6 +111,43 @@ def test_static_cache_prefill_and_decode_in_one_jitted_program():
         tokens.append(np.asarray(nxt))
         out = step(jm.params, nxt[:, None], state)
         state, nxt = out[key], _greedy(out["logits"][:, -1])
+    np.testing.assert_array_equal(np.stack(tokens, 1), _torch_tokens(model, ids))
+
+
+SLIDING = {   # every layer sliding (window 4), and Gemma 3's sliding and full layers in turn
+    "mistral": lambda: tf.MistralForCausalLM(tf.MistralConfig(
+        vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, sliding_window=4, eos_token_id=EOS, pad_token_id=0)),
+    "gemma3": lambda: tf.Gemma3ForCausalLM(tf.Gemma3TextConfig(
+        vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, sliding_window=4, layer_types=["sliding_attention", "full_attention"],
+        eos_token_id=EOS, pad_token_id=0, bos_token_id=1)),
+}
+
+
+@pytest.mark.parametrize("name", [pytest.param("mistral", marks=full_only), "gemma3"])
+def test_sliding_window_models_decode_with_bridge_static_cache(name):
+    """transformers' static sliding-window layers count in Python; `bridge.static_cache` holds them at full length
+    and the model's mask applies the window: prompt and decode steps (past the window) under one jitted
+    program, with the tokens of `generate` (whose sliding-window cache drops old keys)."""
+    model = SLIDING[name]().eval()
+    key, ids = _cache_name(model), torch.randint(3, V, (B, P))
+    with pytest.raises(CaptureError, match=r"layers\[0\]\.\w+ is a Python number .*bridge\.static_cache"):
+        bridge.convert(model, kwargs={"input_ids": ids, key: tf.StaticCache(config=model.config, max_cache_len=16),
+                                      "use_cache": True})
+    cache = bridge.static_cache(model, B, 16)
+    jm = bridge.convert(model, kwargs={"input_ids": ids, key: cache, "use_cache": True}, dynamic="batch+seq")
+    step = jax.jit(lambda p, tok, c: jm.apply(p, input_ids=tok, **{key: c}))
+    out = step(jm.params, jnp.asarray(ids.numpy()), bridge.as_jax_inputs(cache))
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits
+    assert_close(out["logits"], ref, what="prefill logits")
+    tokens, nxt, state = [], _greedy(out["logits"][:, -1]), out[key]
+    for _ in range(N):
+        tokens.append(np.asarray(nxt))
+        out = step(jm.params, nxt[:, None], state)
+        state, nxt = out[key], _greedy(out["logits"][:, -1])
+    assert P + N > 4 + 1   # the last steps attend past the window
     np.testing.assert_array_equal(np.stack(tokens, 1), _torch_tokens(model, ids))
 
 

@@ -93,9 +93,9 @@ def static_cache(model, batch_size: int, max_cache_len: int, *, dtype: torch.dty
 
     Example:
         >>> cache = bridge.static_cache(model, batch_size=2, max_cache_len=64)
-        >>> jm = bridge.convert(model, kwargs={"input_ids": ids, "past_key_values": cache, "use_cache": True},
-        ...                     dynamic="batch+seq")
-        >>> out = jm(input_ids=ids.numpy(), past_key_values=bridge.as_jax_inputs(cache))
+        >>> jm = bridge.convert(model, kwargs={"input_ids": ids, "cache": cache, "use_cache": True},
+        ...                     dynamic="batch+seq")    # `past_key_values` in older transformers
+        >>> out = jm(input_ids=ids.numpy(), cache=bridge.as_jax_inputs(cache))   # then out["cache"] each step
     """
     import transformers
     from transformers.cache_utils import StaticLayer, StaticSlidingWindowLayer

@@ -18,7 +18,7 @@ import transformers
 import bridge
 import trainers
 from bridge.tree import flatten
-from tests.conftest import assert_close
+from tests.conftest import assert_close, full_only
 from trainers import TrainConfig, Trainer
 
 CORPUS = Path(__file__).resolve().parents[1] / "data" / "corpus.txt"
@@ -46,6 +46,7 @@ def _gpt2() -> transformers.GPT2LMHeadModel:
 
 
 @pytest.mark.skipif(jax.device_count() < DEVICES, reason="needs 8 (simulated) devices")
+@full_only   # make test runs the same flow through examples/hf_causal_lm_fsdp.py (tests/examples)
 def test_gpt2_convert_train_fsdp_export_reload(tmp_path):
     data = _corpus()
     assert 10_000 <= data.size <= 20_000 and data.max() < 128  # plain ASCII prose

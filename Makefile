@@ -19,7 +19,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -n $(JOBS) -q tests
 
 test-full: $(STAMP)
-	BRIDGE_TEST_FULL=1 $(BIN)/python -m pytest -n $(JOBS) -q tests
+	BRIDGE_TEST_FULL=1 BRIDGE_TEST_XLA_OPT=1 $(BIN)/python -m pytest -n $(JOBS) -q tests
 
 # the OpInfo sweep with 3 samples per op and dtype (CI runs it after make test; test-full runs all samples)
 test-opinfo: $(STAMP)

@@ -2,7 +2,8 @@
 rank promotion raises and dtype promotion is strict outside the converter, tolerances per dtype.
 
 XLA's LLVM backend compiles without its expensive optimisations: the tests' programs are tiny and compiling
-dominates (the HLO passes, hence what is computed, are unchanged). BRIDGE_TEST_XLA_OPT=1 keeps the default.
+dominates (the HLO passes are unchanged; results can differ in the last bits). make test-full sets
+BRIDGE_TEST_XLA_OPT=1: XLA's default pipeline, as users get it.
 """
 import os
 

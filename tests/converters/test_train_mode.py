@@ -92,8 +92,9 @@ def test_batchnorm_train_mode_gradients():
     grads = jax.grad(lambda p: jnp.sum(jm.apply(p, to_jax(x)) * to_jax(w)))(jm.params)
     scale = max(float(p.grad.abs().max()) for p in m.parameters())
     for name, p in m.named_parameters():
-        # conv.bias feeds a train-mode BatchNorm: its true gradient is 0 and torch's is rounding noise,
-        # so each error is taken against the larger of its own scale and 1e-2 of the global one
-        denom = max(float(p.grad.abs().max()), 1e-2 * scale)
+        # conv.bias feeds a train-mode BatchNorm: its true gradient is 0 and both sides' are rounding noise
+        # (whose size depends on how XLA's backend schedules the sums), so it is held to the global scale;
+        # every other error is taken against the larger of its own scale and 1e-2 of the global one
+        denom = scale if name == "conv.bias" else max(float(p.grad.abs().max()), 1e-2 * scale)
         err = float(np.max(np.abs(np.asarray(flatten(grads)[name]) - p.grad.numpy()))) / denom
         assert err < 1e-4, (name, err)

@@ -14,6 +14,7 @@ import sys
 import torch
 from torch._subclasses.fake_tensor import FakeTensor
 
+from bridge.errors import InputError
 from converters.caches import has_cache
 
 
@@ -101,12 +102,17 @@ def static_cache(model, batch_size: int, max_cache_len: int, *, dtype: torch.dty
     from transformers.cache_utils import StaticLayer, StaticSlidingWindowLayer
 
     config = getattr(model, "config", model)
+    if not isinstance(config, transformers.PretrainedConfig):
+        raise InputError(f"static_cache: {type(model).__name__} has no Hugging Face config; pass a transformers "
+                         "model or its config")
+    for name, n in (("batch_size", batch_size), ("max_cache_len", max_cache_len)):
+        if not isinstance(n, int) or n < 1:
+            raise InputError(f"static_cache: {name} must be a positive int, got {n!r}")
     text = config.get_text_config(decoder=True)
     cache = transformers.StaticCache(config=config, max_cache_len=max_cache_len)
     cache.layers = [StaticLayer(max_cache_len=max_cache_len) if isinstance(layer, StaticSlidingWindowLayer)
                     else layer for layer in cache.layers]
-    if dtype is None:
-        dtype = next(model.parameters()).dtype if isinstance(model, torch.nn.Module) else torch.float32
+    dtype = dtype or getattr(model, "dtype", torch.float32)
     heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
     cache.early_initialization(batch_size, heads, head_dim, dtype, torch.device(device))

@@ -6,7 +6,6 @@ with the same cache, and the tokens `model.generate` picks greedily.
 from __future__ import annotations
 
 import inspect
-import os
 
 import jax
 import jax.numpy as jnp
@@ -17,9 +16,8 @@ import transformers as tf
 
 import bridge
 from bridge.errors import CaptureError, InputError
-from tests.conftest import assert_close, full_only
+from tests.conftest import FULL, assert_close, full_only
 
-FULL = os.environ.get("BRIDGE_TEST_FULL") == "1"
 V, B, P, N = 64, 2, 5, 4          # vocabulary, batch, prompt length, new tokens
 EOS = 2
 
@@ -135,6 +133,10 @@ def test_sliding_window_models_decode_with_bridge_static_cache(name):
     with pytest.raises(CaptureError, match=r"layers\[0\]\.\w+ is a Python number .*bridge\.static_cache"):
         bridge.convert(model, kwargs={"input_ids": ids, key: tf.StaticCache(config=model.config, max_cache_len=16),
                                       "use_cache": True})
+    with pytest.raises(InputError, match="static_cache: Linear has no Hugging Face config"):
+        bridge.static_cache(torch.nn.Linear(2, 2), B, 16)
+    with pytest.raises(InputError, match="static_cache: max_cache_len must be a positive int, got 0"):
+        bridge.static_cache(model, B, 0)
     cache = bridge.static_cache(model, B, 16)
     jm = bridge.convert(model, kwargs={"input_ids": ids, key: cache, "use_cache": True}, dynamic="batch+seq")
     step = jax.jit(lambda p, tok, c: jm.apply(p, input_ids=tok, **{key: c}))

@@ -2,7 +2,6 @@
 torch for every target layout, reduction and blank, impossible alignments, and Wav2Vec2ForCTC's training loss."""
 from __future__ import annotations
 
-import os
 import warnings
 
 import jax
@@ -13,10 +12,10 @@ import torch.nn.functional as F
 
 import bridge
 from bridge.tree import flatten
-from tests.conftest import GRAD_TOL, assert_close, rel_err
+from tests.conftest import GRAD_TOL, assert_close, full_only, rel_err
 
 T, B, C, S = 12, 3, 6, 4
-SLOW = [pytest.mark.slow, pytest.mark.skipif(not os.environ.get("BRIDGE_TEST_FULL"), reason="BRIDGE_TEST_FULL=1 only")]
+SLOW = [pytest.mark.slow, full_only]
 
 
 class Head(torch.nn.Module):

@@ -13,7 +13,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
-import os
 from typing import Callable
 
 import jax
@@ -24,10 +23,9 @@ import torch
 
 import bridge
 from converters.dtypes import to_jax
-from tests.conftest import GRAD_TOL, assert_close
+from tests.conftest import FULL, GRAD_TOL, assert_close
 
 diffusers = pytest.importorskip("diffusers")
-FULL = os.environ.get("BRIDGE_TEST_FULL") == "1"
 NOISE_FLOOR = 1e-3   # gradients are compared against max(their scale, this fraction of the largest one)
 
 

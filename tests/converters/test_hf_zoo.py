@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 from typing import Callable
 
 import jax
@@ -22,11 +21,10 @@ import transformers as tf
 
 import bridge
 from converters.dtypes import to_jax
-from tests.conftest import GRAD_TOL, assert_close, rel_err
+from tests.conftest import FULL, GRAD_TOL, assert_close, rel_err
 from tests.models import _tokens
 
 V, S = 128, 8                    # vocabulary, sequence length
-FULL = os.environ.get("BRIDGE_TEST_FULL") == "1"
 NOISE_FLOOR = 1e-3
 
 

@@ -16,7 +16,6 @@ import copy
 import dataclasses
 import functools
 import math
-import os
 from typing import Callable
 
 import jax
@@ -30,9 +29,8 @@ from torch import nn
 import bridge
 from bridge.tree import flatten
 from converters.dtypes import to_jax
-from tests.conftest import GRAD_TOL, TOL, rel_err
+from tests.conftest import FULL, GRAD_TOL, TOL, rel_err
 
-FULL = os.environ.get("BRIDGE_TEST_FULL") == "1"
 
 
 @dataclasses.dataclass(frozen=True)

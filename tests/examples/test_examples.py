@@ -8,7 +8,6 @@ agree with JAX, accuracy is equal in both frameworks, parity within fp32 toleran
 from __future__ import annotations
 
 import importlib.util
-import os
 from pathlib import Path
 
 import jax
@@ -17,9 +16,9 @@ import pytest
 import torch
 import transformers
 
+from tests.conftest import full_only
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
-FULL = pytest.mark.skipif(not os.environ.get("BRIDGE_TEST_FULL"), reason="BRIDGE_TEST_FULL=1 only")
 
 
 def _load(name: str):
@@ -32,7 +31,7 @@ def _load(name: str):
 
 # -- (a) Hugging Face causal LM, FSDP, export to a HF directory, reload -----------------------------
 @pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (simulated) devices")
-@pytest.mark.parametrize("model", ["gpt2", pytest.param("llama", marks=[pytest.mark.slow, FULL])])
+@pytest.mark.parametrize("model", ["gpt2", pytest.param("llama", marks=[pytest.mark.slow, full_only])])
 def test_hf_causal_lm_fsdp(tmp_path, model):
     ex = _load("hf_causal_lm_fsdp")
     r = ex.main(["--model", model, "--out", str(tmp_path), "--steps", "10", "--batch", "16", "--seq", "32",
@@ -69,7 +68,7 @@ def test_cnn_digits_to_pt(tmp_path):
 
 
 # -- (c) meta-device build + convert(weights=safetensors) -------------------------------------------
-@pytest.mark.parametrize("model", ["minilm", pytest.param("gpt2", marks=[pytest.mark.slow, FULL])])
+@pytest.mark.parametrize("model", ["minilm", pytest.param("gpt2", marks=[pytest.mark.slow, full_only])])
 def test_meta_device_safetensors(tmp_path, model):
     ex = _load("meta_device_safetensors")
     r = ex.main(["--model", model, "--out", str(tmp_path)])

@@ -4,7 +4,6 @@ parameters and inputs, GQA, fully masked rows, logsumexp, bf16, Hugging Face's f
 Forward is compared with torch's flex_attention (eager, no grad: torch has no CPU backward for it); gradients
 with the same attention written in plain torch ops (the mods called on broadcast index tensors)."""
 import copy
-import os
 
 import jax
 import jax.numpy as jnp
@@ -17,10 +16,10 @@ from torch.nn.attention.flex_attention import AuxRequest, create_block_mask, fle
 import bridge
 from bridge.tree import flatten
 from converters.dtypes import to_jax
-from tests.conftest import GRAD_TOL, assert_close, rel_err
+from tests.conftest import GRAD_TOL, assert_close, full_only, rel_err
 
 pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")   # torch's eager
-SLOW = [pytest.mark.slow, pytest.mark.skipif(not os.environ.get("BRIDGE_TEST_FULL"), reason="BRIDGE_TEST_FULL=1 only")]
+SLOW = [pytest.mark.slow, full_only]
 E, H = 8, 4
 
 

@@ -28,6 +28,7 @@ from converters.autograd_functions import (collecting_hooks, inlined_functions, 
                                           warn_backward_hooks, warn_dropped_hooks)
 from converters.registry import registered
 from converters.checks import export_assuming_checks
+from converters.rejoin import rejoin_splits
 from converters.ctc import read_masked_targets, routing_ctc
 from converters.packed import packed_inputs, repacking, routing_packed
 from converters.caches import (has_cache, model_outputs_in_field_order, register_objects,
@@ -337,9 +338,11 @@ def _decomposed(ep):
     _detach_no_grad_inputs(ep.graph_module)
     read_masked_targets(ep.graph_module)
     try:
-        return ep.run_decompositions(decomposition_table())
+        ep = ep.run_decompositions(decomposition_table())
     except Exception as e:   # an op kept whole whose shape rule guards on a data-dependent size (x[mask])
         readers = selected_rows.readers(ep.graph)
         if "data-dependent" not in str(e).lower() or not readers:
             raise
-        return ep.run_decompositions(decomposition_table(readers))
+        ep = ep.run_decompositions(decomposition_table(readers))
+    rejoin_splits(ep.graph_module)   # feats.split(counts.tolist()) concatenated back: a view of feats
+    return ep

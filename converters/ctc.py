@@ -74,7 +74,7 @@ def read_masked_targets(gm: torch.fx.GraphModule) -> None:
         args[1], args[7] = picked.args
         node.args, node.kwargs = tuple(args), {}
         changed = True
-        _erase_with_size_checks(gm.graph, picked)
+        erase_with_size_checks(gm.graph, picked)
     if changed:
         gm.graph.eliminate_dead_code()
         gm.recompile()
@@ -91,7 +91,7 @@ def _size_arithmetic(n: torch.fx.Node) -> bool:
     return n.op == "call_function" and (n.target in _SIZE_OPS or getattr(n.target, "__module__", "") == "_operator")
 
 
-def _erase_with_size_checks(graph: torch.fx.Graph, node: torch.fx.Node) -> None:
+def erase_with_size_checks(graph: torch.fx.Graph, node: torch.fx.Node) -> None:
     """Remove `node` when what still uses it only measures its (data-dependent) size for torch's own range
     checks; those go too."""
     doomed: set[torch.fx.Node] = set()

@@ -27,6 +27,7 @@ from converters import selected_rows
 from converters.capture import Captured
 from converters.dtypes import jax_dtype, to_jax
 from converters.registry import draws_random, lookup, op_name
+from converters.selection import Selection
 from converters.structure import spec_structure
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
@@ -188,7 +189,7 @@ class Program:
         for name in self.tokens:
             env[name] = None
         env.update(self.attrs)
-        rows = selected_rows.Selection(self.selected_rows, self.placeholder_meta)
+        rows = Selection(self.selected_rows, self.placeholder_meta)
         for node in self.nodes:
             if node.name in rows.rules:
                 env[node.name] = rows.eval(node, env, self._key(node, key), eval_node)

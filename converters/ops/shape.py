@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import math
 
+import jax
 import jax.numpy as jnp
 import torch
 from jax import lax
 
+from bridge.errors import LoweringError
 from converters.ops.common import aten, dim_, dt, size_
 from converters.registry import lowering
 
@@ -83,11 +85,30 @@ def narrow(x, dim, start, length):
 @lowering(aten.split_with_sizes.default, aten.split_with_sizes_copy.default)
 def split_with_sizes(x, sizes, dim=0):
     d = dim_(dim, x.ndim)
+    if any(isinstance(s, jax.core.Tracer) for s in sizes):
+        raise LoweringError("split sizes read from the data (`x.split(counts.tolist())`) make pieces of "
+                            "data-dependent sizes, which jax.jit cannot hold; bridge supports pieces that are "
+                            "concatenated back in order, or returned (padded with zeros)")
     offsets, acc = [], 0
     for s in sizes[:-1]:
         acc += s
         offsets.append(acc)
     return jnp.split(x, offsets, axis=d)
+
+
+def padded_pieces(x, sizes, d):
+    """Split sizes read from the data under jit (`x.split(counts.tolist())`): a traced program has static
+    shapes, so each piece holds x.shape[d] entries along d, its own first and zeros after (the convention of
+    jnp.nonzero(size=...)). Where the sizes are known (outside jit) the pieces are torch's."""
+    n = x.shape[d]
+    pos = jnp.arange(n)
+    start, pieces = 0, []
+    for size in sizes:
+        keep = (pos < size).reshape([n if i == d else 1 for i in range(x.ndim)])
+        piece = jnp.take(x, jnp.clip(start + pos, 0, n - 1), axis=d)
+        pieces.append(jnp.where(keep, piece, jnp.zeros((), x.dtype)))
+        start = start + size
+    return pieces
 
 
 @lowering(aten.split.Tensor, aten.split_copy.Tensor)

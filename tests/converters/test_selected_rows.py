@@ -179,10 +179,34 @@ def test_outside_jit_rows_are_torchs():
     assert_close(jm.apply(jm.params, *_jax(args)), model(*args).detach())
 
 
+def test_returned_rows_under_jit_come_first_then_zeros():
+    """jnp.nonzero(size=...)'s convention: all N rows, the selected ones in order, then zeros; also after a
+    reshape that flattens each row (rows repeated k times) and for the pieces of a split by per-sample counts."""
+    def rows(m, h, mask, labels):
+        picked = m.cls(h)[mask]
+        return picked, picked.reshape(-1), picked.split(mask.sum(1).tolist())
+    model = Net(rows)
+    jm = bridge.convert(model, _inputs(0))
+    args = _inputs(1)
+    ref = model(*args)
+    with pytest.warns(UserWarning, match="the selected ones first, zeros after"):
+        got = jax.jit(jm.apply)(jm.params, *_jax(args))
+    n = ref[0].shape[0]
+    for g, r, total in [(got[0], ref[0], B * S), (got[1], ref[1], B * S * C)]:
+        assert g.shape[0] == total
+        assert_close(g[:r.shape[0]], r.detach())
+        assert float(jnp.abs(g[r.shape[0]:]).max()) == 0.0
+    assert len(got[2]) == B and n == sum(p.shape[0] for p in ref[2])
+    for g, r in zip(got[2], ref[2]):   # each piece: N rows, its own first
+        assert g.shape[0] == B * S
+        assert_close(g[:r.shape[0]], r.detach())
+        assert float(jnp.abs(g[r.shape[0]:]).max()) == 0.0
+
+
 @pytest.mark.parametrize("what, head", [
-    ("is returned", lambda m, h, mask, labels: m.cls(h)[mask]),
     ("along their dim", lambda m, h, mask, labels: m.cls(h)[mask].sort(0).values.sum()),
     ("along their dim", lambda m, h, mask, labels: m.cls(h)[mask][:2].sum()),
+    ("across other dims", lambda m, h, mask, labels: m.cls(h)[mask].T.reshape(-1).sum()),
 ])
 def test_what_depends_on_row_positions_fails_under_jit_naming_the_line(what, head):
     model = Net(head)

@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 
 import jax
+import numpy as np
 import torch
 
 from bridge.errors import CaptureError, CheckpointError, StateError
@@ -25,7 +26,7 @@ from converters.programs import exported_state
 
 def convert(module: torch.nn.Module, args=(), kwargs: dict | None = None, *, dynamic_shapes=None,
             dynamic: str | None = None, train: bool = False, strict: bool | None = None,
-            weights=None, weights_dtype=None, shardings=None, compute_dtype=None) -> JaxModule:
+            weights=None, weights_dtype=None, shardings=None, compute_dtype=None, static=()) -> JaxModule:
     """Capture `module` on example inputs and return the equivalent JAX model.
 
     Args:
@@ -44,6 +45,9 @@ def convert(module: torch.nn.Module, args=(), kwargs: dict | None = None, *, dyn
       compute_dtype: e.g. `torch.bfloat16`: capture the graph as torch runs the module cast to that dtype
         (HF's own fp32 upcasts included) while `jm.params` keep the module's dtypes: `apply` casts them
         on the way in, so fp32 master weights train a bf16 program (mixed precision).
+      static: names of tensor kwargs whose values decide shapes (LLaVA-NeXT's `image_sizes`): captured as
+        Python lists, so the program is specialized to these values (as jax.jit's static_argnames). Calls may
+        leave them out, or pass the same values (a concrete array or list); others raise InputError.
 
     Example:
       >>> jm = bridge.convert(model, kwargs={"input_ids": ids}, dynamic="batch+seq")
@@ -54,6 +58,7 @@ def convert(module: torch.nn.Module, args=(), kwargs: dict | None = None, *, dyn
         raise CaptureError(f"convert takes a torch.nn.Module, a torch.export.ExportedProgram or a .pt2 path, "
                            f"not {type(module).__name__}")
     captured = module
+    kwargs = _static_values(dict(kwargs or {}), static)
     if compute_dtype is not None and isinstance(module, torch.export.ExportedProgram):
         raise CaptureError("compute_dtype needs the torch module: an ExportedProgram's dtypes are fixed; export "
                            "the module cast to that dtype, or convert the module itself")
@@ -89,6 +94,16 @@ def convert(module: torch.nn.Module, args=(), kwargs: dict | None = None, *, dyn
     if weights is not None:
         jm, _ = jm.load_weights(weights, strict=True, dtype=weights_dtype, shardings=shardings)
     return jm
+
+
+def _static_values(kwargs: dict, static) -> dict:
+    """kwargs with the tensors named in `static` as Python lists (torch.export bakes Python values in)."""
+    for name in [static] if isinstance(static, str) else static:
+        if name not in kwargs:
+            raise CaptureError(f"static={name!r}: no keyword input of that name among {sorted(kwargs)}")
+        value = kwargs[name]
+        kwargs[name] = value.tolist() if isinstance(value, (torch.Tensor, np.ndarray)) else value
+    return kwargs
 
 
 def _program_file(path) -> torch.export.ExportedProgram:

@@ -50,6 +50,20 @@ def _merge(treedef, mask, consts, arrays):
     return jax.tree.unflatten(treedef, [next(it_arrays) if m else next(it_consts) for m in mask])
 
 
+def _as_captured_values(static: dict, kwargs: dict) -> dict:
+    """kwargs, where an array is given for an input captured as a Python value (`convert(static=...)`, a
+    list of image sizes), as that Python value, so it is checked against the captured one."""
+    out = dict(kwargs)
+    for name, captured in static.items():
+        given = kwargs.get(name)
+        if hasattr(given, "shape") and isinstance(captured, (list, tuple, int, float, bool)):
+            if isinstance(given, jax.core.Tracer):
+                raise InputError(f"input {name!r} was captured as the Python value {captured!r} (static): pass "
+                                 "it concretely (an array or list, not traced) or leave it out")
+            out[name] = np.asarray(given).tolist()
+    return out
+
+
 @jax.tree_util.register_pytree_node_class
 class JaxModule:
     """params/buffers are nested dicts whose '.'-joined paths are the torch names."""
@@ -102,7 +116,7 @@ class JaxModule:
         spec = self.program.in_spec
         cap = self.program.captured
         args, kwargs = packed_inputs((tuple(args), dict(kwargs)))   # torch PackedSequences: padded + lengths
-        kwargs = {**cap.extra_kwargs, **cap.static_kwargs, **kwargs}   # left-out flags: their exported values
+        kwargs = {**cap.extra_kwargs, **cap.static_kwargs, **_as_captured_values(cap.static_kwargs, kwargs)}
         n_static = len(cap.static_args)
         n_all = children(spec)[0].num_children if spec.num_children == 2 else 0
         if n_all - n_static <= len(args) < n_all:

@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import inspect
 import io
+import operator
 import re
 import sys
 import warnings
@@ -119,6 +120,7 @@ def _detach_no_grad_inputs(gm: torch.fx.GraphModule) -> None:
     blocks = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is wrap and n.args[0] is False
               and not _autograd_function_forward(gm, n)]
     for node in blocks:
+        _pass_through_self(gm, node)
         with gm.graph.inserting_before(node):
             args = list(node.args)
             for i, a in enumerate(args[2:], 2):
@@ -128,6 +130,40 @@ def _detach_no_grad_inputs(gm: torch.fx.GraphModule) -> None:
             node.args = tuple(args)
     if blocks:
         gm.recompile()
+
+
+_MAY_RETURN_SELF = (torch.ops.aten.to.dtype, torch.ops.aten.to.dtype_layout, torch.ops.aten.to.device,
+                    torch.ops.aten.to.other, torch.ops.aten.contiguous.default)
+
+
+def _returns_self(n):
+    """The block input a block output is in torch (`x.to(x.dtype)`, `.contiguous()` of a contiguous x return x
+    itself, gradient and all), or None."""
+    while isinstance(n, torch.fx.Node) and n.target in _MAY_RETURN_SELF:
+        src, val = n.args[0], n.meta.get("val")
+        bound = {a.name: v for a, v in zip(n.target._schema.arguments, n.args)} | dict(n.kwargs)
+        same = isinstance(val, torch.Tensor) and isinstance(src.meta.get("val"), torch.Tensor) and \
+            val.dtype == src.meta["val"].dtype and val.device == src.meta["val"].device
+        if not same or bound.get("copy", False) or (n.target is torch.ops.aten.contiguous.default
+                                                     and not src.meta["val"].is_contiguous()):
+            return None
+        n = src
+    return n if isinstance(n, torch.fx.Node) and n.op == "placeholder" else None
+
+
+def _pass_through_self(gm: torch.fx.GraphModule, block: torch.fx.Node) -> None:
+    """A no-grad block's output that is one of its inputs itself: later uses read the input, with its gradient."""
+    sub = getattr(gm, block.args[1].target, None)
+    if not isinstance(sub, torch.fx.GraphModule):
+        return
+    placeholders = [n for n in sub.graph.nodes if n.op == "placeholder"]
+    outs = next(n for n in sub.graph.nodes if n.op == "output").args[0]
+    for i, out in enumerate(outs if isinstance(outs, (list, tuple)) else [outs]):
+        src = _returns_self(out)
+        if src is None or not isinstance(block.args[2 + placeholders.index(src)], torch.fx.Node):
+            continue
+        for user in [u for u in block.users if u.target is operator.getitem and u.args[1] == i]:
+            user.replace_all_uses_with(block.args[2 + placeholders.index(src)])
 
 
 def _autograd_function_forward(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
@@ -254,6 +290,12 @@ def capture(module: torch.nn.Module, args: tuple = (), kwargs: dict | None = Non
         else:
             hint = ("\nhint: a Python branch on tensor values cannot be captured; write it with torch.where, or "
                     "torch.cond (lowered to lax.cond)" if any("data-dependent" in e.lower() for e in errors) else "")
+            shape_inputs = [k for k, v in kwargs.items() if isinstance(v, torch.Tensor) and not v.is_floating_point()
+                            and 0 < v.dim() <= 2 and v.numel() <= 64 and k not in _TOKEN_INPUTS]
+            if hint and shape_inputs:
+                hint += (f"; where the values come from an input that describes shapes (image sizes, grids: "
+                         f"{', '.join(shape_inputs)}?), convert with static=({shape_inputs[0]!r},) to capture it "
+                         "as a Python value, the program specialized to it")
             if hint and any("torch/distributions" in e for e in errors):
                 hint += "; a torch.distributions object built with validate_args=True checks its values so: drop it"
             if any("torch.autograd.grad" in e or "requires_grad_" in e for e in errors) or _takes_derivatives(module):
@@ -328,6 +370,9 @@ def _static_inputs(args: tuple, kwargs: dict, extra: dict) -> tuple[dict, tuple]
 
 
 _CHECKS = "assuming checks"
+# integer inputs that are data, not sizes: never suggested as static
+_TOKEN_INPUTS = {"input_ids", "attention_mask", "token_type_ids", "position_ids", "labels", "decoder_input_ids",
+                 "decoder_attention_mask", "cache_position", "mm_token_type_ids"}
 _MODE_NAMES = {True: "strict", False: "non-strict", _CHECKS: _CHECKS}
 
 _INLINED = ("strict export inlined a custom torch.autograd.Function's forward: JAX will differentiate that forward "

@@ -253,8 +253,8 @@ def eval_node(node: torch.fx.Node, env: dict, key):
     low = lookup(node.target)
     if low is None:   # a subgraph traced while running (a Function's backward) uses an op with no lowering
         raise UnsupportedOpsError({op_name(node.target): (1, [source_line(node)])})
-    args = map_arg(node.args, lambda n: env[n.name])
-    kwargs = map_arg(node.kwargs, lambda n: env[n.name])
+    args = map_arg(node.args, lambda n: _scalar(n, env[n.name]))
+    kwargs = map_arg(node.kwargs, lambda n: _scalar(n, env[n.name]))
     try:
         with jax.ensure_compile_time_eval() if _size_arithmetic(node, args, kwargs) else contextlib.nullcontext():
             out = low.fn(key, *args, **kwargs) if low.random else low.fn(*args, **kwargs)
@@ -269,14 +269,29 @@ def eval_node(node: torch.fx.Node, env: dict, key):
                             f"(input shapes {shapes}): {type(e).__name__}: {e}{hint}") from e
 
 
+def _scalar(node: torch.fx.Node, value):
+    """A Python number in torch (`.item()`, size arithmetic) known while tracing, as a Python number: JAX stages
+    arithmetic on arrays even when they are concrete, and an index must stay static."""
+    if isinstance(node.meta.get("val"), (torch.SymInt, torch.SymFloat, torch.SymBool, int, float, bool)) \
+            and isinstance(value, jax.Array) and not isinstance(value, jax.core.Tracer) and value.ndim == 0:
+        return value.item()
+    return value
+
+
+_FOLDED = 64   # the largest result (elements) computed while tracing from untraced inputs
+
+
 def _size_arithmetic(node: torch.fx.Node, args, kwargs) -> bool:
-    """A 0-d result from untraced 0-d inputs: sizes that detour through tensors (`torch.tensor(x.size(1))`, then
-    `.item()`). Evaluated while tracing, it stays concrete where JAX needs a static value (slice bounds, shapes)."""
+    """A small result from untraced inputs: sizes that detour through tensors (`torch.tensor(x.size(1))`, then
+    `.item()`), indices read from a constant (`for e in torch.arange(E)[:, None]: w[e[0]]`). Evaluated while
+    tracing, it stays concrete where JAX needs a static value (slice bounds, shapes, indices)."""
     val = node.meta.get("val")
-    if lookup(node.target).random or (isinstance(val, torch.Tensor) and val.dim() != 0):
+    small = lambda v: not isinstance(v, torch.Tensor) or (  # noqa: E731
+        is_concrete_int(v.numel()) and int(v.numel()) <= _FOLDED)
+    if lookup(node.target).random or not small(val):
         return False
     leaves = jax.tree.leaves((args, kwargs))
-    return not any(isinstance(x, jax.core.Tracer) or getattr(x, "ndim", 0) != 0 for x in leaves)
+    return not any(isinstance(x, jax.core.Tracer) or getattr(x, "size", 0) > _FOLDED for x in leaves)
 
 
 def run_graph(gm: torch.fx.GraphModule, inputs, key=None) -> list:

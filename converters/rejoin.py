@@ -9,7 +9,9 @@ flattened the same way. This pass rewrites
 
 (the views optional, every piece once and in order) to `view(x, (-1, *rest))`, and removes the pieces, the
 counts read for them and torch's range checks on those counts where nothing else uses them. A split along
-another dim concatenated back along it, with no views between, becomes `x` itself.
+another dim concatenated back along it, with no views between, becomes `x` itself. Where each piece is computed
+on before the join (an MoE's experts, one per group of tokens), the join stays and the shapes after it are
+written in the whole's size, as torch checked (its lowering: converters/selected_rows.py's segments).
 
 Example:
     >>> rejoin_splits(ep.graph_module)   # after decomposition, before lowering
@@ -86,16 +88,24 @@ def _sizes_as_total(graph, cat, split, x) -> None:
     last = sizes[-1]
     if not isinstance(last, sympy.Symbol) or last in set().union(*(e.free_symbols for e in sizes[:-1])):
         return
-    sub = {last: _expr(x.meta["val"].shape[d]) - sum(sizes[:-1])}
+    total = _expr(x.meta["val"].shape[d])
+    sub, pieces = {last: total - sum(sizes[:-1])}, set().union(*(e.free_symbols for e in sizes)) - total.free_symbols
     shape_env = x.meta["val"].fake_mode.shape_env
+
+    def total_of(expr):
+        """expr with the pieces' sum written as the total; None where a piece's own size remains (a size of
+        one piece, as another split by the same counts has it, keeps its symbol)."""
+        new = sympy.expand(expr.xreplace(sub))
+        return None if new.free_symbols & pieces or new == expr else new
 
     def resized(val):
         if isinstance(val, (list, tuple)):
             return type(val)(resized(v) for v in val)
-        if isinstance(val, torch.SymInt) and last in val.node.expr.free_symbols:
-            return shape_env.create_symintnode(sympy.expand(val.node.expr.xreplace(sub)), hint=None)
-        if not isinstance(val, torch.Tensor) or not any(
-                last in _expr(s).free_symbols for s in val.shape if not is_concrete_int(s)):
+        if isinstance(val, torch.SymInt):
+            new = total_of(val.node.expr)
+            return val if new is None else shape_env.create_symintnode(new, hint=None)
+        if not isinstance(val, torch.Tensor) or all(
+                is_concrete_int(s) or total_of(_expr(s)) is None for s in val.shape):
             return val
         with val.fake_mode:
             return val.new_empty([resized(s) if isinstance(s, torch.SymInt) else s for s in val.shape])
@@ -103,16 +113,38 @@ def _sizes_as_total(graph, cat, split, x) -> None:
     after = False
     for node in graph.nodes:
         after = after or node is cat
-        if after and node is not cat and "val" in node.meta:
+        if after and "val" in node.meta:
             node.meta["val"] = resized(node.meta["val"])
 
 
+def _joined(cat: torch.fx.Node, splits: list):
+    """The split whose pieces, each computed on alone (one expert per group of rows), `cat` joins back in order
+    along the split's dim: its inputs' sizes there are the pieces' sizes."""
+    ndim = cat.meta["val"].dim()
+    d = _dim(cat, 1, ndim)
+    sizes = [_expr(p.meta["val"].shape[d]) if isinstance(p, torch.fx.Node) else None for p in cat.args[0]]
+    for split in splits:
+        x_val = split.args[0].meta["val"]
+        if x_val.dim() == ndim and _dim(split, 2, ndim) == d and len(split.meta["val"]) == len(sizes) \
+                and [_expr(p.shape[d]) for p in split.meta["val"]] == sizes:
+            return split
+    return None
+
+
 def rejoin_splits(gm: torch.fx.GraphModule) -> bool:
-    """Rewrite every concatenation of a whole split (see the module docstring); True where one was found."""
+    """Rewrite every concatenation of a whole split (see the module docstring); True where one was found.
+    Where the pieces were computed on before they are joined, shapes after the join are written in the
+    whole's size (the join itself runs as converters.selected_rows' segments)."""
     graph, changed = gm.graph, False
+    splits = [n for n in graph.nodes if n.op == "call_function" and n.target in _SPLITS
+              and isinstance(n.args[1], (list, tuple)) and any(isinstance(s, torch.fx.Node) for s in n.args[1])]
     for cat in [n for n in graph.nodes if n.op == "call_function" and n.target is aten.cat.default]:
         found = _whole(cat) if cat.graph is graph and cat in set(graph.nodes) else None
         if found is None:
+            split = _joined(cat, splits) if cat in set(graph.nodes) else None
+            if split is not None:
+                _sizes_as_total(graph, cat, split, split.args[0])
+                changed = True
             continue
         split, shape = found
         x = split.args[0]

@@ -17,7 +17,9 @@ program knows the size: the first `count` selected rows are gathered at that sta
 A reshape that flattens each row (`(count, T, D) -> (T * count, D)`) keeps them rows, each repeated T times
 (`scale_of`). Returned under jit, where their number cannot be a shape, the rows come back as all N, the selected
 ones first and zeros after (jnp.nonzero(size=...)'s convention); so do the pieces of a split by counts read from
-the data (`rows.split(counts.tolist())`) that are only returned. What would mix selected rows otherwise
+the data (`rows.split(counts.tolist())`) that are only returned. A split of other rows by such counts makes
+segments (MoE experts over tokens sorted by expert, JetMoE's `inputs.split(expert_size)`): each piece is all N
+rows with its segment's mask, and the pieces concatenated back in order are merged by those masks. What would mix selected rows otherwise
 (sorting, slicing) raises under jit, naming the op and line; with a concrete mask (outside jit) everything runs
 as in torch. Masked losses and per-group adapters thus convert and differentiate:
 
@@ -72,6 +74,12 @@ class Rule:
 
 
 def _symbols(val) -> set:
+    """The data-dependent size symbols of a meta: a tensor's sizes (not its strides or storage offset, which
+    a split's later pieces take from the earlier pieces' sizes), SymInts, or those of a list of them."""
+    if isinstance(val, torch.Tensor):
+        val = tuple(val.shape)
+    elif isinstance(val, (list, tuple)):
+        return set().union(*(_symbols(v) for v in val))
     try:
         return set(free_unbacked_symbols(val)) if val is not None else set()
     except Exception:   # values free_unbacked_symbols does not know (strings, devices)
@@ -208,12 +216,26 @@ def plan(nodes: list) -> dict[str, Rule]:
     """How each node that reads or makes rows selected by a boolean mask is evaluated."""
     rules: dict[str, Rule] = {n.name: Rule("pieces", None) for n in nodes if _returned_pieces(n)}
     known: set = set()
-    if not any(n.target in _SOURCES for n in nodes):
+    groups: dict = {}   # a segments split's name -> its pieces' size symbols, in order
+    if not any(n.target in _SOURCES or _data_split(n) for n in nodes):
         return rules
     for node in nodes:
         val = node.meta.get("val")
         ins = set().union(*(_symbols(n.meta.get("val")) for n in node.all_input_nodes))
         outs = _symbols(val)
+        group = _segments(node, known) if node.name not in rules else None
+        if group is not None:   # x.split(counts.tolist()): each piece the rows of one segment
+            known |= set(group)
+            groups[node.name] = group
+            rules[node.name] = Rule("segments", None, fill=group)
+            continue
+        if node.target is operator.getitem and node.args[0].name in groups:
+            rules[node.name] = Rule("rows", groups[node.args[0].name][node.args[1]])
+            continue
+        merge = _merge(node, groups)
+        if merge is not None:
+            rules[node.name] = merge
+            continue
         if node.target in _SOURCES and not outs and not ins and mask_node(node) is not None:
             rules[node.name] = Rule("pinned", None)   # a check (`torch._check`) fixed the count: a static shape
             continue
@@ -230,8 +252,8 @@ def plan(nodes: list) -> dict[str, Rule]:
             rules[node.name] = _split_rows(node, symbol)
             continue
         if len(ins | outs) > 1:
-            if len(touched) == 1 and not isinstance(val, torch.Tensor):   # the count against a number read
-                rules[node.name] = Rule("size", symbol)                     # from a tensor (`.item()`): a check
+            if not isinstance(val, torch.Tensor):   # the count against a number read from a tensor
+                rules[node.name] = Rule("size", symbol)   # (`.item()`), or the segments' total: a check
             else:
                 rules[node.name] = Rule("refuse", symbol, fill="mixes rows selected by different masks")
             continue
@@ -241,6 +263,39 @@ def plan(nodes: list) -> dict[str, Rule]:
 
 
 _SPLITS = (aten.split_with_sizes.default, aten.split_with_sizes_copy.default)
+
+
+def _data_split(node) -> bool:
+    sizes = node.args[1] if node.target in _SPLITS else ()
+    return any(isinstance(s, torch.fx.Node) for s in sizes)
+
+
+def _segments(node, known: set) -> list | None:
+    """The pieces' size symbols of a split by counts read from the data, along a dim that holds no selected
+    rows: piece i is the rows of the i-th segment (the grouped rows of an MoE, one expert's each)."""
+    if not _data_split(node):
+        return None
+    x = node.args[0].meta.get("val")
+    d = bound_args(node).get("dim", 0) % x.dim()
+    group = [getattr(getattr(p.shape[d], "node", None), "expr", None) for p in node.meta["val"]]
+    if _symbols(x) & known or not all(e is not None and e.is_Symbol for e in group) or len(set(group)) < len(group):
+        return None
+    return group
+
+
+def _merge(node, groups: dict) -> Rule | None:
+    """A concatenation of every segment of one split, in order, along its dim: the whole again."""
+    if node.target is not aten.cat.default or not groups:
+        return None
+    parts = node.args[0]
+    d = (node.args[1] if len(node.args) > 1 else 0) % node.meta["val"].dim()
+    exprs = [getattr(getattr(p.meta["val"].shape[d], "node", None), "expr", None) for p in parts]
+    if not any(list(g) == exprs for g in groups.values()):
+        return None
+    positions = {p.name: row_dims(p.meta["val"], e) for p, e in zip(parts, exprs)}
+    if any(dims != [d] for dims in positions.values()) or len(positions) != len(parts):
+        return Rule("refuse", exprs[0], fill="joins segments that also hold their rows in another dim")
+    return Rule("merge", None, positions, fill=exprs)
 _PASS_ON = (operator.getitem, aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.clone.default,
             aten.alias.default, aten._assert_tensor_metadata.default)
 
@@ -249,7 +304,7 @@ def _returned_pieces(node) -> bool:
     """A split into sizes read from the data (`x.split(counts.tolist())`) whose pieces are only returned
     (through views): under jit each is returned padded (`padded_pieces`). Pieces concatenated back in order
     are rewritten at capture (converters.rejoin); other uses keep the lowering's error."""
-    if node.target not in _SPLITS or not any(isinstance(s, torch.fx.Node) for s in node.args[1]):
+    if not _data_split(node):
         return False
 
     def returned(n) -> bool:

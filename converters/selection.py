@@ -39,6 +39,16 @@ class Selection:
         rule = self.rules[node.name]
         if rule.kind == "pieces":
             return self._pieces(node, env, rule, key, eval_node)
+        if rule.kind == "segments":
+            return self._segments(node, env, rule, key, eval_node)
+        if rule.kind == "merge":
+            if rule.fill[0] not in self.valid:   # concrete counts (outside jit): torch's pieces
+                return eval_node(node, env, key)
+            (d,), out = next(iter(rule.positions.values())), None
+            for name, symbol in zip(rule.positions, rule.fill):
+                keep = self.valid[symbol].reshape([-1 if i == d else 1 for i in range(env[name].ndim)])
+                out = env[name] if out is None else jnp.where(keep, env[name], out)
+            return out.astype(jax_dtype(node.meta["val"].dtype))
         if rule.kind == "pinned":
             return self._pinned(node, env, key, eval_node)
         if rule.kind == "source":
@@ -108,6 +118,19 @@ class Selection:
         keep = (jnp.arange(value.shape[d]) < self.count(rule.symbol, k)).reshape(
             [-1 if i == d else 1 for i in range(value.ndim)])
         return jnp.where(keep, jnp.take(value, self.order(rule.symbol, k), axis=d), jnp.zeros((), value.dtype))
+
+    def _segments(self, node, env, rule, key, eval_node):
+        """Under jit, every piece is the whole (N rows), and the i-th segment's mask selects piece i's rows."""
+        sizes = [env[s.name] if isinstance(s, torch.fx.Node) else s for s in node.args[1]]
+        if not any(isinstance(s, jax.core.Tracer) for s in sizes):
+            return eval_node(node, env, key)
+        x = env[node.args[0].name]
+        pos = jnp.arange(x.shape[bound_args(node).get("dim", 0) % x.ndim])
+        start = 0
+        for symbol, size in zip(rule.fill, sizes):
+            self.valid[symbol] = (pos >= start) & (pos < start + size)
+            start = start + size
+        return [x] * len(sizes)
 
     def _pieces(self, node, env, rule, key, eval_node):
         sizes = [env[s.name] if isinstance(s, torch.fx.Node) else s for s in node.args[1]]

@@ -72,13 +72,19 @@ def slice_(x, dim=0, start=None, end=None, step=1):
 
 @lowering(aten.select.int, aten.select_copy.int)
 def select(x, dim, index):
+    """x.select(dim, index); an index read from a tensor (`for e in torch.arange(E)[:, None]: w[e[0]]`) is
+    traced under jit: a dynamic index."""
     d = dim_(dim, x.ndim)
+    if isinstance(index, jax.core.Tracer):
+        return lax.dynamic_index_in_dim(x, index % x.shape[d], axis=d, keepdims=False)
     return lax.index_in_dim(x, index % x.shape[d], axis=d, keepdims=False)
 
 
 @lowering(aten.narrow.default)
 def narrow(x, dim, start, length):
     d = dim_(dim, x.ndim)
+    if isinstance(start, jax.core.Tracer):   # a start read from a tensor: a dynamic slice of static length
+        return lax.dynamic_slice_in_dim(x, start % x.shape[d], length, axis=d)
     return lax.slice_in_dim(x, start % x.shape[d], start % x.shape[d] + length, axis=d)
 
 
@@ -88,7 +94,7 @@ def split_with_sizes(x, sizes, dim=0):
     if any(isinstance(s, jax.core.Tracer) for s in sizes):
         raise LoweringError("split sizes read from the data (`x.split(counts.tolist())`) make pieces of "
                             "data-dependent sizes, which jax.jit cannot hold; bridge supports pieces that are "
-                            "concatenated back in order, or returned (padded with zeros)")
+                            "computed on one by one and concatenated back in order, or returned (padded with zeros)")
     offsets, acc = [], 0
     for s in sizes[:-1]:
         acc += s

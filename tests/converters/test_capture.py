@@ -9,6 +9,7 @@ import typing
 from unittest import mock
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -18,7 +19,7 @@ import bridge
 from bridge.errors import CaptureError, InputError
 from bridge.tree import flatten
 from converters.dtypes import to_jax
-from tests.conftest import assert_close
+from tests.conftest import GRAD_TOL, assert_close, rel_err
 from tests.models import MODELS
 
 
@@ -505,3 +506,33 @@ class _JacobianPenalty(torch.nn.Module):
     def forward(self, x):
         jac = torch.func.vmap(torch.func.jacrev(self.net))(x)
         return self.net(x), (jac ** 2).sum((1, 2))
+
+
+@pytest.mark.parametrize("inside", ["to_same_dtype", "contiguous", "to_float64"])
+def test_a_no_grad_block_passes_its_input_through_as_torch_does(inside):
+    """`x.to(x.dtype)` (and `.contiguous()` of a contiguous x) inside `torch.no_grad()` returns x itself, so
+    x used after the block still carries its gradient (a DSA indexer's `hidden.to(w.dtype)`); a real
+    conversion (`.to(float64)`) is a new tensor without one, used after the block it carries none."""
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.pre, self.lin = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
+
+        def forward(self, inp):
+            x = self.pre(inp)
+            with torch.no_grad():
+                y = {"to_same_dtype": lambda: x.to(torch.float32), "contiguous": lambda: x.contiguous(),
+                     "to_float64": lambda: x.to(torch.float64)}[inside]()
+                s = y.sum().float()
+            return self.lin(y.float()) * s
+    torch.manual_seed(0)
+    model, inp = Net(), torch.randn(3, 4)
+    jm = bridge.convert(model, (inp,))
+    model(inp).sum().backward()
+    grads = flatten(jax.jit(jax.grad(lambda p: jm.apply(p, jnp.asarray(inp.numpy())).sum()))(jm.params))
+    assert (model.pre.weight.grad is None) == (inside == "to_float64")
+    for name, p in model.named_parameters():
+        if p.grad is None:   # no path to the output carries a gradient: none arrives in JAX either
+            assert float(jnp.abs(grads[name]).max()) == 0.0, name
+        else:
+            assert rel_err(grads[name], p.grad) <= GRAD_TOL, name

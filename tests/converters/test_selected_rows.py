@@ -92,6 +92,18 @@ def moe_index_add(m, h, mask, labels):   # Mixtral's expert loop (transformers 4
     return out
 
 
+def moe_tensor_loop(m, h, mask, labels):   # the expert loop over a tensor: `for e in torch.arange(E)[:, None]`
+    x = h.reshape(-1, H)
+    weights, chosen = torch.softmax(m.cls(x), -1).topk(2, dim=-1)
+    expert_mask = F.one_hot(chosen, C).permute(2, 1, 0)
+    out = torch.zeros_like(x)
+    for e in torch.arange(C)[:, None]:
+        e = e[0]
+        slot, tok = torch.where(expert_mask[e])
+        out.index_add_(0, tok, m.adapter(x[tok]) * (e + 1) * weights[tok, slot, None] + x.narrow(0, e, 1))
+    return out
+
+
 def writes_at_row_indices(m, h, mask, labels):   # scatter_add / index_copy / index_put at the rows' coordinates
     b, s = torch.where(mask)
     rows = m.cls(h[b, s])
@@ -123,9 +135,18 @@ def rows_indexed_by_rank(m, h, mask, labels):   # transformers' mask builder ove
     return (picked * 2).sum(0), rows[torch.tensor([0, -1])]   # ranks: the first and the last selected row
 
 
+def grouped_experts(m, h, mask, labels):   # JetMoE: tokens sorted by expert, split by counts, cat back
+    x = h.reshape(-1, H)
+    chosen = m.cls(x).argmax(-1)
+    order = chosen.argsort(stable=True)
+    pieces = x[order].split(F.one_hot(chosen, C).sum(0).tolist())
+    out = torch.cat([m.adapter(p) * (e + 1) + p.sum(0) for e, p in enumerate(pieces)])   # a sum over each group
+    return torch.zeros_like(x).index_add(0, order, out)
+
+
 HEADS = [token_loss, bce_loss, adapter_rows, adapter_tokens, select_mean, count_divides, over_rows, gram,
-         where_coordinates, moe_index_add, writes_at_row_indices, numbered_rows,
-         scatter_into_other_mask, rows_indexed_by_rank]
+         where_coordinates, moe_index_add, moe_tensor_loop, writes_at_row_indices, numbered_rows,
+         scatter_into_other_mask, rows_indexed_by_rank, grouped_experts]
 
 
 def _inputs(seed: int):

@@ -121,8 +121,11 @@ def _joined(cat: torch.fx.Node, splits: list):
     """The split whose pieces, each computed on alone (one expert per group of rows), `cat` joins back in order
     along the split's dim: its inputs' sizes there are the pieces' sizes."""
     ndim = cat.meta["val"].dim()
+    vals = [p.meta.get("val") if isinstance(p, torch.fx.Node) else None for p in cat.args[0]]
+    if not splits or not all(isinstance(v, torch.Tensor) and v.dim() == ndim for v in vals):
+        return None   # (torch.cat takes legacy empty 1-d tensors beside n-d ones)
     d = _dim(cat, 1, ndim)
-    sizes = [_expr(p.meta["val"].shape[d]) if isinstance(p, torch.fx.Node) else None for p in cat.args[0]]
+    sizes = [_expr(v.shape[d]) for v in vals]
     for split in splits:
         x_val = split.args[0].meta["val"]
         if x_val.dim() == ndim and _dim(split, 2, ndim) == d and len(split.meta["val"]) == len(sizes) \

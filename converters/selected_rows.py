@@ -287,8 +287,10 @@ def _merge(node, groups: dict) -> Rule | None:
     """A concatenation of every segment of one split, in order, along its dim: the whole again."""
     if node.target is not aten.cat.default or not groups:
         return None
-    parts = node.args[0]
-    d = (node.args[1] if len(node.args) > 1 else 0) % node.meta["val"].dim()
+    parts, ndim = node.args[0], node.meta["val"].dim()
+    if not all(isinstance(p, torch.fx.Node) and getattr(p.meta.get("val"), "ndim", -1) == ndim for p in parts):
+        return None
+    d = (node.args[1] if len(node.args) > 1 else 0) % ndim
     exprs = [getattr(getattr(p.meta["val"].shape[d], "node", None), "expr", None) for p in parts]
     if not any(list(g) == exprs for g in groups.values()):
         return None

@@ -42,13 +42,7 @@ class Selection:
         if rule.kind == "segments":
             return self._segments(node, env, rule, key, eval_node)
         if rule.kind == "merge":
-            if rule.fill[0] not in self.valid:   # concrete counts (outside jit): torch's pieces
-                return eval_node(node, env, key)
-            (d,), out = next(iter(rule.positions.values())), None
-            for name, symbol in zip(rule.positions, rule.fill):
-                keep = self.valid[symbol].reshape([-1 if i == d else 1 for i in range(env[name].ndim)])
-                out = env[name] if out is None else jnp.where(keep, env[name], out)
-            return out.astype(jax_dtype(node.meta["val"].dtype))
+            return self._merge(node, env, rule, key, eval_node)
         if rule.kind == "pinned":
             return self._pinned(node, env, key, eval_node)
         if rule.kind == "source":
@@ -131,6 +125,16 @@ class Selection:
             self.valid[symbol] = (pos >= start) & (pos < start + size)
             start = start + size
         return [x] * len(sizes)
+
+    def _merge(self, node, env, rule, key, eval_node):
+        """The segments of one split joined back in order: each row from the piece whose segment holds it."""
+        if rule.fill[0] not in self.valid:   # concrete counts (outside jit): torch's pieces
+            return eval_node(node, env, key)
+        (d,), out = next(iter(rule.positions.values())), None
+        for name, symbol in zip(rule.positions, rule.fill):
+            keep = self.valid[symbol].reshape([-1 if i == d else 1 for i in range(env[name].ndim)])
+            out = env[name] if out is None else jnp.where(keep, env[name], out)
+        return out.astype(jax_dtype(node.meta["val"].dtype))
 
     def _pieces(self, node, env, rule, key, eval_node):
         sizes = [env[s.name] if isinstance(s, torch.fx.Node) else s for s in node.args[1]]

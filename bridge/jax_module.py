@@ -56,7 +56,7 @@ def _as_captured_values(static: dict, kwargs: dict) -> dict:
     out = dict(kwargs)
     for name, captured in static.items():
         given = kwargs.get(name)
-        if hasattr(given, "shape") and isinstance(captured, (list, tuple, int, float, bool)):
+        if hasattr(given, "shape") and isinstance(captured, (list, tuple)):
             if isinstance(given, jax.core.Tracer):
                 raise InputError(f"input {name!r} was captured as the Python value {captured!r} (static): pass "
                                  "it concretely (an array or list, not traced) or leave it out")

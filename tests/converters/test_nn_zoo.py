@@ -894,7 +894,14 @@ def _param(c: Case):
 
 # ------------------------------------------------------------------------------------------ harness
 def _leaves(out):
-    """Tensor leaves in JAX's order (dict keys sorted), the order of the converted outputs' leaves."""
+    """Tensor leaves in the converted outputs' order: mappings keep torch's key order (see
+    test_capture's test_output_mappings_keep_torch_key_order), sequences theirs."""
+    if isinstance(out, dict):
+        return [leaf for v in out.values() for leaf in _leaves(v)]
+    if isinstance(out, (list, tuple)):
+        return [leaf for v in out for leaf in _leaves(v)]
+    if isinstance(out, torch.Tensor):
+        return [out]
     return jax.tree.leaves(out, is_leaf=lambda x: isinstance(x, torch.Tensor))
 
 

@@ -25,6 +25,7 @@ import torch
 from torch.fx.experimental.symbolic_shapes import is_concrete_int
 
 from converters.ctc import erase_with_size_checks
+from converters.selected_rows import data_split
 
 aten = torch.ops.aten
 _SPLITS = (aten.split_with_sizes.default, aten.split.Tensor, aten.split_with_sizes_copy.default,
@@ -139,8 +140,7 @@ def rejoin_splits(gm: torch.fx.GraphModule) -> bool:
     Where the pieces were computed on before they are joined, shapes after the join are written in the
     whole's size (the join itself runs as converters.selected_rows' segments)."""
     graph, changed = gm.graph, False
-    splits = [n for n in graph.nodes if n.op == "call_function" and n.target in _SPLITS
-              and isinstance(n.args[1], (list, tuple)) and any(isinstance(s, torch.fx.Node) for s in n.args[1])]
+    splits = [n for n in graph.nodes if n.op == "call_function" and data_split(n)]
     for cat in [n for n in graph.nodes if n.op == "call_function" and n.target is aten.cat.default]:
         found = _whole(cat) if cat.graph is graph and cat in set(graph.nodes) else None
         if found is None:

@@ -217,7 +217,7 @@ def plan(nodes: list) -> dict[str, Rule]:
     rules: dict[str, Rule] = {n.name: Rule("pieces", None) for n in nodes if _returned_pieces(n)}
     known: set = set()
     groups: dict = {}   # a segments split's name -> its pieces' size symbols, in order
-    if not any(n.target in _SOURCES or _data_split(n) for n in nodes):
+    if not any(n.target in _SOURCES or data_split(n) for n in nodes):
         return rules
     for node in nodes:
         val = node.meta.get("val")
@@ -265,7 +265,8 @@ def plan(nodes: list) -> dict[str, Rule]:
 _SPLITS = (aten.split_with_sizes.default, aten.split_with_sizes_copy.default)
 
 
-def _data_split(node) -> bool:
+def data_split(node) -> bool:
+    """A split into sizes read from the data (`x.split(counts.tolist())`)."""
     sizes = node.args[1] if node.target in _SPLITS else ()
     return any(isinstance(s, torch.fx.Node) for s in sizes)
 
@@ -273,7 +274,7 @@ def _data_split(node) -> bool:
 def _segments(node, known: set) -> list | None:
     """The pieces' size symbols of a split by counts read from the data, along a dim that holds no selected
     rows: piece i is the rows of the i-th segment (the grouped rows of an MoE, one expert's each)."""
-    if not _data_split(node):
+    if not data_split(node):
         return None
     x = node.args[0].meta.get("val")
     d = bound_args(node).get("dim", 0) % x.dim()
@@ -306,7 +307,7 @@ def _returned_pieces(node) -> bool:
     """A split into sizes read from the data (`x.split(counts.tolist())`) whose pieces are only returned
     (through views): under jit each is returned padded (`padded_pieces`). Pieces concatenated back in order
     are rewritten at capture (converters.rejoin); other uses keep the lowering's error."""
-    if not _data_split(node):
+    if not data_split(node):
         return False
 
     def returned(n) -> bool:

@@ -3,16 +3,19 @@
 Example:
     >>> spec = dynamic_spec(model, (x,), {}, "batch")       # {'x': {0: Dim.AUTO}}
     >>> fixed_dims(ep, "batch")                             # [('x', 0, 2)] where the code fixes the batch
+    >>> check_sizes([("x", meta.shape, (6, 2))], ep.range_constraints)   # InputError if the code needs <= 4
 """
 from __future__ import annotations
 
 import inspect
 
+import sympy
 import torch
 from torch.export import Dim
 from torch.fx.experimental.symbolic_shapes import is_concrete_int
+from torch.utils._sympy.numbers import int_oo
 
-from bridge.errors import CaptureError
+from bridge.errors import CaptureError, InputError
 from converters.caches import has_cache, is_cache
 
 DYNAMIC_PRESETS = {"batch": (0,), "batch+seq": (0, 1)}
@@ -75,3 +78,42 @@ def fixed_dims(ep, dynamic: str) -> list[tuple[str, int, int]]:
 
 def fixed_text(fixed: list) -> str:
     return ", ".join(f"input {name!r} dim {d} (size {size})" for name, d, size in fixed)
+
+
+def check_sizes(inputs, ranges: dict) -> None:
+    """The dynamic sizes of a call, as the program was captured for them; else an InputError naming the input
+    and dim. One size per symbol across inputs (torch.export found them equal: a mask's length and the
+    tokens'), derived sizes (`2*s0`) equal to their expression, and each size in the range the model's code
+    allowed at capture (`if x.shape[0] > 4` taken one way narrows the batch to [2, 4]). Sizes 0 and 1 below
+    torch.export's default lower bound of 2 stay accepted. `inputs`: (name, captured shape, given shape)."""
+    bound, derived = {}, []
+    for name, want_shape, shape in inputs:
+        for d, (want, got) in enumerate(zip(want_shape, shape)):
+            if is_concrete_int(want) or not hasattr(want, "node"):
+                continue
+            expr = want.node.expr
+            if not isinstance(expr, sympy.Symbol):
+                derived.append((name, d, expr, got))
+            elif expr in bound and bound[expr][0] != got:
+                first = bound[expr]
+                raise InputError(f"input {name!r} dim {d} has size {got}, but input {first[1]!r} dim {first[2]} has "
+                                 f"{first[0]}: the model was captured with these sizes equal")
+            else:
+                bound.setdefault(expr, (got, name, d))
+    values = {s: v[0] for s, v in bound.items()}
+    for name, d, expr, got in derived:
+        if expr.free_symbols <= values.keys():
+            want = expr.subs(values)
+            if want.is_Integer and int(want) != got:
+                raise InputError(f"input {name!r} dim {d} has size {got}; the model was captured with it equal to "
+                                 f"{expr} = {int(want)} from the other inputs' sizes")
+    for sym, (got, name, d) in bound.items():
+        r = ranges.get(sym)
+        if r is None:
+            continue
+        lo, hi = r.lower, r.upper
+        if (lo > 2 and got < lo) or (hi != int_oo and got > hi):
+            span = f"[{lo}, {'inf' if hi == int_oo else hi}]"
+            raise InputError(f"input {name!r} dim {d} has size {got}, outside {span}: a branch or index in the "
+                             "model's code on this size held only in that range when it was captured; convert "
+                             "again with an example in the range you need")

@@ -26,6 +26,8 @@ from bridge.errors import InputError, LoweringError, MissingRngError, Unsupporte
 from converters import selected_rows
 from converters.capture import Captured
 from converters.dtypes import jax_dtype, to_jax
+from converters.dynamic import check_sizes
+from converters.ops.common import astype
 from converters.registry import draws_random, lookup, op_name
 from converters.selection import Selection
 from converters.structure import spec_structure
@@ -152,10 +154,14 @@ class Program:
         if len(leaves) != len(self.user_inputs):
             raise InputError(f"expected {len(self.user_inputs)} input leaves "
                              f"({[n for n, _ in self.user_inputs]}), got {len(leaves)}")
+        shapes = []
         for (name, _), leaf in zip(self.user_inputs, leaves):
             meta = self.placeholder_meta.get(name)
             if name in self.constant_inputs and not hasattr(leaf, "shape"):
                 _check_constant(name, self.constant_inputs[name], leaf)
+            elif name in self.constant_inputs and self.constant_inputs[name] is None:
+                raise InputError(f"input {name!r} was captured as None, so the program does not read it: an "
+                                 f"array there would be ignored; convert again with an example array for it")
             if not isinstance(meta, torch.Tensor):
                 continue
             shape = getattr(leaf, "shape", None)
@@ -167,6 +173,8 @@ class Program:
                     raise InputError(
                         f"input {name!r} dim {d}: exported with static size {want}, got {got} "
                         f"(shape {tuple(shape)}); convert with dynamic='batch' / 'batch+seq' or dynamic_shapes")
+            shapes.append((name, meta.shape, shape))
+        check_sizes(shapes, self.captured.program.range_constraints)
 
     # -- evaluation -----------------------------------------------------------------------
     def run(self, state: dict[str, jax.Array], leaves: list, key: jax.Array | None = None, *,
@@ -335,7 +343,7 @@ def _match_dtype(out, meta):
     """Cast each result to the dtype torch gives this node: one place for promotion rules."""
     if isinstance(meta, torch.Tensor) and hasattr(out, "dtype"):
         want = jax_dtype(meta.dtype)
-        return out if out.dtype == want else out.astype(want)
+        return out if out.dtype == want else astype(out, want)
     if isinstance(meta, (list, tuple)) and isinstance(out, (list, tuple)):
         return type(out)(_match_dtype(o, m) for o, m in zip(out, meta))
     return out

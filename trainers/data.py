@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from typing import Any, Iterable, Iterator
 
 import jax
@@ -84,10 +85,16 @@ class Prefetcher:
             raise item
         return item
 
-    def close(self):
+    def close(self, timeout: float = 60.0):
+        """Stop the thread and wait for it: a daemon thread still inside XLA's C++ (a device_put) when the
+        interpreter exits is unwound there, which aborts the process. A source that blocks longer than
+        `timeout` is left behind."""
         self._stop.set()
-        try:
-            while True:
-                self._q.get_nowait()
-        except queue.Empty:
-            pass
+        deadline = time.monotonic() + timeout
+        while self._thread.is_alive() and time.monotonic() < deadline:
+            try:
+                while True:   # room for the one batch it may still be putting
+                    self._q.get_nowait()
+            except queue.Empty:
+                pass
+            self._thread.join(0.05)

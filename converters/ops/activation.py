@@ -86,4 +86,4 @@ def prelu(x, weight):
 
 @lowering(aten.threshold.default)
 def threshold(x, threshold, value):
-    return jnp.where(x > threshold, x, value)
+    return jnp.where(x <= threshold, value, x)   # NaN stays NaN, as torch

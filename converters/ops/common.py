@@ -69,6 +69,19 @@ def as_array(x, like=None):
     return jnp.asarray(x, dtype=default_float())
 
 
+def astype(x, dtype):
+    """`x.astype(dtype)` as torch's CPU kernels cast: a real float to an integer narrower than 32 bits goes
+    through int64 and wraps (-1.5 -> 255 as uint8), where XLA's direct conversion would saturate.
+
+    Example:
+        >>> astype(jnp.array([-1.5, 300.2]), jnp.uint8)   # [255, 44], as torch
+    """
+    dtype = jnp.dtype(dtype)
+    if (jnp.issubdtype(x.dtype, jnp.floating) and jnp.issubdtype(dtype, jnp.integer) and dtype.itemsize < 4):
+        x = x.astype(jax.dtypes.canonicalize_dtype(jnp.int64))
+    return x.astype(dtype)
+
+
 def opmath(*xs):
     """bf16/fp16 arrays as fp32: torch's CPU kernels compute these in fp32 and round once at the end."""
     return tuple(x.astype(jnp.float32) if getattr(x, "dtype", None) in (jnp.bfloat16, jnp.float16) else x for x in xs)

@@ -1,10 +1,11 @@
-"""Tensor factories: arange, full, *_like, empty, scalar_tensor, eye, linspace."""
+"""Tensor factories: arange, full, *_like, empty, scalar_tensor, eye, linspace, window functions."""
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-from jax import lax
+import numpy as np
 import torch
+from jax import lax
 
 from converters.ops.common import aten, default_float, dt, size_
 from converters.dtypes import jax_dtype
@@ -129,3 +130,28 @@ def logspace(start, end, steps, base=10.0, *, dtype=None, layout=None, device=No
     if steps == 1:   # torch fills with base ** start, start not rounded
         exps = jnp.full((1,), start, wide)
     return jnp.power(jnp.asarray(base, wide), exps).astype(dtype)
+
+
+def _window(symmetric):
+    """A window function of static length: torch's periodic window (the default) is the symmetric one of
+    length + 1 without its last point. Computed in float64 at trace time, then cast."""
+    def lower(window_length, periodic=True, *params, dtype=None, layout=None, device=None, pin_memory=None):
+        n = int(window_length)
+        w = np.ones(n) if n <= 1 else symmetric(n + 1, *params)[:-1] if periodic else symmetric(n, *params)
+        return jnp.asarray(w, dt(dtype, default_float()))
+    return lower
+
+
+def _cosine_sum(*coeffs):
+    return lambda n: sum((-1) ** k * c * np.cos(2 * np.pi * k * np.arange(n) / (n - 1)) for k, c in enumerate(coeffs))
+
+
+_WINDOWS = {
+    "hamming_window": lambda n, alpha=0.54, beta=0.46: _cosine_sum(alpha, beta)(n),
+    "blackman_window": _cosine_sum(0.42, 0.5, 0.08),
+    "bartlett_window": lambda n: 1 - np.abs(2 * np.arange(n) / (n - 1) - 1),
+    "kaiser_window": lambda n, beta=12.0: np.kaiser(n, beta),
+}
+for _name, _symmetric in _WINDOWS.items():
+    _packet = getattr(aten, _name)
+    lowering(*(getattr(_packet, o) for o in _packet.overloads() if "out" not in o))(_window(_symmetric))

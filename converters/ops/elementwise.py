@@ -18,8 +18,27 @@ def _float(x):
     return x if jnp.issubdtype(x.dtype, jnp.inexact) else x.astype(default_float())
 
 
+def _sign(x):
+    """torch's sign of NaN is 0 ((0 < x) - (x < 0)); jnp.sign gives NaN. Complex sgn keeps x / |x|."""
+    return jnp.where(jnp.isnan(x), 0, jnp.sign(x)).astype(x.dtype) if jnp.issubdtype(x.dtype, jnp.floating) \
+        else jnp.sign(x)
+
+
+@jax.custom_jvp
+def _abs(x):
+    return jnp.abs(x)
+
+
+@_abs.defjvp
+def _abs_jvp(primals, tangents):
+    """torch's derivative sgn(x): 0 at 0 (JAX's is 1 there), so an L1 term at an exact match adds nothing."""
+    (x,), (dx,) = primals, tangents
+    return jnp.abs(x), jnp.sign(x) * dx
+
+
 _UNARY = {
-    "abs": jnp.abs, "neg": jnp.negative, "exp": lambda x: jnp.exp(_float(x)), "exp2": lambda x: jnp.exp2(_float(x)),
+    "abs": lambda x: _abs(x) if jnp.issubdtype(x.dtype, jnp.floating) else jnp.abs(x), "neg": jnp.negative,
+    "exp": lambda x: jnp.exp(_float(x)), "exp2": lambda x: jnp.exp2(_float(x)),
     "expm1": lambda x: jnp.expm1(_float(x)), "log": lambda x: jnp.log(_float(x)),
     "log2": lambda x: jnp.log2(_float(x)), "log10": lambda x: jnp.log10(_float(x)),
     "log1p": lambda x: jnp.log1p(_float(x)), "sqrt": lambda x: jnp.sqrt(_float(x)),
@@ -33,7 +52,7 @@ _UNARY = {
     "erfc": lambda x: jax.scipy.special.erfc(_float(x)), "erfinv": lambda x: jax.scipy.special.erfinv(_float(x)),
     "lgamma": lambda x: jax.scipy.special.gammaln(_float(x)), "digamma": lambda x: special.digamma(_float(x)),
     "ceil": jnp.ceil, "floor": jnp.floor, "trunc": jnp.trunc, "round": jnp.round, "frac": lambda x: x - jnp.trunc(x),
-    "sign": jnp.sign, "sgn": jnp.sign, "reciprocal": lambda x: 1 / _float(x), "signbit": jnp.signbit,
+    "sign": _sign, "sgn": _sign, "reciprocal": lambda x: 1 / _float(x), "signbit": jnp.signbit,
     "isnan": jnp.isnan, "isinf": jnp.isinf, "isfinite": jnp.isfinite, "isneginf": jnp.isneginf,
     "isposinf": jnp.isposinf, "logical_not": jnp.logical_not, "bitwise_not": jnp.invert,
     "real": jnp.real, "imag": jnp.imag, "conj_physical": jnp.conj, "angle": jnp.angle,
@@ -93,7 +112,10 @@ def _nextafter_jvp(primals, tangents):
 
 _BINARY = {
     "mul": jnp.multiply, "div": lambda a, b: _int_div(a, b, None), "true_divide": lambda a, b: _int_div(a, b, None),
-    "maximum": jnp.maximum, "minimum": jnp.minimum, "fmax": jnp.fmax, "fmin": jnp.fmin,
+    "maximum": jnp.maximum, "minimum": jnp.minimum,
+    # NaN-ignoring; a tie's gradient all to `a`, as torch's backward
+    "fmax": lambda a, b: jnp.where((a >= b) | jnp.isnan(b), a, b),
+    "fmin": lambda a, b: jnp.where((a <= b) | jnp.isnan(b), a, b),
     "atan2": lambda a, b: jnp.arctan2(_float(a), b), "hypot": jnp.hypot, "copysign": lambda a, b: jnp.copysign(_float(a), b),
     "nextafter": _nextafter, "logaddexp": jnp.logaddexp, "logaddexp2": jnp.logaddexp2,
     "remainder": jnp.remainder, "fmod": jnp.fmod, "floor_divide": lambda a, b: _int_div(a, b, "floor"),
@@ -101,7 +123,10 @@ _BINARY = {
     "eq": jnp.equal, "ne": jnp.not_equal, "lt": jnp.less, "le": jnp.less_equal, "gt": jnp.greater,
     "ge": jnp.greater_equal, "bitwise_and": jnp.bitwise_and, "bitwise_or": jnp.bitwise_or,
     "bitwise_xor": jnp.bitwise_xor, "logical_and": jnp.logical_and, "logical_or": jnp.logical_or,
-    "logical_xor": jnp.logical_xor, "bitwise_left_shift": jnp.left_shift, "bitwise_right_shift": jnp.right_shift,
+    "logical_xor": jnp.logical_xor, "bitwise_left_shift": jnp.left_shift,
+    "bitwise_right_shift": jnp.right_shift, "__lshift__": jnp.left_shift, "__rshift__": jnp.right_shift,
+    "__and__": jnp.bitwise_and, "__or__": jnp.bitwise_or,
+    "__xor__": jnp.bitwise_xor,
     "xlogy": lambda a, b: jax.scipy.special.xlogy(_float(a), _float(b)), "igamma": jax.scipy.special.gammainc,
     "igammac": jax.scipy.special.gammaincc, "heaviside": lambda a, b: jnp.heaviside(a, b).astype(a.dtype),
 }

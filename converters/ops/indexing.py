@@ -124,8 +124,8 @@ def _put_jvp(layout, primals, tangents):
 def index_select(x, dim, index):
     if not x.ndim:
         return x
-    d = dim_(dim, x.ndim)
-    return jnp.take(x, no_negatives(index, x.shape[d]), axis=d, mode="fill")
+    d = dim_(dim, x.ndim)   # a 0-d index keeps the dim at size 1, as torch
+    return jnp.take(x, no_negatives(index.reshape(-1), x.shape[d]), axis=d, mode="fill")
 
 
 def along(x, dim, index):

@@ -127,3 +127,21 @@ def linear_cross_entropy_chunked_none(x_NF, w_CF, target_N, b_C, w_C, ignore_ind
                                       acc_policy, acc_dtype):
     """torch.nn.functional.linear_cross_entropy with options, reduction='none': the per-sample loss."""
     return _linear_ce(x_NF, w_CF, target_N, b_C, w_C, NONE, ignore_index, 0.0, batch_chunk_size)
+
+
+@lowering(aten.multilabel_margin_loss_forward.default)
+def multilabel_margin_loss(x, target, reduction):
+    """Per sample, sum over its targets j (the classes listed before the first -1, repeats counted) and the
+    classes i it does not list of max(0, 1 - x[j] + x[i]) / C, as torch's kernel (its decomposition ignores
+    the -1 end). Returns (loss, is_target) like the ATen op."""
+    x_NC, t_NC = jnp.atleast_2d(x), jnp.atleast_2d(target)
+    C = x_NC.shape[1]
+    class_C = jnp.arange(C)
+    listed_NC = class_C < jnp.min(jnp.where(t_NC == -1, class_C, C), axis=-1, keepdims=True)
+    t_NC = jnp.where(listed_NC, t_NC, 0)
+    is_target_NC = jnp.any((t_NC[:, :, None] == class_C) & listed_NC[:, :, None], axis=1)
+    x_j_NC = jnp.take_along_axis(x_NC, t_NC, axis=1)
+    hinge_NJC = jnp.maximum(1 - x_j_NC[:, :, None] + x_NC[:, None, :], 0) / C
+    loss_N = jnp.where(listed_NC[:, :, None] & ~is_target_NC[:, None, :], hinge_NJC, 0).sum((1, 2))
+    loss = loss_N.reshape(()) if x.ndim < 2 else loss_N
+    return _reduce(loss, reduction, max(loss_N.shape[0], 1)), is_target_NC.astype(x.dtype).reshape(target.shape)

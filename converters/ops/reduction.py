@@ -181,11 +181,13 @@ def vector_norm(x, ord=2, dim=None, keepdim=False, *, dtype=None):
 
 
 def _cum_extreme(x, dim, scan):
-    """Running max/min and the index of its latest occurrence (torch's tie rule)."""
+    """Running max/min and the index of its latest occurrence (torch's tie rule). Each value is read at its
+    index, so its gradient goes there, as torch's backward scatters it (lax.cummax's own rule does not)."""
     d = dim_(dim, x.ndim)
     vals = scan(x, axis=d)
-    idx = lax.broadcasted_iota(jnp.int32, x.shape, d)
-    return vals, lax.cummax(jnp.where(x == vals, idx, 0), axis=d)
+    idx = lax.cummax(jnp.where(x == vals, lax.broadcasted_iota(jnp.int32, x.shape, d), 0), axis=d)
+    at_idx = jnp.take_along_axis(x, idx, axis=d)
+    return jnp.where(at_idx == vals, at_idx, lax.stop_gradient(vals)), idx
 
 
 @lowering(aten.cummax.default)

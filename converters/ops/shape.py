@@ -9,7 +9,7 @@ import torch
 from jax import lax
 
 from bridge.errors import LoweringError
-from converters.ops.common import aten, dim_, dt, size_
+from converters.ops.common import astype, aten, dim_, dt, size_
 from converters.registry import lowering
 
 
@@ -156,12 +156,12 @@ def detach(x):
 
 @lowering(aten._to_copy.default)
 def to_copy(x, *, dtype=None, layout=None, device=None, pin_memory=None, non_blocking=False, memory_format=None):
-    return x if dtype is None else x.astype(dt(dtype))
+    return x if dtype is None else astype(x, dt(dtype))
 
 
 @lowering(torch.ops.prims.convert_element_type.default)
 def convert_element_type(x, dtype):
-    return x.astype(dt(dtype))
+    return astype(x, dt(dtype))
 
 
 @lowering(aten.to.dtype, aten.to.dtype_layout, aten.to.device)
@@ -169,7 +169,7 @@ def to(x, *args, dtype=None, **_):
     for a in args:
         if hasattr(a, "is_floating_point"):  # a torch.dtype positional
             dtype = a
-    return x if dtype is None else x.astype(dt(dtype))
+    return x if dtype is None else astype(x, dt(dtype))
 
 
 @lowering(aten.flip.default)

@@ -163,14 +163,27 @@ def nanmedian_dim(x, dim=-1, keepdim=False):
     return _median(x, dim_(dim, x.ndim), keepdim, ignore_nan=True)
 
 
+def _evenly(x, v):
+    """v, a value x holds, with torch's gradient for a whole-tensor selection: shared evenly by the elements
+    equal to it (NaN ones when v is NaN), not given to one of them."""
+    tied = (x == v) | (jnp.isnan(x) & jnp.isnan(v)) if jnp.issubdtype(x.dtype, jnp.inexact) else x == v
+    share = jnp.where(tied, x, 0).sum() / jnp.maximum(tied.sum(), 1)
+    flat = lax.stop_gradient(v) + (share - lax.stop_gradient(share))   # v's value, share's gradient
+    return jnp.where(jnp.isfinite(share), flat, v) if jnp.issubdtype(x.dtype, jnp.inexact) else v
+
+
 @lowering(aten.median.default)
 def median(x):
-    return _median(x.reshape(-1), 0, False, ignore_nan=False)[0] if x.size else jnp.full((), jnp.nan, x.dtype)
+    if not x.size:
+        return jnp.full((), jnp.nan, x.dtype)
+    return _evenly(x, _median(x.reshape(-1), 0, False, ignore_nan=False)[0])
 
 
 @lowering(aten.nanmedian.default)
 def nanmedian(x):
-    return _median(x.reshape(-1), 0, False, ignore_nan=True)[0] if x.size else jnp.full((), jnp.nan, x.dtype)
+    if not x.size:
+        return jnp.full((), jnp.nan, x.dtype)
+    return _evenly(x, _median(x.reshape(-1), 0, False, ignore_nan=True)[0])
 
 
 @lowering(aten.mode.default)

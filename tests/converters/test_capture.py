@@ -536,3 +536,38 @@ def test_a_no_grad_block_passes_its_input_through_as_torch_does(inside):
             assert float(jnp.abs(grads[name]).max()) == 0.0, name
         else:
             assert rel_err(grads[name], p.grad) <= GRAD_TOL, name
+
+
+class _BranchOnSizes(torch.nn.Module):
+    def forward(self, x, mask):
+        y = x * mask.unsqueeze(-1)
+        return y + 1 if x.shape[0] > 4 else y - 1
+
+
+def test_dynamic_sizes_outside_the_captured_ranges_or_unequal_raise():
+    """A branch on the batch size narrows it to [2, 4] at capture: batch 6 would silently take the captured
+    branch (torch's own program raises too). Sizes torch.export found equal must stay equal: a mask of
+    length 1 would broadcast silently."""
+    module, x, mask = _BranchOnSizes(), torch.randn(3, 5, 2), torch.ones(3, 5)
+    jm = bridge.convert(module, (x, mask), dynamic="batch+seq")
+    x4, mask4 = torch.randn(4, 7, 2), (torch.rand(4, 7) > 0.5).float()
+    with torch.no_grad():
+        assert_close(jax.jit(jm.apply)(jm.params, to_jax(x4), to_jax(mask4)), module(x4, mask4))
+    with pytest.raises(InputError, match=r"'x' dim 0 has size 6, outside \[2, 4\]"):
+        jm(np.zeros((6, 5, 2), np.float32), np.zeros((6, 5), np.float32))
+    with pytest.raises(InputError, match="'mask' dim 1 has size 1, but input 'x' dim 1 has 5"):
+        jm(np.zeros((3, 5, 2), np.float32), np.zeros((3, 1), np.float32))
+
+
+class _OptionalBias(torch.nn.Module):
+    def forward(self, x, bias=None):
+        return x * 2 if bias is None else x * 2 + bias
+
+
+def test_an_array_for_an_input_captured_as_none_raises():
+    """The program never reads an input captured as None: an array given there positionally would be dropped."""
+    x = torch.ones(2, 3)
+    jm = bridge.convert(_OptionalBias(), (x, None))
+    assert_close(jm(to_jax(x), None), _OptionalBias()(x))
+    with pytest.raises(InputError, match="'bias' was captured as None"):
+        jm(to_jax(x), to_jax(x))

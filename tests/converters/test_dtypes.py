@@ -77,6 +77,10 @@ class IntOps(torch.nn.Module):
             "argmax": x.argmax(-1), "mask": x > 0, "count": (x > 0).sum(-1), "ids": ids * 2 + 1,
             "cumsum": ids.cumsum(-1), "floordiv": ids // 3, "where": torch.where(x > 0, ids, -ids),
             "float": ids / 2, "half": x.half(), "any": (ids == 3).any(-1), "pos": torch.arange(x.shape[-1]),
+            # out-of-range floats wrap through int64 as torch's CPU casts do (XLA alone saturates)
+            "uint8": (x * 300).to(torch.uint8), "int8": (x * 300).to(torch.int8), "int16": (x * 1e5).short(),
+            "shifts": (ids << 2) + (ids >> 1) + (ids >> ids.abs() % 3) + (ids & 5),
+            "sign_nan": torch.sign(torch.where(x > 1, torch.nan, x)),   # 0 for NaN, as torch
         }
 
 

@@ -91,6 +91,7 @@ def publish(staged: Path, names: list[str], dest: Path) -> None:
     moved = []
     try:
         for name in names:
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
             os.replace(staged / name, dest / name)
             moved.append(dest / name)
         fsync_path(dest)

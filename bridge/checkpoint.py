@@ -26,11 +26,11 @@ from bridge.safetensors_io import TensorInfo, read_header, read_slice, read_tens
 from bridge.tree import flatten, nest
 from converters.dtypes import jax_dtype, narrow, numpy_dtype, to_numpy
 
-HF_CANDIDATES = ("model.safetensors.index.json", "model.safetensors", "pytorch_model.bin.index.json",
-                 "pytorch_model.bin", "model.pt", "model.pth",
+HF_CANDIDATES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",   # transformers' order
+                 "pytorch_model.bin.index.json", "model.pt", "model.pth",
                  # diffusers' model directories
-                 "diffusion_pytorch_model.safetensors.index.json", "diffusion_pytorch_model.safetensors",
-                 "diffusion_pytorch_model.bin.index.json", "diffusion_pytorch_model.bin")
+                 "diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.safetensors.index.json",
+                 "diffusion_pytorch_model.bin", "diffusion_pytorch_model.bin.index.json")
 TORCH_SUFFIXES = (".pt", ".pth", ".bin")
 
 
@@ -106,7 +106,19 @@ def state_dict_sources(obj: Mapping, label: str | Path = "the given state_dict")
             return arr.copy()
         return read
 
+    for k, t in flat.items():
+        if t.layout != torch.strided or not _has_numpy_dtype(t.dtype):
+            kind = t.layout if t.layout != torch.strided else t.dtype
+            raise CheckpointError(f"{label}: tensor {k!r} is {kind}, which JAX has no array for (save it dense, "
+                                  "dequantized or in a supported dtype)")
     return [TensorSource(k, t.dtype, tuple(t.shape), label, reader(t)) for k, t in flat.items()]
+
+
+def _has_numpy_dtype(dtype: torch.dtype) -> bool:
+    try:
+        return numpy_dtype(dtype) is not None
+    except TypeError:   # quantized (qint8), complex32
+        return False
 
 
 # where training checkpoints keep the model's weights beside optimizer state, epoch, config...
@@ -120,7 +132,7 @@ def _model_state(path: Path | str, obj) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path}: holds a {type(obj).__name__}, not a state_dict of tensors")
     flat = flatten(obj)
     bad = [k for k, v in flat.items() if not isinstance(v, torch.Tensor)]
-    if not bad:
+    if not bad and not _wrapped(obj):
         return flat
     for key in WRAPPERS:
         inner = obj.get(key)
@@ -130,13 +142,25 @@ def _model_state(path: Path | str, obj) -> dict[str, torch.Tensor]:
                           f"{list(obj)[:8]} named {'/'.join(WRAPPERS)} is a state_dict")
 
 
+def _wrapped(obj: Mapping) -> bool:
+    """Only state_dicts under wrapper names ({"model": sd}, {"state_dict": sd, "ema": sd}): a torch state_dict
+    is flat with dotted names, where a nested tree of tensors (also read) has none."""
+    return all(isinstance(v, Mapping) for v in obj.values()) and any(
+        isinstance(obj.get(k), Mapping) and obj[k] and all(isinstance(v, torch.Tensor) for v in obj[k].values())
+        and any("." in n for n in obj[k]) for k in WRAPPERS)
+
+
 def _index_sources(path: Path) -> list[TensorSource]:
     try:
         weight_map = json.loads(path.read_text())["weight_map"]
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"{path}: not a valid checkpoint index (needs a 'weight_map'): {e}") from e
+    if not isinstance(weight_map, Mapping):
+        raise CheckpointError(f"{path}: 'weight_map' is a {type(weight_map).__name__}, not tensor name -> file")
     by_file: dict[str, list[str]] = {}
     for name, fname in weight_map.items():
+        if not isinstance(fname, str) or fname.endswith(".index.json"):
+            raise CheckpointError(f"{path}: tensor {name!r} is assigned to {fname!r}, not a shard file name")
         by_file.setdefault(fname, []).append(name)
     sources = []
     for fname, names in by_file.items():
@@ -160,10 +184,11 @@ def _sniff(path: Path) -> str | None:
         size = path.stat().st_size
     except OSError:
         return None
-    if head.startswith(b"PK") or head[:1] == b"\x80":
-        return "torch"
+    # the safetensors layout first: its header length's low byte can be 0x80 or "P" (1 file in 32)
     if len(head) == 9 and head[8:9] == b"{" and 8 < int.from_bytes(head[:8], "little") <= size - 8:
         return "safetensors"
+    if head.startswith(b"PK") or head[:1] == b"\x80":
+        return "torch"
     return None
 
 
@@ -238,7 +263,13 @@ def load_weights(path: str | Path, *, dtype=None, shardings=None, mmap: bool = T
     Example:
       >>> params = load_weights("ckpt/", dtype=jnp.bfloat16)
     """
-    return nest(load_sources(open_checkpoint(path), dtype=dtype, shardings=shardings, mmap=mmap))
+    sources = open_checkpoint(path)
+    try:
+        nest(dict.fromkeys(src.name for src in sources))   # before reading anything
+    except ValueError as e:
+        raise CheckpointError(f"{path}: its names do not form a tree: {e}; `bridge.iter_weights` reads "
+                              "it by flat name") from None
+    return nest(load_sources(sources, dtype=dtype, shardings=shardings, mmap=mmap))
 
 
 def load_sources(sources: list[TensorSource], *, dtype=None, shardings=None, mmap: bool = True) -> dict:
@@ -249,6 +280,10 @@ def load_sources(sources: list[TensorSource], *, dtype=None, shardings=None, mma
         if sharding is None:
             out[src.name] = jax.device_put(host_array(src, dtype, mode=mode))  # CPU: adopts aligned buffers
         else:
-            out[src.name] = jax.make_array_from_callback(
-                src.shape, sharding, lambda index, src=src: host_array(src, dtype, index))
+            try:
+                out[src.name] = jax.make_array_from_callback(
+                    src.shape, sharding, lambda index, src=src: host_array(src, dtype, index))
+            except ValueError as e:   # a sharding that does not divide the shape
+                raise CheckpointError(f"{src.file}: tensor {src.name!r} of shape {src.shape} cannot take the "
+                                      f"sharding asked for: {e}") from None
     return out

@@ -1,6 +1,6 @@
 """The `bridge` command line: inspect, convert, verify, train, export, demo.
 
-Exit codes: 0 success, 1 a check failed (parity), 2 bad input or usage.
+Exit codes: 0 success, 1 a check failed (parity), 2 bad input or usage, 3 an unexpected error, 130 interrupted.
 Errors print one line without a traceback unless --debug.
 
 Example:
@@ -62,6 +62,14 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"bridge {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        return 130
+    except Exception as e:   # not foreseen: still one line, with what to send in a report
+        if args.debug:
+            raise
+        print(f"bridge {args.command}: unexpected error: {type(e).__name__}: {e} (rerun with --debug for the "
+              "traceback)", file=sys.stderr)
+        return 3
     return 0
 
 

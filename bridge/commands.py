@@ -70,12 +70,16 @@ def convert(model: str, out: str, dynamic: str | None) -> int:
     import bridge
     from bridge.atomic import atomic_path
     from bridge.parity import format_report, parity_report
+    target = Path(out)
+    if (target.exists() and not target.is_dir()) or target.suffix in (".safetensors", ".pt", ".pth", ".bin", ".pt2"):
+        raise BridgeError(f"--out {out}: a directory to write the weights and parity.json into, not a file "
+                          "(`bridge export` writes single files)")
     module, args, kwargs, jm, seconds = _convert(model, dynamic)
     print(f"converted in {seconds:.1f}s: {jm}")
     report = parity_report(module, jm, args, kwargs)
     print(format_report(report))
     like = model if Path(model).is_dir() else None
-    bridge.export(jm, out, like=like)
+    bridge.export(jm, out, like=like, format="hf")
     with atomic_path(Path(out) / "parity.json") as tmp:
         tmp.write_text(json.dumps({**report, "convert_s": seconds}, indent=2, default=str))
     print(f"wrote {out} (weights + parity.json)")
@@ -111,15 +115,21 @@ def export(ckpt: str, to: str, like: str | None, max_shard_size: str, dtype: str
     elif ema:
         raise BridgeError(f"{src}: --ema reads a trainer run directory (its checkpoints keep the moving average)")
     else:
+        from bridge.checkpoint import load_sources, open_checkpoint
         with jax.enable_x64(True):   # a checkpoint file or HF directory: 64-bit tensors keep width and values
-            written = bridge.export(bridge.load_weights(src), to, **opts)
+            # by flat name: a file whose names form no tree (`w` beside `w.absmax`) converts too
+            written = bridge.export(load_sources(open_checkpoint(src)), to, **opts)
     print(f"wrote {written}")
     return 0
 
 
 def _is_run(path: Path) -> bool:
     """A trainer run directory or its checkpoints/ directory (numbered step folders)."""
-    return path.is_dir() and ((path / "checkpoints").is_dir() or any(p.name.isdigit() for p in path.iterdir()))
+    if not path.is_dir():
+        return False
+    if (path / "checkpoints").is_dir():
+        return True   # a model directory (config.json) may hold a folder named "0" for other reasons
+    return not (path / "config.json").exists() and any(p.is_dir() and p.name.isdigit() for p in path.iterdir())
 
 
 def _latest_step(path: Path):
@@ -127,9 +137,9 @@ def _latest_step(path: Path):
     from bridge.jax_module import StateMeta
     from bridge.state import STATE_META
     root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
-    steps = sorted(int(p.name) for p in root.iterdir() if p.name.isdigit())
+    steps = sorted(int(p.name) for p in root.iterdir() if p.name.isdigit() and (p / "state").is_dir())
     if not steps:
-        raise BridgeError(f"{root}: no trainer checkpoints found")
+        raise BridgeError(f"{root}: no complete trainer checkpoint found (a numbered step folder holding state/)")
     meta_file = root.parent / STATE_META
     if not meta_file.is_file():
         return root / str(steps[-1]), None

@@ -27,14 +27,15 @@ from bridge.state import gathered as _gathered, to_state_dict
 from bridge.tree import flatten
 from converters.dtypes import numpy_dtype, to_numpy, to_torch, torch_dtype
 
+HF_WEIGHT_STEMS = ("model", "pytorch_model", "diffusion_pytorch_model", "adapter_model")
 WEIGHT_FILE = re.compile(r".*\.(safetensors|bin|pt|pth|msgpack|h5|ckpt)$|.*\.index\.json$")
 _UNITS = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
 
 def parse_size(size: int | str) -> int:
     """'5GB' → 5e9, '500MiB' → 500·2^20, ints pass through."""
-    if isinstance(size, int):
-        return size
+    if isinstance(size, int) or str(size).strip().isdigit():   # a byte count, as transformers takes
+        return int(size)
     m = re.fullmatch(r"\s*([\d.]+)\s*([KMGT]I?B)\s*", str(size).upper())
     if not m:
         raise ExportError(f"max_shard_size {size!r} is not a size like '5GB' or '500MB'")
@@ -77,6 +78,8 @@ def _entries(obj, cast: torch.dtype | None = None) -> list[tuple[str, torch.dtyp
 
 
 def _entry(key, leaf, dtype, cast):
+    if isinstance(leaf, torch.Tensor):   # a torch state_dict: its exact bits and dtype
+        leaf, dtype = to_numpy(leaf), leaf.dtype
     if not hasattr(leaf, "__array__") or not hasattr(leaf, "shape"):
         raise ExportError(f"cannot export {key!r}: {type(leaf).__name__} is not an array (weights never loaded?)")
     dtype = dtype or torch_dtype(leaf.dtype)
@@ -134,6 +137,9 @@ def _plan(entries, max_bytes: int) -> list[list]:
 def _write_safetensors(folder: Path, stem: str, entries, max_bytes: int) -> list[str]:
     """Write one file or shards + index into `folder`; returns the file names written."""
     for key, dtype, *_ in entries:
+        if key == "__metadata__":   # the header's own slot: the tensor would be lost
+            raise ExportError("cannot write a tensor named '__metadata__' to safetensors, whose header keeps its "
+                              "metadata under that name (export to .pt keeps it)")
         if dtype not in CODES:
             raise ExportError(f"cannot write {key!r} to safetensors: the format has no code for {dtype} "
                               "(export to .pt keeps it)")
@@ -181,9 +187,12 @@ def _copy_like(like, folder: Path) -> None:
     src = Path(like)
     if not src.is_dir():
         raise ExportError(f"like={str(like)!r}: not a Hugging Face directory, model or config")
-    for f in src.iterdir():
+    for f in src.iterdir():   # sentence-transformers keeps its pooling and normalize modules in folders
         if f.is_file() and not WEIGHT_FILE.match(f.name):
             shutil.copy2(f, folder / f.name)
+        elif f.is_dir() and not f.name.startswith("."):
+            shutil.copytree(f, folder / f.name, dirs_exist_ok=True,
+                            ignore=lambda _, names: [n for n in names if WEIGHT_FILE.match(n) or n.startswith(".")])
 
 
 def _is_peft(like) -> bool:
@@ -273,21 +282,51 @@ def _export(obj, path: Path, fmt: str, like, max_bytes: int, cast: torch.dtype |
         return path
     entries = _entries(obj, cast)
     if fmt == "hf" and _is_peft(like):
-        with atomic_path(path, directory=True) as tmp:
-            adapter, entries = _adapter_entries(like, entries)
-            _write_safetensors(tmp, "adapter_model", entries, max_bytes)
+        def fill(tmp):
+            adapter, adapter_entries = _adapter_entries(like, entries)
+            _write_safetensors(tmp, "adapter_model", adapter_entries, max_bytes)
             like.peft_config[adapter].save_pretrained(tmp)
-        return path
+        return _write_dir(path, fill)
     if fmt == "hf":
         diffusers = _is_diffusers(like)
-        with atomic_path(path, directory=True) as tmp:   # diffusers names its weights diffusion_pytorch_model
+
+        def fill(tmp):   # diffusers names its weights diffusion_pytorch_model
             _write_safetensors(tmp, "diffusion_pytorch_model" if diffusers else "model", entries, max_bytes)
             _copy_like(like, tmp)
             if not diffusers:   # diffusers' from_pretrained takes the dtype as an argument, not from config.json
                 _set_config_dtype(tmp, cast)
-        return path
+        return _write_dir(path, fill)
     stem = _stem(path)
     with staging_dir(path) as tmp:
         names = _write_safetensors(tmp, stem, entries, max_bytes)
         publish(tmp, names, path.parent)  # shards first, the index (or single file) last
+    _remove_stale(path.parent, names, (stem,))
     return path.parent / names[-1]
+
+
+def _write_dir(path: Path, fill) -> Path:
+    """A model directory: built aside and renamed into place when new. An existing one is written into, as
+    save_pretrained does: the user's other files stay, and an earlier export's weight files (shards this
+    one does not have, a single file it now shards) go, so no loader can pick stale weights."""
+    if not path.exists():
+        with atomic_path(path, directory=True) as tmp:
+            fill(tmp)
+        return path
+    if not path.is_dir():
+        raise ExportError(f"{path} exists and is not a directory; a Hugging Face export writes a directory")
+    with staging_dir(path) as tmp:
+        fill(tmp)
+        names = sorted((str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file()),
+                       key=lambda n: (n.endswith(".index.json"), n))   # the index last
+        publish(tmp, names, path)
+    _remove_stale(path, names, HF_WEIGHT_STEMS)
+    return path
+
+
+def _remove_stale(folder: Path, names: list[str], stems) -> None:
+    """Delete `folder`'s weight files of these stems (single, shards, index) that this export did not write."""
+    pattern = re.compile(rf"({'|'.join(map(re.escape, stems))})(-\d{{5}}-of-\d{{5}})?\.(safetensors|bin)"
+                         rf"(\.index\.json)?")
+    for f in folder.iterdir():
+        if f.is_file() and pattern.fullmatch(f.name) and f.name not in names:
+            f.unlink()

@@ -160,8 +160,9 @@ class JaxModule:
         out = self.program.output_structure(flat_out)
         if not return_buffers:
             return out
-        new = flatten(buffers)
-        new.update(mutated)
+        new = flatten(buffers)   # updates keep the buffers' stored dtype (fp32 stats of a graph run in bf16)
+        new.update({k: v.astype(new[k].dtype) if k in new and hasattr(new[k], "dtype") else v
+                    for k, v in mutated.items()})
         return out, nest(new)
 
     def __call__(self, *args, rng=None, **kwargs):

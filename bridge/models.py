@@ -39,6 +39,9 @@ def resolve_model(spec: str, *, batch: int = 2, seq: int = 16):
         raise BridgeError(f"{spec!r} returned only a module; return (module, args[, kwargs]) with example inputs")
     if isinstance(out, dict):
         return out["module"], tuple(out.get("args", ())), dict(out.get("kwargs", {}))
+    if not (isinstance(out, (tuple, list)) and 2 <= len(out) <= 3 and isinstance(out[0], torch.nn.Module)):
+        raise BridgeError(f"{spec!r} returned a {type(out).__name__}; return (module, args[, kwargs]) or a dict "
+                          "with 'module', 'args' and 'kwargs'")
     module, args, *rest = out
     return module, tuple(args), dict(rest[0]) if rest else {}
 

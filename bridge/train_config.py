@@ -83,6 +83,33 @@ def _tokenizer(data: dict, hf_dir):
     return transformers.AutoTokenizer.from_pretrained(hf_dir)
 
 
+# the keys each table takes ([train]: TrainConfig's fields, checked by TrainConfig itself)
+_TABLES = {
+    "model": {"hf_dir": str, "hf_config": dict, "auto_class": str, "seed": int, "overrides": dict, "freeze": list},
+    "data": {"kind": str, "text": str, "pairs": str, "seq_len": int, "batch_size": int, "mask_rate": float,
+             "tokenizer": bool},
+    "optimizer": {"lr": float, "warmup_steps": int, "weight_decay": float, "clip_norm": float,
+                  "b1": float, "b2": float, "eps": float, "end_lr_ratio": float},
+    "export": {"to": str, "ema": bool},
+    "train": None,
+}
+
+
+def _check_tables(path, cfg: dict) -> None:
+    """Every table and key known and of its type, before anything runs: a typo is named, not ignored."""
+    for table, value in cfg.items():
+        if table not in _TABLES or not isinstance(value, dict):
+            raise BridgeError(f"{path}: [{table}] is not a table this config takes; known: {sorted(_TABLES)}")
+        for key, v in value.items() if _TABLES[table] else ():
+            want = _TABLES[table].get(key)
+            if want is None:
+                raise BridgeError(f"{path}: [{table}] {key}: unknown key; known: {sorted(_TABLES[table])}")
+            want = (int, float) if want is float else want   # 3 for 3.0
+            if isinstance(v, bool) != (want is bool) or not isinstance(v, want):
+                raise BridgeError(f"{path}: [{table}] {key} = {v!r}: expected "
+                                  f"{getattr(want, '__name__', 'a number')}")
+
+
 def run_from_toml(path: str) -> int:
     import torch
 
@@ -93,7 +120,19 @@ def run_from_toml(path: str) -> int:
         cfg = tomllib.loads(Path(path).read_text())
     except (OSError, tomllib.TOMLDecodeError) as e:
         raise BridgeError(f"{path}: cannot read the TOML config ({e})") from e
-    train = TrainConfig.from_dict(cfg.get("train", {}))
+    _check_tables(path, cfg)
+    try:
+        train = TrainConfig.from_dict(cfg.get("train", {}))
+    except ValueError as e:
+        raise BridgeError(f"{path}: [train]: {e}") from None
+    if "export" in cfg:   # where the export goes is settled before training, not found wanting after it
+        if "to" not in cfg["export"]:
+            raise BridgeError(f"{path}: [export] needs `to`, the path to write")
+        try:
+            Path(cfg["export"]["to"]).parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise BridgeError(f"{path}: [export] to={cfg['export']['to']!r}: cannot create its directory ({e})") \
+                from None
     initialize_distributed(train)
     data = cfg.get("data", {})
     kind = data.get("kind", "text")

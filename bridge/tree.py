@@ -15,9 +15,19 @@ import jax.numpy as jnp
 
 
 def nest(flat: Mapping[str, Any]) -> dict:
+    """Dotted names as nested dicts. A name that is a value and also another's prefix (`w` beside
+    `w.absmax`, bitsandbytes' quantization state) has no tree: ValueError naming both."""
     out: dict = {}
+    branches: dict[str, str] = {}
     for name, value in flat.items():
         *parents, leaf = name.split(".")
+        for i in range(1, len(parents) + 1):
+            prefix = ".".join(parents[:i])
+            if prefix in flat:
+                raise ValueError(f"{prefix!r} names a value and is also a prefix of {name!r}")
+            branches.setdefault(prefix, name)
+        if name in branches:
+            raise ValueError(f"{name!r} names a value and is also a prefix of {branches[name]!r}")
         node = out
         for p in parents:
             node = node.setdefault(p, {})

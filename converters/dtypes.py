@@ -58,8 +58,8 @@ def to_numpy(t: torch.Tensor) -> np.ndarray:
     t = t.detach()
     if t.device.type != "cpu":
         t = t.cpu()
-    if t.is_conj():
-        t = t.resolve_conj()
+    if t.is_conj() or t.is_neg():   # lazy views (`z.conj().imag`): numpy sees the raw bits
+        t = t.resolve_conj().resolve_neg()
     if t.dtype in _VIEW_AS:
         return t.contiguous().view(_VIEW_AS[t.dtype]).numpy().view(numpy_dtype(t.dtype))
     return t.numpy()

@@ -56,6 +56,18 @@ CASES = {
                      "it pickles a torch.nn.modules.linear.Linear object). Save model.state_dict()"),
     "torchscript": (lambda p: torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), p / "m.pt") or p / "m.pt",
                     "a TorchScript archive (torch.jit.save)"),
+    "index map is a list": (lambda p: _write(p / "m.safetensors.index.json", json.dumps({"weight_map": ["a"]})),
+                            "'weight_map' is a list"),
+    "index names itself": (lambda p: _write(p / "m.safetensors.index.json", json.dumps(
+        {"weight_map": {"a": "m.safetensors.index.json"}})), "'a' is assigned to 'm.safetensors.index.json'"),
+    "sparse tensor": (lambda p: torch.save({"w": torch.eye(3).to_sparse()}, p / "m.pt") or p / "m.pt",
+                      "'w' is torch.sparse_coo"),
+    "quantized tensor": (lambda p: torch.save({"w": torch.quantize_per_tensor(torch.ones(2), 0.1, 0, torch.qint8)},
+                                              p / "m.pt") or p / "m.pt", "'w' is torch.qint8"),
+    # bitsandbytes keeps quantization state under the weight's name: no tree of names holds both
+    "name is a prefix": (lambda p: safetensors.torch.save_file(
+        {"w": torch.ones(2), "w.absmax": torch.ones(1)}, p / "m.safetensors") or p / "m.safetensors",
+        "'w' names a value and is also a prefix of 'w.absmax'"),
 }
 
 

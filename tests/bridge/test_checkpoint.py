@@ -147,17 +147,27 @@ def _trained_mlp():
     return model, opt
 
 
-@pytest.mark.parametrize("layout", ["training dict", "lightning", "ddp", "ddp of compiled"])
+@pytest.mark.parametrize("layout", ["training dict", "lightning", "ddp", "ddp of compiled", "model only",
+                                    "model and ema", "0x80 safetensors named .bin"])
 def test_training_checkpoints_and_wrapped_modules_load(tmp_path, layout):
     """What torch training scripts save: {"model": sd, "optimizer": ..., "epoch": n}, Lightning's
-    "state_dict", and the "module." / "_orig_mod." prefixes of DDP and torch.compile."""
+    "state_dict", a state_dict under a wrapper name alone, and the "module." / "_orig_mod." prefixes of DDP
+    and torch.compile; a safetensors file whose header length starts with byte 0x80 (a pickle's first byte)."""
     model, opt = _trained_mlp()
     sd = model.state_dict()
+    if layout.startswith("0x80"):   # metadata grows the header until its length's low byte is 0x80
+        for n in range(300):
+            safetensors.torch.save_file(sd, tmp_path / "ckpt.pt", metadata={"pad": "x" * n})
+            if (tmp_path / "ckpt.pt").read_bytes()[:1] == b"\x80":
+                break
+        assert (tmp_path / "ckpt.pt").read_bytes()[:1] == b"\x80"
     saved = {"training dict": {"model": sd, "optimizer": opt.state_dict(), "epoch": 3, "args": {"lr": 0.1}},
+             "model only": {"model": sd}, "model and ema": {"model": sd, "model_ema": sd},
              "lightning": {"state_dict": sd, "epoch": 3, "global_step": 10},
              "ddp": {f"module.{k}": v for k, v in sd.items()},
-             "ddp of compiled": {f"module._orig_mod.{k}": v for k, v in sd.items()}}[layout]
-    torch.save(saved, tmp_path / "ckpt.pt")
+             "ddp of compiled": {f"module._orig_mod.{k}": v for k, v in sd.items()}}.get(layout)
+    if saved is not None:
+        torch.save(saved, tmp_path / "ckpt.pt")
     fresh = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4)).eval()
     jm, report = bridge.convert(fresh, (torch.randn(3, 4),)).load_weights(tmp_path / "ckpt.pt")
     assert report.clean and len(report.loaded) == len(sd)
@@ -230,3 +240,26 @@ def test_base_model_and_head_checkpoints_load_into_each_other(tmp_path, ckpt_cls
     loaded, kept = ref.state_dict(), fresh.state_dict()
     for k, v in flatten(jm.params).items():                      # the checkpoint's, or left as they were
         np.testing.assert_array_equal(np.asarray(v), (kept if k in report.missing else loaded)[k].numpy(), err_msg=k)
+
+
+def test_lazily_negated_tensors_load_with_their_values(tmp_path):
+    """`z.conj().imag` is a view with torch's negative bit set; torch.save keeps the bit."""
+    z, w = torch.randn(3, dtype=torch.complex64), torch.randn(2, dtype=torch.complex64)
+    sd = {"imag": z.conj().imag, "conj": w.conj()}
+    assert sd["imag"].is_neg()
+    torch.save(sd, tmp_path / "neg.pt")
+    for source in (sd, tmp_path / "neg.pt"):
+        got = flatten(bridge.load_weights(source) if not isinstance(source, dict) else
+                      bridge.convert(_Holder(sd), ()).buffers)
+        for k, t in sd.items():
+            np.testing.assert_array_equal(np.asarray(got[k]), t.resolve_conj().resolve_neg().numpy(), err_msg=k)
+
+
+class _Holder(torch.nn.Module):
+    def __init__(self, sd):
+        super().__init__()
+        for k, t in sd.items():
+            self.register_buffer(k, t)
+
+    def forward(self):
+        return self.imag * 2

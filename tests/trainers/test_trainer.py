@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import itertools
 import json
+import re
 
 import jax
 import jax.numpy as jnp
@@ -362,3 +363,16 @@ def test_batches_to_host_keep_python_lists_whole_and_place_packed_sequences():
     np.testing.assert_array_equal(host["packed"].lengths, [3, 1])
     pair = to_host((np.zeros((2, 3)), [[1], [2]]))
     assert isinstance(pair, tuple) and pair[1].shape == (2, 1)
+
+
+@pytest.mark.parametrize("setting,fault", [
+    ({"nan_policy": "Skip"}, "nan_policy='Skip'"), ({"steps": "3"}, "steps='3': expected an integer"),
+    ({"remat": "yes"}, "remat='yes'"), ({"compute_dtype": "bf16"}, "compute_dtype='bf16'"),
+    ({"mesh": {"data": 0}}, "mesh={'data': 0}"), ({"ema_decay": 1.5}, "ema_decay=1.5"),
+    ({"grad_accum": 0}, "grad_accum=0"), ({"progress": "no"}, "progress='no'"),
+])
+def test_config_settings_are_checked_where_given(setting, fault):
+    """A typo must not run as a default ("Skip" as neither policy) nor fail steps later."""
+    with pytest.raises(ValueError, match=re.escape(fault)):
+        TrainConfig(**setting)
+    assert TrainConfig(compute_dtype=jnp.bfloat16, mesh={"fsdp": -1}, loss_scale=128.0).compute_dtype == "bfloat16"

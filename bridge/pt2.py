@@ -8,6 +8,7 @@ Example:
 """
 from __future__ import annotations
 
+import logging
 import warnings
 import zipfile
 from pathlib import Path
@@ -32,13 +33,18 @@ def is_program_file(path: Path) -> bool:
 
 def load_program(path: str | Path) -> torch.export.ExportedProgram:
     """torch.export.load, with an error naming the file when it is not a readable program."""
+    log = logging.getLogger("torch.export")   # logs a traceback of its own before raising
+    level = log.level
     try:
+        log.setLevel(logging.CRITICAL)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", category=FutureWarning)
             return torch.export.load(path)
     except Exception as e:  # torch's deserializer raises many types; the cause is in the message
         raise CheckpointError(f"{path}: not a readable torch.export program ({type(e).__name__}: "
                               f"{str(e).splitlines()[0] if str(e) else ''})") from e
+    finally:
+        log.setLevel(level)
 
 
 def program_state(path: str | Path) -> dict[str, torch.Tensor]:

@@ -11,6 +11,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import operator
 import os
 import re
 from collections import Counter, defaultdict
@@ -121,6 +122,7 @@ class Program:
                 self.mutations.append(_DROPPED)
             else:
                 raise UnsupportedOpsError({f"graph output kind {spec.kind.name}": (1, [str(spec.target)])})
+        self._keep_wide(sig)
         self.in_spec = ep.call_spec.in_spec
         self.out_spec = ep.call_spec.out_spec
         self.placeholder_meta = {n.name: n.meta.get("val") for n in self.graph.nodes if n.op == "placeholder"}
@@ -134,6 +136,24 @@ class Program:
         self.random_nodes = {n.name: i for i, n in enumerate(self.nodes) if draws_random(n)}
         self._check_supported()
         self.selected_rows = selected_rows.plan(self.nodes)   # x[mask] and what reads it, with static shapes
+
+    def _keep_wide(self, sig) -> None:
+        """Values only written back to buffers (BatchNorm's running statistics) keep the buffers' stored
+        precision: a graph captured in bf16 from fp32 buffers (compute_dtype) updates them in fp32, as torch's
+        autocast does, where bf16 would round a running variance's small steps away."""
+        nodes = {n.name: n for n in self.graph.nodes}
+        self.wide_inputs: set[str] = set()     # buffer placeholders read at their stored dtype
+        self.wide: dict[str, set] = {}         # node → indices of its tuple output (or {None}) not narrowed
+        buffer_input = {spec.target: spec.arg.name for spec in sig.input_specs if spec.kind == InputKind.BUFFER}
+        for spec in sig.output_specs:
+            node = nodes.get(spec.arg.name)
+            if spec.kind != OutputKind.BUFFER_MUTATION or node is None or len(node.users) > 1:
+                continue
+            self.wide.setdefault(node.name, set()).add(None)
+            if node.target is operator.getitem:
+                self.wide.setdefault(node.args[0].name, set()).add(node.args[1])
+            if spec.target in buffer_input:
+                self.wide_inputs.add(buffer_input[spec.target])
 
     # -- checks ---------------------------------------------------------------------------
     def _check_supported(self):
@@ -191,7 +211,7 @@ class Program:
     def _run(self, state, leaves, key, intermediates=False):
         env: dict[str, Any] = {}
         for name, _, canon in self.state_inputs:
-            env[name] = self._as_captured(name, state[canon])
+            env[name] = state[canon] if name in self.wide_inputs else self._as_captured(name, state[canon])
         for (name, const), leaf in zip(self.user_inputs, leaves):
             env[name] = self._as_captured(name, leaf) if const is None or hasattr(leaf, "shape") else const
         for name in self.tokens:
@@ -241,7 +261,12 @@ class Program:
         return out
 
     def _eval(self, node: torch.fx.Node, env: dict, key):
-        return eval_node(node, env, self._key(node, key))
+        wide = self.wide.get(node.name, ())
+        if None in wide and node.target in _CASTS:   # the graph's own narrowing of a value kept wide
+            x = env[node.args[0].name]
+            if _match_dtype(x, node.meta.get("val"), wide) is x:
+                return x
+        return eval_node(node, env, self._key(node, key), wide)
 
     def _key(self, node: torch.fx.Node, key):
         k = self.random_nodes.get(node.name)
@@ -251,13 +276,17 @@ class Program:
         return spec_structure(self.out_spec, flat_outputs, ordered=True)
 
 
+_CASTS = (torch.ops.aten._to_copy.default, torch.ops.prims.convert_element_type.default)
+
+
 def _user_written(node: torch.fx.Node) -> bool:
     """Whether a source file (not code FX generated, `<eval_with_key>`) made the node."""
     return any(not f.startswith("<") for f in re.findall(r'File "([^"]+)"', node.meta.get("stack_trace") or ""))
 
 
-def eval_node(node: torch.fx.Node, env: dict, key):
-    """One call_function node through its lowering; `key` is this node's own PRNG key (None unless it draws)."""
+def eval_node(node: torch.fx.Node, env: dict, key, wide=()):
+    """One call_function node through its lowering; `key` is this node's own PRNG key (None unless it draws).
+    `wide`: output indices (None: the whole output) whose wider floats are not narrowed to torch's dtype."""
     low = lookup(node.target)
     if low is None:   # a subgraph traced while running (a Function's backward) uses an op with no lowering
         raise UnsupportedOpsError({op_name(node.target): (1, [source_line(node)])})
@@ -266,7 +295,7 @@ def eval_node(node: torch.fx.Node, env: dict, key):
     try:
         with jax.ensure_compile_time_eval() if _size_arithmetic(node, args, kwargs) else contextlib.nullcontext():
             out = low.fn(key, *args, **kwargs) if low.random else low.fn(*args, **kwargs)
-            return _match_dtype(out, node.meta.get("val"))
+            return _match_dtype(out, node.meta.get("val"), wide)
     except Exception as e:  # re-raised with the op, the user's line and the input shapes
         if isinstance(e, (LoweringError, MissingRngError)):
             raise
@@ -339,11 +368,15 @@ def _call_nodes(graph: torch.fx.Graph):
                 yield from _call_nodes(sub.graph)
 
 
-def _match_dtype(out, meta):
-    """Cast each result to the dtype torch gives this node: one place for promotion rules."""
+def _match_dtype(out, meta, wide=()):
+    """Cast each result to the dtype torch gives this node: one place for promotion rules. Floats of the
+    `wide` outputs (indices; None for the whole) keep a wider float dtype."""
     if isinstance(meta, torch.Tensor) and hasattr(out, "dtype"):
         want = jax_dtype(meta.dtype)
+        if None in wide and jax.numpy.issubdtype(out.dtype, jax.numpy.floating) and \
+                jax.numpy.issubdtype(want, jax.numpy.floating) and out.dtype.itemsize > want.itemsize:
+            return out
         return out if out.dtype == want else astype(out, want)
     if isinstance(meta, (list, tuple)) and isinstance(out, (list, tuple)):
-        return type(out)(_match_dtype(o, m) for o, m in zip(out, meta))
+        return type(out)(_match_dtype(o, m, (None,) if i in wide else ()) for i, (o, m) in enumerate(zip(out, meta)))
     return out

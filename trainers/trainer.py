@@ -172,10 +172,12 @@ class Trainer:
         start = int(state.step)
         it = data_lib.Prefetcher(itertools.islice(batches, position, None), self._convert, cfg.prefetch)
         metrics_path = self.run_dir / "metrics.jsonl"
+        is_main = jax.process_index() == 0
+        if is_main:
+            _drop_steps_after(metrics_path, start)
         previous = signal.signal(signal.SIGTERM, self._on_sigterm) if _main_thread() else None
         bar = progress_bar(cfg, start)
         last_good = self.checkpointer.latest()
-        is_main = jax.process_index() == 0
         try:
             with open(metrics_path, "a") if is_main else contextlib.nullcontext() as log:
                 for step in range(start, cfg.steps):
@@ -263,3 +265,22 @@ def _check_captured_dtype(jm, compute) -> None:
             f"bridge.convert(module, ..., compute_dtype=torch.{compute.name}) so the graph runs in {compute.name} "
             f"while the fp32 master weights stay in jm.params")
 
+
+
+def _drop_steps_after(path: Path, step: int) -> None:
+    """metrics.jsonl without the records of steps after `step`, where a run resumes: a run killed after its
+    last checkpoint logged steps that the resumed run computes again."""
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    kept = [line for line in lines if _step_of(line) <= step]
+    if len(kept) != len(lines):
+        with atomic_path(path) as tmp:
+            tmp.write_text("".join(kept))
+
+
+def _step_of(line: str) -> float:
+    try:
+        return json.loads(line).get("step", 0)
+    except ValueError:   # a line cut short when the process was killed
+        return math.inf

@@ -98,3 +98,25 @@ def test_batchnorm_train_mode_gradients():
         denom = scale if name == "conv.bias" else max(float(p.grad.abs().max()), 1e-2 * scale)
         err = float(np.max(np.abs(np.asarray(flatten(grads)[name]) - p.grad.numpy()))) / denom
         assert err < 1e-4, (name, err)
+
+
+def test_bf16_graph_keeps_fp32_running_statistics():
+    """convert(compute_dtype=bf16) from an fp32 module: the running statistics stay fp32 and are updated in
+    fp32, as torch's BatchNorm does with bf16 activations (autocast); rounded to bf16 each step, a running
+    variance's steps of ~3e-3 would vanish (bf16's spacing at 1.0 is 7.8e-3)."""
+    torch.manual_seed(0)
+    module = torch.nn.Sequential(torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 2)).train()
+    x = torch.randn(64, 4)
+    x = (x - x.mean(0)) / x.std(0) * 1.03 ** 0.5   # unbiased batch variance 1.03
+    jm = bridge.convert(module, (x,), train=True, compute_dtype=torch.bfloat16)
+    params16 = jax.tree.map(lambda a: a.astype(jnp.bfloat16), jm.params)
+    step = jax.jit(lambda b: jm.apply(params16, to_jax(x), buffers=b, return_buffers=True)[1])
+    buffers, ref = jm.buffers, torch.nn.BatchNorm1d(4).train()
+    for _ in range(20):
+        buffers = step(buffers)
+        ref(x.bfloat16())
+    for name in ("running_mean", "running_var"):
+        got = buffers["0"][name]
+        assert got.dtype == jnp.float32
+        assert_close(got, getattr(ref, name), what=name)
+    assert float(buffers["0"]["running_var"].min()) > 1.02

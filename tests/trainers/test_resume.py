@@ -21,11 +21,10 @@ def _run(run_dir, sleep=0.0, **kw):
 
 
 def _losses(run_dir) -> dict[int, float]:
-    out = {}
-    for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines():
-        r = json.loads(line)
-        out[r["step"]] = r["loss"]  # a resumed run rewrites the steps after its checkpoint: keep the last
-    return out
+    rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    # a resumed run drops the records of the steps after its checkpoint and logs them again: one per step
+    assert [r["step"] for r in rows] == sorted({r["step"] for r in rows})
+    return {r["step"]: r["loss"] for r in rows}
 
 
 def _wait_for(pred, proc, timeout=180):

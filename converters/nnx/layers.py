@@ -11,7 +11,6 @@ import dataclasses
 import math
 
 import jax
-import numpy as np
 from flax import nnx
 from torch import nn
 
@@ -129,7 +128,7 @@ def layer_norm(m, ctx):
 @builder(nn.RMSNorm)
 def rms_norm(m, ctx):
     n, axes = _trailing(m.normalized_shape)
-    eps = float(np.finfo(_dtype(m)).eps) if m.eps is None else m.eps   # torch: eps of the input dtype
+    eps = float(jax.numpy.finfo(_dtype(m)).eps) if m.eps is None else m.eps   # torch: eps of the input dtype
     return abstract(nnx.RMSNorm, n, epsilon=eps, use_scale=m.weight is not None, reduction_axes=axes,
                     feature_axes=axes, use_fast_variance=False, param_dtype=_dtype(m))
 
@@ -174,7 +173,9 @@ def multihead_attention(m, ctx):
 
 @builder(nn.PReLU)
 def prelu(m, ctx):
-    return nnx.eval_shape(lambda: M.PReLU(param_dtype=_dtype(m)))
+    module = nnx.eval_shape(lambda: M.PReLU(param_dtype=_dtype(m)))
+    module.channels_last = ctx.channels_last
+    return module
 
 
 @builder(nn.Flatten)
@@ -240,4 +241,4 @@ def activation(m, ctx):
     kwargs = settings(m)
     if kwargs.get("axis", 0) is None:
         raise ctx.unsupported(m, "dim=None (implicit softmax dim)")
-    return M.Activation(fn, **kwargs)
+    return M.Activation(fn, channels_last=ctx.channels_last, **kwargs)

@@ -51,24 +51,38 @@ def softmin(x, axis=-1):
 class Activation(nnx.Module):
     """A stateless function with its settings, e.g. `Activation(jax.nn.gelu, approximate=False)`."""
 
-    def __init__(self, fn, **settings):
-        self.fn = fn
+    def __init__(self, fn, channels_last: bool = False, **settings):
+        self.fn, self.channels_last = fn, channels_last
         self.settings = tuple(sorted(settings.items()))
 
     def __call__(self, x):
-        return self.fn(x, **dict(self.settings))
+        settings = dict(self.settings)
+        if "axis" in settings and self.channels_last:   # torch's dim of (N, C, *spatial) on (N, *spatial, C)
+            settings["axis"] = channels_last_axis(settings["axis"], x.ndim)
+        return self.fn(x, **settings)
 
     def __repr__(self):
         args = "".join(f", {k}={v!r}" for k, v in self.settings)
         return f"Activation({getattr(self.fn, '__name__', self.fn)}{args})"
 
 
+def channels_last_axis(axis: int, ndim: int) -> int:
+    """torch's dim of an (N, C, *spatial) tensor as the axis of its (N, *spatial, C) layout (ndim > 2)."""
+    if ndim <= 2:
+        return axis
+    axis %= ndim
+    return ndim - 1 if axis == 1 else axis - 1 if axis > 1 else axis
+
+
 class PReLU(nnx.PReLU):
-    """nnx.PReLU whose slope has torch's shape: (1,) or one per channel (the last axis)."""
+    """nnx.PReLU whose slope has torch's shape: (1,) or one per channel (torch's dim 1: the last axis of a
+    channels-last feature map or of (N, C), axis 1 of (N, C, L) where the model keeps torch's layout)."""
+    channels_last: bool = True
 
     def __call__(self, x):
         slope = self.negative_slope[...].astype(x.dtype)
-        slope = slope.reshape((1,) * (x.ndim - 1) + (-1,))
+        axis = x.ndim - 1 if self.channels_last or x.ndim <= 2 else 1
+        slope = slope.reshape(tuple(-1 if i == axis else 1 for i in range(x.ndim)))
         return jnp.where(x >= 0, x, slope * x)
 
 

@@ -189,10 +189,30 @@ def test_every_activation_module_is_covered():
 
 
 def test_prelu_per_channel():
+    """Slopes along torch's dim 1: the last axis in a model of conv feature maps (channels-last), axis 1 of
+    (N, C, L) in a model that keeps torch's layout."""
     m = nn.PReLU(6, 0.1)
     with torch.no_grad():
         m.weight.uniform_(-1, 1)
-    spatial_case("activations", m, torch.randn(2, 6, 5), grad=True)
+    spatial_case("activations", nn.Sequential(nn.Conv1d(6, 6, 1), m), torch.randn(2, 6, 5), grad=True)
+    x = torch.randn(2, 6, 6)   # C == L: a slope on the wrong axis would still broadcast
+    check_parity("activations", assert_round_trip(m)(x.numpy()), m(x).detach())
+
+
+@pytest.mark.parametrize("act", [nn.Softmax(1), nn.LogSoftmax(1), nn.Softmin(-1), nn.GLU(1), nn.Softmax(-3)],
+                         ids=repr)
+def test_dim_activations_after_convs_use_torchs_dim(act):
+    """In a conv model feature maps are (N, H, W, C): torch's dim 1 (channels) is the last axis."""
+    torch.manual_seed(0)
+    spatial_case("activations", nn.Sequential(nn.Conv2d(3, 4, 1), act), torch.randn(2, 3, 6, 5), grad=True)
+
+
+def test_rms_norm_default_eps_in_bfloat16():
+    m = nn.RMSNorm(8, eps=None).to(torch.bfloat16)
+    x = torch.randn(3, 8, dtype=torch.bfloat16)
+    with jax.numpy_dtype_promotion("standard"):   # flax's norms mix fp32 statistics into bf16 inputs
+        got = assert_round_trip(m)(jnp.asarray(x.float().numpy(), jnp.bfloat16))
+    check_parity("RMSNorm", got.astype(jnp.float32), m(x).detach().float(), tol=2e-2)
 
 
 @pytest.mark.parametrize("cls,rank", [(nn.Dropout, 3), (nn.Dropout1d, 3), (nn.Dropout2d, 4)])

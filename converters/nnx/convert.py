@@ -86,38 +86,54 @@ def _kind(m: nn.Module, forwards) -> str:
 def _walk_kinds(m, forwards, path=""):
     yield path, m
     if _kind(m, forwards) in ("mirror", "Sequential", "ModuleList", "ModuleDict"):
-        for name, child in m.named_children():
+        for name, child in _kids(m):
             yield from _walk_kinds(child, forwards, f"{path}.{name}" if path else name)
 
 
-def _build(m: nn.Module, path: str, ctx: Context, forwards, captured) -> nnx.Module:
+def _kids(m: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(name, child) of every registered name: a module registered twice (`self.b = self.a`,
+    `Sequential(layer, layer)`) under each, as torch's forward and state_dict see it (named_children
+    lists it once)."""
+    return [(n, c) for n, c in m._modules.items() if c is not None]
+
+
+def _build(m: nn.Module, path: str, ctx: Context, forwards, captured, built=None) -> nnx.Module:
+    built = {} if built is None else built   # torch module id → its NNX module: shared stays shared
+    if id(m) in built:
+        return built[id(m)]
+    built[id(m)] = out = _build_new(m, path, ctx, forwards, captured, built)
+    return out
+
+
+def _build_new(m: nn.Module, path: str, ctx: Context, forwards, captured, built) -> nnx.Module:
     kind = _kind(m, forwards)
-    child = lambda name, c: _build(c, f"{path}.{name}" if path else name, ctx, forwards, captured)  # noqa: E731
+    child = lambda name, c: _build(c, f"{path}.{name}" if path else name, ctx, forwards, captured,  # noqa: E731
+                                   built)
     if kind == "rule":
         ctx.path = path
         flax = find_builder(type(m))(m, ctx)
         _load(flax, m, path)
         return flax
     if kind == "Sequential":
-        names = [n for n, _ in m.named_children()]
-        kids = [child(n, c) for n, c in m.named_children()]
+        names = [n for n, _ in _kids(m)]
+        kids = [child(n, c) for n, c in _kids(m)]
         if names == [str(i) for i in range(len(names))]:
             return nnx.Sequential(*kids)
         return NamedSequential(dict(zip(names, kids)))
     if kind == "ModuleList":
-        return nnx.List([child(n, c) for n, c in m.named_children()])
+        return nnx.List([child(n, c) for n, c in _kids(m)])
     if kind == "ModuleDict":
-        return Dict({n: child(n, c) for n, c in m.named_children()})
+        return Dict({n: child(n, c) for n, c in _kids(m)})
     if kind == "mirror":
         names = [n for n, _ in m.named_parameters(recurse=False)] + [n for n, _ in m.named_buffers(recurse=False)]
-        names += [n for n, _ in m.named_children()]
+        names += [n for n, _ in _kids(m)]
         out = _mirror_class(type(m), forwards.get(type(m)))(type(m).__name__, path, tuple(names))
         persistent = set(m.state_dict(keep_vars=True))
         for name, p in m.named_parameters(recurse=False):
             setattr(out, name, nnx.Param(to_jax(p)))
         for name, b in m.named_buffers(recurse=False):
             setattr(out, name, (nnx.BatchStat if name in persistent else nnx.Variable)(to_jax(b)))
-        for name, c in m.named_children():
+        for name, c in _kids(m):
             setattr(out, name, child(name, c))
         return out
     if path in captured:

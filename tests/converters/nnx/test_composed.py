@@ -145,3 +145,33 @@ def test_resnet_outputs_channels_last():
     feats = fm.blocks(fm.stem(to_cl(x)))
     assert_close(from_cl(feats), model.blocks(model.stem(x)).detach(), what="feature maps")
     assert jax.tree.leaves(nnx.state(fm, nnx.BatchStat))
+
+
+class _SharedLayer(nn.Module):
+    """One Linear registered under two names and run twice, plus a Sequential holding one layer twice."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(6, 6)
+        self.b = self.a
+        self.seq = nn.Sequential(nn.Linear(6, 6), nn.Tanh())
+        self.seq.append(self.seq[0])
+
+    def forward(self, x):
+        return self.seq(self.b(self.a(x)))
+
+
+def test_a_module_registered_twice_stays_one_module():
+    """torch's forward runs it under both names and its state_dict lists both: NNX holds it once (one
+    gradient, the sum over its uses), and from_flax writes both names back."""
+    torch.manual_seed(0)
+    model, x = _SharedLayer(), torch.randn(3, 6)
+    fm = bridge.to_flax(model, forwards={_SharedLayer: _SharedLayer.forward})
+    assert_round_trip(model, fm)
+    assert fm.a is fm.b and fm.seq.layers[0] is fm.seq.layers[2]
+    assert_close(fm(jnp.asarray(x.numpy())), model(x).detach())
+    graphdef, params, rest = nnx.split(fm, nnx.Param, ...)
+    grads = jax.grad(lambda p: jnp.sum(nnx.merge(graphdef, p, rest)(jnp.asarray(x.numpy())) ** 2))(params)
+    (model(x) ** 2).sum().backward()
+    assert_close(grads["a"]["kernel"][...].T, model.a.weight.grad, what="shared a")
+    assert_close(grads["seq"]["layers"][0]["kernel"][...].T, model.seq[0].weight.grad, what="shared seq[0]")

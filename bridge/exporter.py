@@ -27,7 +27,6 @@ from bridge.state import gathered as _gathered, to_state_dict
 from bridge.tree import flatten
 from converters.dtypes import numpy_dtype, to_numpy, to_torch, torch_dtype
 
-HF_WEIGHT_STEMS = ("model", "pytorch_model", "diffusion_pytorch_model", "adapter_model")
 WEIGHT_FILE = re.compile(r".*\.(safetensors|bin|pt|pth|msgpack|h5|ckpt)$|.*\.index\.json$")
 _UNITS = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
@@ -286,7 +285,7 @@ def _export(obj, path: Path, fmt: str, like, max_bytes: int, cast: torch.dtype |
             adapter, adapter_entries = _adapter_entries(like, entries)
             _write_safetensors(tmp, "adapter_model", adapter_entries, max_bytes)
             like.peft_config[adapter].save_pretrained(tmp)
-        return _write_dir(path, fill)
+        return _write_dir(path, fill, ("adapter_model",))
     if fmt == "hf":
         diffusers = _is_diffusers(like)
 
@@ -295,7 +294,7 @@ def _export(obj, path: Path, fmt: str, like, max_bytes: int, cast: torch.dtype |
             _copy_like(like, tmp)
             if not diffusers:   # diffusers' from_pretrained takes the dtype as an argument, not from config.json
                 _set_config_dtype(tmp, cast)
-        return _write_dir(path, fill)
+        return _write_dir(path, fill, ("diffusion_pytorch_model",) if diffusers else ("model", "pytorch_model"))
     stem = _stem(path)
     with staging_dir(path) as tmp:
         names = _write_safetensors(tmp, stem, entries, max_bytes)
@@ -304,10 +303,11 @@ def _export(obj, path: Path, fmt: str, like, max_bytes: int, cast: torch.dtype |
     return path.parent / names[-1]
 
 
-def _write_dir(path: Path, fill) -> Path:
+def _write_dir(path: Path, fill, stems: tuple[str, ...]) -> Path:
     """A model directory: built aside and renamed into place when new. An existing one is written into, as
-    save_pretrained does: the user's other files stay, and an earlier export's weight files (shards this
-    one does not have, a single file it now shards) go, so no loader can pick stale weights."""
+    save_pretrained does: the user's other files stay, and an earlier export's weight files of `stems` (shards
+    this one does not have, a single file it now shards) go, so no loader can pick stale weights; an adapter
+    export leaves a base model's weights beside it alone."""
     if not path.exists():
         with atomic_path(path, directory=True) as tmp:
             fill(tmp)
@@ -319,7 +319,7 @@ def _write_dir(path: Path, fill) -> Path:
         names = sorted((str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file()),
                        key=lambda n: (n.endswith(".index.json"), n))   # the index last
         publish(tmp, names, path)
-    _remove_stale(path, names, HF_WEIGHT_STEMS)
+    _remove_stale(path, names, stems)
     return path
 
 

@@ -152,11 +152,14 @@ def test_export_into_an_existing_directory_keeps_its_files_and_drops_stale_weigh
     safetensors.torch.save_file({"w": torch.ones(4, 4), "b": torch.zeros(4)}, src)
     (out / "data").mkdir(parents=True)
     (out / "train.py").write_text("code")
+    for other in ("training_args.bin", "adapter_model.safetensors"):   # HF Trainer's, a LoRA beside the model
+        (out / other).write_bytes(b"kept")
     assert cli.main(["export", str(src), "--to", str(out), "--max-shard-size", "70"]) == 0   # bytes: 2 shards
     assert (out / "model.safetensors.index.json").exists() and (out / "train.py").read_text() == "code"
     safetensors.torch.save_file({"w": torch.full((4, 4), 2.0), "b": torch.ones(4)}, src)
     assert cli.main(["export", str(src), "--to", str(out)]) == 0   # one file now: the shards and index go
-    assert sorted(p.name for p in out.iterdir()) == ["data", "model.safetensors", "train.py"]
+    assert sorted(p.name for p in out.iterdir()) == ["adapter_model.safetensors", "data", "model.safetensors",
+                                                     "train.py", "training_args.bin"]
     assert float(bridge.load_weights(out)["w"][0, 0]) == 2.0
     (tmp_path / "plain").write_text("x")
     assert cli.main(["export", str(src), "--to", str(tmp_path / "plain")]) == 2

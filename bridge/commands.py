@@ -70,8 +70,9 @@ def convert(model: str, out: str, dynamic: str | None) -> int:
     import bridge
     from bridge.atomic import atomic_path
     from bridge.parity import format_report, parity_report
+    from bridge.checkpoint import TORCH_SUFFIXES
     target = Path(out)
-    if (target.exists() and not target.is_dir()) or target.suffix in (".safetensors", ".pt", ".pth", ".bin", ".pt2"):
+    if (target.exists() and not target.is_dir()) or target.suffix in (".safetensors", ".pt2", *TORCH_SUFFIXES):
         raise BridgeError(f"--out {out}: a directory to write the weights and parity.json into, not a file "
                           "(`bridge export` writes single files)")
     module, args, kwargs, jm, seconds = _convert(model, dynamic)

@@ -77,7 +77,7 @@ def astype(x, dtype):
         >>> astype(jnp.array([-1.5, 300.2]), jnp.uint8)   # [255, 44], as torch
     """
     dtype = jnp.dtype(dtype)
-    if (jnp.issubdtype(x.dtype, jnp.floating) and jnp.issubdtype(dtype, jnp.integer) and dtype.itemsize < 4):
+    if jnp.issubdtype(x.dtype, jnp.floating) and jnp.issubdtype(dtype, jnp.integer) and dtype.itemsize < 4:
         x = x.astype(jax.dtypes.canonicalize_dtype(jnp.int64))
     return x.astype(dtype)
 

@@ -123,10 +123,10 @@ _BINARY = {
     "eq": jnp.equal, "ne": jnp.not_equal, "lt": jnp.less, "le": jnp.less_equal, "gt": jnp.greater,
     "ge": jnp.greater_equal, "bitwise_and": jnp.bitwise_and, "bitwise_or": jnp.bitwise_or,
     "bitwise_xor": jnp.bitwise_xor, "logical_and": jnp.logical_and, "logical_or": jnp.logical_or,
-    "logical_xor": jnp.logical_xor, "bitwise_left_shift": jnp.left_shift,
-    "bitwise_right_shift": jnp.right_shift, "__lshift__": jnp.left_shift, "__rshift__": jnp.right_shift,
-    "__and__": jnp.bitwise_and, "__or__": jnp.bitwise_or,
-    "__xor__": jnp.bitwise_xor,
+    "logical_xor": jnp.logical_xor, "bitwise_left_shift": jnp.left_shift, "bitwise_right_shift": jnp.right_shift,
+    # `a << b`, `a & b` on tensors: torch.export records the operator overloads themselves
+    "__lshift__": jnp.left_shift, "__rshift__": jnp.right_shift, "__and__": jnp.bitwise_and,
+    "__or__": jnp.bitwise_or, "__xor__": jnp.bitwise_xor,
     "xlogy": lambda a, b: jax.scipy.special.xlogy(_float(a), _float(b)), "igamma": jax.scipy.special.gammainc,
     "igammac": jax.scipy.special.gammaincc, "heaviside": lambda a, b: jnp.heaviside(a, b).astype(a.dtype),
 }

@@ -49,14 +49,24 @@ def atomic_path(target: str | os.PathLike, *, directory: bool = False):
         raise ExportError(f"cannot write {target}: {e.strerror}") from e
     try:
         yield tmp
+        _set_mode(tmp, directory)
         files = [p for p in tmp.rglob("*") if p.is_file()] if directory else [tmp]
         for f in files:
             fsync_path(f)
         _replace(tmp, target, directory)
         fsync_path(parent)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True) if directory else tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError):   # a full disk, a quota: named, where the bare error names no file
+            raise ExportError(f"cannot write {target}: {e.strerror or e}") from e
         raise
+
+
+def _set_mode(tmp: Path, directory: bool) -> None:
+    """The permissions a plain open/mkdir would give under the umask (temp files are private: 0600/0700)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, (0o777 if directory else 0o666) & ~umask)
 
 
 def _replace(tmp: Path, target: Path, directory: bool) -> None:
@@ -80,16 +90,27 @@ def staging_dir(target: str | os.PathLike):
         raise ExportError(f"cannot write {target}: {e.strerror}") from e
     try:
         yield tmp
+    except OSError as e:
+        raise ExportError(f"cannot write {target}: {e.strerror or e}") from e
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
 def publish(staged: Path, names: list[str], dest: Path) -> None:
-    """fsync staged files and rename them into `dest` in order (put the index last); all or none."""
+    """fsync staged files and rename them into `dest` in order (put the index last); all or none.
+
+    Files they replace are first moved aside into `staged`, an index first: until the new index is in
+    place no loader can pair it with shards of the other export. A failed rename puts them all back; a
+    process killed midway leaves the old ones in the `.staging` folder beside `dest`.
+    """
     for name in names:
         fsync_path(staged / name)
-    moved = []
+    aside, moved = staged / ".replaced", []
+    replaced = sorted((n for n in names if (dest / n).exists()), key=lambda n: not n.endswith(".index.json"))
     try:
+        for name in replaced:
+            (aside / name).parent.mkdir(parents=True, exist_ok=True)
+            os.replace(dest / name, aside / name)
         for name in names:
             (dest / name).parent.mkdir(parents=True, exist_ok=True)
             os.replace(staged / name, dest / name)
@@ -98,4 +119,7 @@ def publish(staged: Path, names: list[str], dest: Path) -> None:
     except OSError as e:
         for p in moved:
             p.unlink(missing_ok=True)
-        raise ExportError(f"cannot write into {dest}: {e.strerror}") from e
+        for name in replaced:
+            if (aside / name).exists():
+                os.replace(aside / name, dest / name)
+        raise ExportError(f"cannot write into {dest}: {e.strerror or e}") from e

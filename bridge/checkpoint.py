@@ -263,7 +263,8 @@ def load_weights(path: str | Path, *, dtype=None, shardings=None, mmap: bool = T
     Example:
       >>> params = load_weights("ckpt/", dtype=jnp.bfloat16)
     """
-    sources = open_checkpoint(path)
+    from bridge.hf_layout import checkpoint_layout, model_sources
+    sources = model_sources(checkpoint_layout(path), open_checkpoint(path))   # a transformers model's names
     try:
         nest(dict.fromkeys(src.name for src in sources))   # before reading anything
     except ValueError as e:

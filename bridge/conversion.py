@@ -16,6 +16,7 @@ import torch
 
 from bridge.errors import CaptureError, CheckpointError, StateError
 
+from bridge.hf_layout import layout_config
 from bridge.jax_module import JaxModule, StateMeta
 from bridge.tree import nest
 from converters.capture import capture
@@ -80,6 +81,7 @@ def convert(module: torch.nn.Module, args=(), kwargs: dict | None = None, *, dyn
         non_persistent=frozenset(n for n in buffers if n not in persistent),
         state_dict_keys=state_keys,
         frozen=frozenset(n for n, t in params.items() if not t.requires_grad),
+        **_ignored_keys(module), hf_config=layout_config(module),
     )
     on_meta = [n for n, t in {**params, **buffers}.items() if t.is_meta]
     if on_meta and weights is None:
@@ -94,6 +96,24 @@ def convert(module: torch.nn.Module, args=(), kwargs: dict | None = None, *, dyn
     if weights is not None:
         jm, _ = jm.load_weights(weights, strict=True, dtype=weights_dtype, shardings=shardings)
     return jm
+
+
+def _ignored_keys(module) -> dict[str, tuple[str, ...]]:
+    """The checkpoint keys a Hugging Face model's from_pretrained passes over: its (and its parts')
+    `_keys_to_ignore_on_load_unexpected/missing`, and the per-layer `rotary_emb.inv_freq` and persistent
+    `position_ids` buffers of older checkpoints where the model now keeps those buffers elsewhere."""
+    if not hasattr(module, "_keys_to_ignore_on_load_unexpected"):
+        return {}
+    unexpected, missing = set(), set()
+    for m in module.modules():
+        unexpected |= set(getattr(m, "_keys_to_ignore_on_load_unexpected", None) or ())
+        missing |= set(getattr(m, "_keys_to_ignore_on_load_missing", None) or ())
+    buffers = [name for name, _ in module.named_buffers()]
+    if any(b.endswith("rotary_emb.inv_freq") for b in buffers):
+        unexpected.add(r"rotary_emb\.inv_freq")
+    if any(b.endswith("position_ids") for b in buffers):
+        unexpected.add(r"(^|\.)position_ids$")
+    return {"ignore_unexpected": tuple(sorted(unexpected)), "ignore_missing": tuple(sorted(missing))}
 
 
 def _static_values(kwargs: dict, static) -> dict:

@@ -4,7 +4,7 @@ Example:
     >>> try:
     ...     bridge.convert(model, (x,))
     ... except bridge.errors.UnsupportedOpsError as e:
-    ...     print(e.missing)        # {'aten.foo.default': [(count, 'model.py:12 ...')]}
+    ...     print(e.missing)        # {'aten.foo.default': (count, ['model.py:12 ...'])}
 """
 from __future__ import annotations
 

@@ -21,13 +21,14 @@ from jax.experimental import multihost_utils
 
 from bridge.atomic import atomic_path, publish, staging_dir
 from bridge.errors import ExportError
+from bridge.hf_layout import checkpoint_entries, checkpoint_layout, layout_of
 from bridge.pt2 import write_program
 from bridge.safetensors_io import CODES, write_file
 from bridge.state import gathered as _gathered, to_state_dict
 from bridge.tree import flatten
 from converters.dtypes import numpy_dtype, to_numpy, to_torch, torch_dtype
 
-WEIGHT_FILE = re.compile(r".*\.(safetensors|bin|pt|pth|msgpack|h5|ckpt)$|.*\.index\.json$")
+WEIGHT_FILE = re.compile(r".*\.(safetensors|bin|pt|pth|msgpack|h5|ckpt|onnx|onnx_data|gguf)$|.*\.index\.json$")
 _UNITS = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
 
@@ -186,12 +187,23 @@ def _copy_like(like, folder: Path) -> None:
     src = Path(like)
     if not src.is_dir():
         raise ExportError(f"like={str(like)!r}: not a Hugging Face directory, model or config")
-    for f in src.iterdir():   # sentence-transformers keeps its pooling and normalize modules in folders
+    modules = _sentence_transformers_modules(src)
+    for f in src.iterdir():   # sentence-transformers keeps its pooling, dense and normalize modules in folders
         if f.is_file() and not WEIGHT_FILE.match(f.name):
             shutil.copy2(f, folder / f.name)
-        elif f.is_dir() and not f.name.startswith("."):
-            shutil.copytree(f, folder / f.name, dirs_exist_ok=True,
-                            ignore=lambda _, names: [n for n in names if WEIGHT_FILE.match(n) or n.startswith(".")])
+        elif f.is_dir() and not f.name.startswith("."):   # other folders' weights: the model in other formats
+            own = f.name in modules                          # (onnx/, openvino/), stale once it is trained
+            shutil.copytree(f, folder / f.name, dirs_exist_ok=True, ignore=lambda _, names, own=own: [
+                n for n in names if n.startswith(".") or (WEIGHT_FILE.match(n) and not own)])
+
+
+def _sentence_transformers_modules(src: Path) -> set[str]:
+    """The folders of the modules a sentence-transformers directory chains after the transformer (a Dense
+    head's weights are its own: bridge exported only the transformer's)."""
+    try:
+        return {m["path"] for m in json.loads((src / "modules.json").read_text()) if m.get("path")}
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        return set()
 
 
 def _is_peft(like) -> bool:
@@ -277,7 +289,10 @@ def _export(obj, path: Path, fmt: str, like, max_bytes: int, cast: torch.dtype |
     if fmt == "pt":
         sd = _cast_state_dict(to_state_dict(obj), cast)
         with atomic_path(path) as tmp:
-            torch.save(sd, tmp)
+            try:
+                torch.save(sd, tmp)
+            except RuntimeError as e:   # torch's zip writer reports a failed write (a full disk) so
+                raise ExportError(f"cannot write {path}: {e}") from e
         return path
     entries = _entries(obj, cast)
     if fmt == "hf" and _is_peft(like):
@@ -288,6 +303,9 @@ def _export(obj, path: Path, fmt: str, like, max_bytes: int, cast: torch.dtype |
         return _write_dir(path, fill, ("adapter_model",))
     if fmt == "hf":
         diffusers = _is_diffusers(like)
+        if not diffusers:   # a transformers model whose checkpoints use other names: as save_pretrained writes
+            layout = checkpoint_layout(like) if like is not None else layout_of(getattr(obj, "meta", None))
+            entries = checkpoint_entries(layout, entries)
 
         def fill(tmp):   # diffusers names its weights diffusion_pytorch_model
             _write_safetensors(tmp, "diffusion_pytorch_model" if diffusers else "model", entries, max_bytes)

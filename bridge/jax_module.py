@@ -29,19 +29,28 @@ class StateMeta:
     non_persistent: frozenset[str]           # buffers/constants torch leaves out of state_dict
     state_dict_keys: tuple[str, ...]         # module.state_dict() order
     frozen: frozenset[str] = frozenset()     # parameters with requires_grad=False: apply stops their gradient
+    # checkpoint keys the model's own loader passes over (regexes; transformers' _keys_to_ignore_on_load_*)
+    ignore_unexpected: tuple[str, ...] = ()
+    ignore_missing: tuple[str, ...] = ()
+    # a transformers model whose checkpoints use other names/layouts (bridge.hf_layout): its config as JSON
+    hf_config: str | None = None
 
     def to_json(self) -> str:
         """The record as JSON (torch dtypes by name), e.g. kept beside a trainer's checkpoints."""
         return json.dumps({"torch_dtypes": {k: str(v).removeprefix("torch.") for k, v in self.torch_dtypes.items()},
                            "aliases": self.aliases, "non_persistent": sorted(self.non_persistent),
-                           "state_dict_keys": list(self.state_dict_keys), "frozen": sorted(self.frozen)}, indent=1)
+                           "state_dict_keys": list(self.state_dict_keys), "frozen": sorted(self.frozen),
+                           "ignore_unexpected": list(self.ignore_unexpected),
+                           "ignore_missing": list(self.ignore_missing), "hf_config": self.hf_config}, indent=1)
 
     @classmethod
     def from_json(cls, text: str) -> "StateMeta":
         d = json.loads(text)
         return cls(torch_dtypes={k: getattr(torch, v) for k, v in d["torch_dtypes"].items()},
                    aliases=dict(d["aliases"]), non_persistent=frozenset(d["non_persistent"]),
-                   state_dict_keys=tuple(d["state_dict_keys"]), frozen=frozenset(d.get("frozen", ())))
+                   state_dict_keys=tuple(d["state_dict_keys"]), frozen=frozenset(d.get("frozen", ())),
+                   ignore_unexpected=tuple(d.get("ignore_unexpected", ())),
+                   ignore_missing=tuple(d.get("ignore_missing", ())), hf_config=d.get("hf_config"))
 
 
 def _merge(treedef, mask, consts, arrays):

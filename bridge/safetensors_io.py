@@ -9,7 +9,7 @@ whose size allows it on a 64-byte boundary (what zero-copy adoption needs); file
 `safetensors` library (the tests check it) and by `transformers.from_pretrained`.
 
 Example:
-    >>> infos = read_header("model.safetensors")
+    >>> infos, metadata = read_header("model.safetensors")
     >>> arr = read_tensor("model.safetensors", infos["wte.weight"])
 """
 from __future__ import annotations
@@ -35,6 +35,7 @@ DTYPES = {
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
     "BOOL": torch.bool, "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64,
     "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "F8_E8M0": torch.float8_e8m0fnu,
+    "F8_E4M3FNUZ": torch.float8_e4m3fnuz, "F8_E5M2FNUZ": torch.float8_e5m2fnuz,
     "C64": torch.complex64,
 }
 CODES = {v: k for k, v in DTYPES.items()}

@@ -7,6 +7,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections import OrderedDict
 from typing import Mapping
 
@@ -15,9 +16,9 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 
-from bridge.errors import KeyMismatchError
+from bridge.errors import CheckpointError, KeyMismatchError
 from bridge.tree import flatten, nest
-from converters.dtypes import jax_dtype, to_torch, torch_dtype
+from converters.dtypes import jax_dtype, narrow, to_torch, torch_dtype
 
 
 STATE_META = "state_meta.json"   # a trainer run directory's record of the model's StateMeta
@@ -40,6 +41,7 @@ class KeyReport:
     shape_mismatch: list[tuple[str, tuple, tuple]] = dataclasses.field(default_factory=list)  # key, model, ckpt
     dtype_mismatch: list[tuple[str, str, str]] = dataclasses.field(default_factory=list)
     loaded: list[str] = dataclasses.field(default_factory=list)
+    ignored: list[str] = dataclasses.field(default_factory=list)   # keys the model's own loader passes over
     renamed: str | None = None      # how checkpoint keys were mapped (a base model's prefix added/stripped)
 
     @property
@@ -57,6 +59,9 @@ class KeyReport:
         for k, want, got in self.dtype_mismatch:
             lines.append(f"  dtype mismatch: {k}: model {want}, checkpoint {got} (pass dtype= to cast)")
         lines = lines or [f"  all {len(self.loaded)} keys matched"]
+        if self.ignored:
+            lines.append(f"  ignored, as the model's from_pretrained ignores them ({len(self.ignored)}): "
+                         f"{', '.join(self.ignored)}")
         if self.renamed:
             lines.append(f"  keys mapped: {self.renamed}")
         return "\n".join(lines)
@@ -129,9 +134,11 @@ def _base_model_names(names: dict[str, str], known: set[str]) -> tuple[dict[str,
         return names, None
     heads = lambda keys: {k.split(".", 1)[0] + "." for k in keys if "." in k}  # noqa: E731
     model_heads, ckpt_heads = heads(known), heads(names.values())
-    candidates = [(lambda v, p=p: p + v, f'added "{p}"') for p in sorted(model_heads - ckpt_heads)]
+    # a name both sides lead with is a candidate too: Lightning's `self.model` around a model whose own
+    # first module is `model` ("model.model.…" ↔ "model.…")
+    candidates = [(lambda v, p=p: p + v, f'added "{p}"') for p in sorted(model_heads)]
     candidates += [(lambda v, p=p: v[len(p):] if v.startswith(p) else v, f'stripped "{p}"')
-                   for p in sorted(ckpt_heads - model_heads)]
+                   for p in sorted(ckpt_heads)]
     taken = {v for v in names.values() if v in known}
     best, best_n = None, 0
     for rename, note in candidates:
@@ -141,7 +148,8 @@ def _base_model_names(names: dict[str, str], known: set[str]) -> tuple[dict[str,
     if best is None:
         return names, None
     hits, note = best
-    return {k: hits.get(v, v) for k, v in names.items()}, f"{note} to {len(hits)} checkpoint keys (base model ↔ head)"
+    return ({k: hits.get(v, v) for k, v in names.items()},
+            f"{note} to {len(hits)} checkpoint keys (base model ↔ head, or a wrapper's attribute)")
 
 
 def load_into(jm, source, *, strict: bool = True, dtype=None, shardings=None):
@@ -151,30 +159,38 @@ def load_into(jm, source, *, strict: bool = True, dtype=None, shardings=None):
     Keys are matched before any tensor is read, so a strict failure costs no I/O.
     """
     from bridge.checkpoint import load_sources, open_checkpoint, state_dict_sources
+    from bridge.hf_layout import checkpoint_layout, layout_of, model_sources
 
     cast = None if dtype is None else torch_dtype(jnp.dtype(dtype))
     torch_dict = isinstance(source, Mapping) and not all(hasattr(v, "__array__") and not isinstance(v, torch.Tensor)
                                                          for v in flatten(source).values())
     if isinstance(source, Mapping) and not torch_dict:
         given_arrays = flatten(source)
-        given = {k: (tuple(v.shape), torch_dtype(v.dtype)) for k, v in given_arrays.items()}
+        given = {k: (tuple(v.shape), cast if cast is not None and jnp.issubdtype(v.dtype, jnp.floating)
+                     else torch_dtype(v.dtype)) for k, v in given_arrays.items()}
         label = "the given pytree"
     else:
-        sources = {s.name: s for s in (state_dict_sources(source) if torch_dict else open_checkpoint(source))}
+        found = state_dict_sources(source) if torch_dict else open_checkpoint(source)
+        layout = layout_of(jm.meta) or (None if torch_dict else checkpoint_layout(source))
+        sources = {s.name: s for s in model_sources(layout, found)}   # as from_pretrained renames and fuses
         given = {k: (s.shape, cast if cast is not None and s.dtype.is_floating_point else s.dtype)
                  for k, s in sources.items()}
         label = "the given state_dict" if torch_dict else str(source)
     expected = _expected(jm)
     names, renamed = _base_model_names(_unwrapped_names(given, expected), set(expected) | set(jm.meta.aliases))
-    take, report = match_state(expected, {names[k]: v for k, v in given.items()}, aliases=jm.meta.aliases,
-                               optional=jm.meta.non_persistent)
+    skipped = _ignored(jm.meta, {names[k] for k in given}, expected)
+    take, report = match_state(expected, {names[k]: v for k, v in given.items() if names[k] not in skipped},
+                               aliases=jm.meta.aliases, optional=jm.meta.non_persistent)
     report.renamed = renamed
+    missing = _patterns(jm.meta.ignore_missing)
+    report.ignored = sorted(skipped) + [k for k in report.missing if missing and missing.search(k)]
+    report.missing = [k for k in report.missing if k not in report.ignored]
     original = {v: k for k, v in names.items()}
     take = {canon: original[key] for canon, key in take.items()}
     if strict and not report.clean:
         raise KeyMismatchError(report, label)
     if isinstance(source, Mapping) and not torch_dict:
-        got = {canon: given_arrays[key] for canon, key in take.items()}
+        got = {canon: _array_leaf(given_arrays[key], key, dtype, shardings) for canon, key in take.items()}
     else:
         loaded = load_sources([sources[key] for key in take.values()], dtype=dtype, shardings=shardings)
         got = {canon: loaded[key] for canon, key in take.items()}
@@ -182,6 +198,34 @@ def load_into(jm, source, *, strict: bool = True, dtype=None, shardings=None):
     new_params = {k: got.get(k, v) for k, v in params.items()}
     new_buffers = {k: got.get(k, v) for k, v in buffers.items()}
     return jm.replace(params=nest(new_params), buffers=nest(new_buffers)), report
+
+
+def _patterns(patterns) -> re.Pattern | None:
+    return re.compile("|".join(f"({p})" for p in patterns)) if patterns else None
+
+
+def _ignored(meta, names: set[str], expected) -> set[str]:
+    """Checkpoint keys the model's own loader passes over (patterns searched in the key) that are no key of
+    its state_dict (a non-persistent buffer's name is none either, as from_pretrained counts it)."""
+    rx = _patterns(meta.ignore_unexpected)
+    own = lambda n: meta.aliases.get(n, n) in expected and n not in meta.non_persistent  # noqa: E731
+    return {n for n in names if rx and rx.search(n) and not own(n)}
+
+
+def _array_leaf(x, key: str, dtype, shardings) -> jax.Array:
+    """A pytree source's leaf as the model holds it: floats cast to `dtype` where given, numpy's 64-bit
+    integers narrowed as a checkpoint's are (a value that does not fit raises), placed per `shardings`."""
+    from bridge.checkpoint import _sharding_for
+
+    if not isinstance(x, jax.Array):
+        x = np.asarray(x)
+        want = jax_dtype(torch_dtype(x.dtype))
+        x = narrow(x, dtype if dtype is not None and np.issubdtype(want, np.floating) else want,
+                   f"the given pytree: {key!r}", CheckpointError)
+    elif dtype is not None and jnp.issubdtype(x.dtype, jnp.floating):
+        x = x.astype(dtype)
+    sharding = _sharding_for(shardings, key, tuple(x.shape))
+    return jax.device_put(x, sharding) if sharding is not None or not isinstance(x, jax.Array) else x
 
 
 def gathered(obj):

@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import inspect
 import io
+import itertools
 import operator
 import re
 import sys
@@ -35,7 +36,8 @@ from converters.packed import packed_inputs, repacking, routing_packed
 from converters.caches import (has_cache, model_outputs_in_field_order, register_objects,
                               register_transformers_caches)
 from converters.dynamic import dynamic_spec, fixed_dims, fixed_text
-from converters.model_conventions import config_cache_off, hf_kwargs, install_output_hooks, no_fake_leftovers
+from converters.model_conventions import (config_cache_off, hf_kwargs, install_output_hooks, meta_stand_ins,
+                                         no_fake_leftovers)
 from converters.shortcuts import shortcuts_off
 from converters.structure import patched_forward, registering_outputs
 
@@ -238,11 +240,13 @@ def capture(module: torch.nn.Module, args: tuple = (), kwargs: dict | None = Non
     # a cache passed in is updated in place, and counts may live in Python: non-strict runs forward as Python,
     # where registering_outputs checks them (HF's own exporter uses non-strict for caches too)
     modes = ([False] if has_cache(args, kwargs) else [True, False]) if strict is None else [strict]
+    if strict is None and any(t.is_meta for t in itertools.chain(module.parameters(), module.buffers())):
+        modes.sort()   # weights on the meta device: non-strict first, as strict (dynamo) writes its stand-ins
     errors = []
     warn_backward_hooks(module)
     with _mode(module, train), config_cache_off(module, kwargs), collecting_hooks() as hooks, \
             shortcuts_off(), routing_ctc(), repacking(module, (args, kwargs)), model_outputs_in_field_order(), \
-            no_fake_leftovers(module), warnings.catch_warnings():
+            no_fake_leftovers(module), meta_stand_ins(module), warnings.catch_warnings():
         # torch's own deprecation chatter and dynamo's side-effect notes say nothing about the user's model
         warnings.filterwarnings("ignore", category=FutureWarning)
         warnings.filterwarnings("ignore", message=".*side effects happened in the model.forward.*")

@@ -50,6 +50,31 @@ def no_fake_leftovers(module: torch.nn.Module):
                         del vars(owner)[key]
 
 
+@contextlib.contextmanager
+def meta_stand_ins(module: torch.nn.Module):
+    """Parameters and buffers on the meta device (built under `bridge.empty_weights()`) traced as CPU tensors of
+    the same shape, strides and dtype: torch.export refuses an op that meets a meta weight with a CPU input or
+    buffer. Tracing reads no values, so the stand-ins are never written and take address space, not memory;
+    the meta tensors are put back after (a tensor registered twice keeps one stand-in, so ties stay ties)."""
+    swapped, stand_ins = [], {}
+    for owner in module.modules():
+        for table in (owner._parameters, owner._buffers):
+            for name, t in list(table.items()):
+                if t is None or not t.is_meta:
+                    continue
+                if id(t) not in stand_ins:
+                    real = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="cpu")
+                    is_param = isinstance(t, torch.nn.Parameter)
+                    stand_ins[id(t)] = torch.nn.Parameter(real, t.requires_grad) if is_param else real
+                swapped.append((table, name, t))
+                table[name] = stand_ins[id(t)]
+    try:
+        yield
+    finally:
+        for table, name, t in swapped:
+            table[name] = t
+
+
 def install_output_hooks(module: torch.nn.Module) -> None:
     """transformers installs its output-recording hooks on the first forward that records outputs (CLIPSeg's
     decoder reads the vision tower's hidden states), under a threading lock strict export cannot trace: each

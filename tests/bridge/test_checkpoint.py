@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -91,18 +94,43 @@ def test_sharded_placement_reads_only_each_devices_slice(tmp_path, monkeypatch):
     assert all(idx[0].stop - idx[0].start == 8 for idx in w_reads)
 
 
-def test_meta_device_model_gets_weights_from_checkpoint(tmp_path):
-    case = MODELS["gpt2"]()
+@pytest.mark.parametrize("name", ["gpt2", "cnn", "mlp"])
+def test_meta_device_model_gets_weights_from_checkpoint(tmp_path, name):
+    """Parameters on the meta device meet real inputs and buffers (BatchNorm statistics) while capturing."""
+    case = MODELS[name]()
     model = case.module.eval()
     args, kwargs = case.inputs(2, 8)
-    bridge.export(bridge.convert(model, args, kwargs), tmp_path / "hf", like=model)
+    bridge.export(bridge.convert(model, args, kwargs), tmp_path / "hf", like=model if name == "gpt2" else None)
     with bridge.empty_weights():
-        empty = type(model)(model.config)
+        empty = MODELS[name]().module.eval() if name != "gpt2" else type(model)(model.config)
     assert all(p.is_meta for p in empty.parameters())
     jm = bridge.convert(empty, args, kwargs, weights=tmp_path / "hf")
+    assert all(p.is_meta for p in empty.parameters())                     # its stand-ins were put back
     with torch.no_grad():
-        ref = model(*args, **kwargs).logits
-    assert_close(jm(**{k: to_jax(v) for k, v in kwargs.items()})["logits"], ref, what="meta + checkpoint")
+        ref = model(*args, **kwargs)
+    out = jm(*[to_jax(a) for a in args], **{k: to_jax(v) for k, v in kwargs.items()})
+    assert_close(out["logits"] if name == "gpt2" else out, ref.logits if name == "gpt2" else ref,
+                 what="meta + checkpoint")
+
+
+_PEAK_DURING_CAPTURE = """
+import resource, sys, torch, bridge
+from converters.capture import capture
+with bridge.empty_weights():
+    model = torch.nn.Sequential(*[torch.nn.Linear(4096, 4096) for _ in range(8)])   # 537 MB in fp32
+x = torch.randn(2, 4096)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+capture(model, (x,))
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)
+"""
+
+
+def test_meta_device_capture_takes_no_memory_for_weights():
+    """The peak, in a fresh process: strict export (dynamo) would write the meta weights' CPU stand-ins."""
+    out = subprocess.run([sys.executable, "-c", _PEAK_DURING_CAPTURE], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).parents[2])
+    grown_mb = float(out.stdout.split()[-1])
+    assert grown_mb < 200, f"capturing a meta-device model raised the peak RSS by {grown_mb:.0f} MB"
 
 
 def test_key_accounting_strict_and_report(tmp_path):
@@ -193,6 +221,72 @@ def test_in_memory_torch_state_dicts_load(form):
         want = source[k].float() if dtype is not None and t.is_floating_point() else t
         assert got[k].dtype == jax_dtype(t.dtype), k
         np.testing.assert_array_equal(np.asarray(got[k]).astype(np.float64), want.double().numpy(), err_msg=k)
+
+
+def test_lightning_wrapper_named_like_the_models_first_module(tmp_path):
+    """Lightning's `self.model = net` where net's own first module is `model` ("model.model.…", and
+    "model.head.…"): the wrapper's name comes off, though the model leads with the same name."""
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4))
+            self.head = torch.nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.head(self.model(x))
+
+    torch.manual_seed(0)
+    net = Net()
+    torch.save({"state_dict": {f"model.{k}": v for k, v in net.state_dict().items()}, "epoch": 1}, tmp_path / "l.ckpt")
+    torch.manual_seed(1)
+    jm, report = bridge.convert(Net().eval(), (torch.randn(3, 4),)).load_weights(tmp_path / "l.ckpt")
+    assert report.clean and 'stripped "model."' in report.renamed
+    got = {**flatten(jm.params), **flatten(jm.buffers)}
+    for k, t in net.state_dict().items():
+        np.testing.assert_array_equal(np.asarray(got[k]), t.numpy(), err_msg=k)
+
+
+def test_params_pytree_source_casts_narrows_and_places():
+    """A pytree of JAX/numpy arrays loads as a checkpoint would: dtype= casts its floats, numpy's int64
+    narrows with the overflow check, every leaf lands on a device."""
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4)).eval()
+    jm = bridge.convert(model, (torch.randn(3, 4),))
+    bf16 = {k: jnp.asarray(v.numpy()).astype(jnp.bfloat16) if v.is_floating_point() else v.numpy()
+            for k, v in model.state_dict().items()}
+    with pytest.raises(KeyMismatchError, match="dtype mismatch"):
+        jm.load_weights(bf16)
+    loaded, report = jm.load_weights(bf16, dtype=jnp.float32)
+    got = {**flatten(loaded.params), **flatten(loaded.buffers)}
+    assert report.clean and got["0.weight"].dtype == jnp.float32
+    np.testing.assert_array_equal(np.asarray(got["0.weight"]), np.asarray(bf16["0.weight"]).astype(np.float32))
+    assert isinstance(got["1.num_batches_tracked"], jax.Array) and got["1.num_batches_tracked"].dtype == jnp.int32
+    with pytest.raises(CheckpointError, match=r"the given pytree: '1.num_batches_tracked'.*do not fit int32"):
+        jm.load_weights({**bf16, "1.num_batches_tracked": np.array(2**40 + 5)}, dtype=jnp.float32)
+
+
+@pytest.mark.parametrize("name, stale", [("llama", "model.layers.0.self_attn.rotary_emb.inv_freq"),
+                                         ("bert", "embeddings.position_ids")])
+def test_keys_from_pretrained_ignores_are_ignored(tmp_path, name, stale):
+    """Older Hugging Face checkpoints hold buffers the model now keeps elsewhere or no longer saves (per-layer
+    rotary frequencies, persistent position ids): from_pretrained passes over them, and so does load_weights
+    (reported), also through the record a trainer run keeps; any other stray key still fails."""
+    from bridge.jax_module import StateMeta
+    case = MODELS[name]()
+    args, kwargs = case.inputs(1, 8)
+    jm = bridge.convert(case.module.eval(), args, kwargs)
+    sd = {k: v.contiguous() for k, v in case.module.state_dict().items()}
+    safetensors.torch.save_file({**sd, stale: torch.arange(8.0)}, tmp_path / "old.safetensors")
+    _, info = type(case.module).from_pretrained(None, config=case.module.config, state_dict={
+        **sd, stale: torch.arange(8.0)}, output_loading_info=True)
+    assert not info["unexpected_keys"]                                   # transformers' own verdict
+    jm = bridge.JaxModule(jm.program, jm.params, jm.buffers, StateMeta.from_json(jm.meta.to_json()))
+    loaded, report = jm.load_weights(tmp_path / "old.safetensors")
+    assert report.clean and report.ignored == [stale] and stale in str(report)
+    np.testing.assert_array_equal(np.asarray(flatten(loaded.params)[next(iter(flatten(jm.params)))]),
+                                  next(iter(sd.values())).numpy())
+    safetensors.torch.save_file({**sd, "model.stray.weight": torch.ones(2)}, tmp_path / "stray.safetensors")
+    with pytest.raises(KeyMismatchError, match="model.stray.weight"):
+        jm.load_weights(tmp_path / "stray.safetensors")
 
 
 def test_in_memory_state_dict_errors_name_the_key():

@@ -109,6 +109,30 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P(("data", "fsdp")))
 
 
+def check_batch_split(mesh: Mesh) -> None:
+    """Multi-host: every process feeds its own rows, taken as its share of the global batch. So the batch's
+    data x fsdp shards must split over the processes, each holding an equal, contiguous, distinct block of rows;
+    a mesh that replicates the batch across processes (e.g. {"tensor": 8} over 2 processes) is refused, naming it."""
+    count = jax.process_count()
+    if count == 1:
+        return
+    n = mesh.shape["data"] * mesh.shape["fsdp"]
+    held: dict[int, set] = {}
+    for device, index in batch_sharding(mesh).devices_indices_map((n,)).items():
+        held.setdefault(device.process_index, set()).add(index[0].start or 0)
+    blocks = list(held.values())
+    if (len(held) == count and sum(map(len, blocks)) == n and all(len(b) == n // count for b in blocks)
+            and all(max(b) - min(b) + 1 == len(b) for b in blocks)):
+        return
+    shares = {p: sorted(b) for p, b in sorted(held.items())}
+    raise ValueError(
+        f"mesh {dict(mesh.shape)} over {count} processes: the batch splits over data x fsdp = {n} shards, which "
+        f"do not give each process its own equal block of rows (shards by process: {shares}; copies of the same "
+        "rows on different processes would each take that process's rows as the whole batch), but every process "
+        f"feeds its own rows: make data x fsdp a multiple of the process count, e.g. mesh={{'data': {count}, "
+        f"'tensor': {mesh.devices.size // count}}}")
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 

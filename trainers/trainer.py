@@ -7,7 +7,10 @@ Example:
     >>> bridge.export(trainer.export_model(state), "out/", like=hf_dir)
 
 Multi-host: call `trainers.initialize_distributed(config)` before `bridge.convert` (converting
-places weights on a device, which starts the JAX runtime); every process passes its local rows.
+places weights on a device, which starts the JAX runtime); every process passes its local rows, an equal share
+of each global batch (`trainers.data.local_rows` cuts one), and the mesh's data x fsdp axes split over the
+processes. The processes agree on every batch: all train on it, or all skip it (unequal shares, rows that do not
+split over the shards) with a warning, and all stop when any runs out of batches.
 """
 from __future__ import annotations
 
@@ -19,7 +22,7 @@ import signal
 import time
 import warnings
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -39,9 +42,15 @@ from trainers.distributed import maybe_initialize
 from trainers.losses import model_loss
 from trainers.optim import skip_frozen
 from trainers.report import plot_losses, progress_bar, throughput_unit
-from trainers.sharding import batch_sharding, make_mesh, param_specs, replication_report
+from trainers.sharding import batch_sharding, check_batch_split, make_mesh, param_specs, replication_report
 from trainers.state import TrainState
 from trainers.step import default_inputs, make_eval_step, make_forward, make_train_step
+
+
+class _Local(NamedTuple):
+    """This process's side of a batch: placed as the global batch (None: it cannot be) and its rows."""
+    placed: Any
+    rows: int
 
 
 class Trainer:
@@ -54,6 +63,7 @@ class Trainer:
         self.jm, self.optimizer, self.config = jm, optimizer, config
         self.loss_fn = loss_fn or model_loss
         self.mesh = make_mesh(config.mesh, jax.devices()[: config.num_devices] if config.num_devices else None)
+        check_batch_split(self.mesh)
         self.run_dir = Path(config.run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self._write_state_meta()
@@ -81,7 +91,7 @@ class Trainer:
         self.checkpointer = Checkpointer(self.run_dir / "checkpoints", every=config.checkpoint_every,
                                          keep=config.keep_checkpoints, async_=config.async_checkpoints)
         self._stop_requested = False
-        self._warned_ragged = False
+        self._warned: set[str] = set()
 
     def _write_state_meta(self):
         """The model's torch names, dtypes, tied keys and order, beside the checkpoints: what
@@ -130,35 +140,82 @@ class Trainer:
         return self.jm.replace(params=cast, buffers=state.buffers)
 
     # -- loop -----------------------------------------------------------------------------
-    def _convert(self, batch):
-        """The batch placed on the mesh, or None for a ragged one (e.g. a DataLoader's last) whose
-        rows do not split over the data-parallel shards and micro-batches."""
+    def _prepare(self, batch) -> _Local:
+        """A batch's host side (run in the prefetch thread, no collectives): checked, and placed as the global
+        batch of every process's equal share when that splits over the data-parallel shards and micro-batches."""
         host = data_lib.to_host(batch)
-        rows = jax.tree.leaves(host)[0].shape[0] * jax.process_count()
-        if rows % self._row_multiple:
-            return None
-        return data_lib.place(host, self.batch_sharding)
+        rows = data_lib.row_count(host)
+        total = rows * jax.process_count()
+        fits = total > 0 and total % self._row_multiple == 0
+        return _Local(data_lib.place(host, self.batch_sharding, total) if fits else None, rows)
+
+    def _convert(self, batch):
+        """The batch placed on the mesh, or None for one every process skips (see `_next_batch`)."""
+        local = self._prepare(batch)
+        return local.placed if self._usable(local, self._shares(local)) else None
+
+    @staticmethod
+    def _usable(local: _Local, shares: np.ndarray) -> bool:
+        return local.placed is not None and bool((shares == shares[0]).all())
+
+    def _shares(self, local: _Local | None) -> np.ndarray:
+        """Every process's rows of its current batch (-1: its batches ran out), the same array on all of them."""
+        rows = -1 if local is None else local.rows
+        if jax.process_count() == 1:
+            return np.array([rows])
+        return np.asarray(multihost_utils.process_allgather(np.array(rows, np.int32))).reshape(-1)
 
     @property
     def _row_multiple(self) -> int:
         return math.lcm(self.mesh.shape["data"] * self.mesh.shape["fsdp"], self.config.grad_accum)
 
     def evaluate(self, state: TrainState, batches: Iterable) -> float:
-        placed = (self._convert(b) for b in itertools.islice(batches, self.config.eval_batches))
-        losses = [float(self.eval_step(state, b)["loss"]) for b in placed if b is not None]
+        it = map(self._prepare, itertools.islice(batches, self.config.eval_batches))
+        losses, where = [], f"evaluation after step {int(state.step)}"
+        with contextlib.suppress(StopIteration):
+            while True:
+                batch, _ = self._next_batch(it, where)
+                losses.append(float(self.eval_step(state, batch)["loss"]))
         return float(np.mean(losses)) if losses else float("nan")
 
-    def _next_batch(self, it, step: int):
-        """(next placed batch, batches consumed); ragged batches are skipped with one warning a run."""
-        batch, consumed = next(it), 1
-        while batch is None:
-            if not self._warned_ragged:
-                warnings.warn(f"step {step + 1}: skipped a batch whose rows do not divide into "
-                              f"{self._row_multiple} (data x fsdp shards, grad_accum); e.g. a DataLoader's last "
-                              "batch: pass drop_last=True or a batch size divisible by it", stacklevel=3)
-                self._warned_ragged = True
-            batch, consumed = next(it), consumed + 1
-        return batch, consumed
+    def _next_batch(self, it, where: str):
+        """(next placed batch, batches consumed). Every process takes or skips each batch together: one whose
+        rows do not split over the data-parallel shards and micro-batches (e.g. a DataLoader's last), or whose
+        processes hold different numbers of rows, is skipped on all of them (one warning a run for each);
+        when any process's batches run out, every process stops (StopIteration)."""
+        consumed = 0
+        while True:
+            local = next(it, None)
+            shares = self._shares(local)
+            if (shares < 0).any():
+                self._warn_ended(shares, where)
+                raise StopIteration
+            consumed += 1
+            if self._usable(local, shares):
+                return local.placed, consumed
+            self._warn_skipped(shares, where)
+
+    def _warn_skipped(self, shares: np.ndarray, where: str) -> None:
+        equal = bool((shares == shares[0]).all())
+        kind = "ragged" if equal else "unequal"
+        if kind in self._warned:
+            return
+        self._warned.add(kind)
+        if equal:
+            warnings.warn(f"{where}: skipped a batch whose rows do not divide into {self._row_multiple} (data x fsdp "
+                          f"shards, grad_accum): {int(shares.sum())} rows; e.g. a DataLoader's last batch: pass "
+                          "drop_last=True or a batch size divisible by it", stacklevel=4)
+        else:
+            warnings.warn(f"{where}: skipped a batch whose processes hold different numbers of rows "
+                          f"({shares.tolist()} by process; {int(shares.sum())} in all): every process passes an "
+                          "equal share of each global batch, so every process skips it", stacklevel=4)
+
+    @staticmethod
+    def _warn_ended(shares: np.ndarray, where: str) -> None:
+        if (shares >= 0).any():
+            ended = np.flatnonzero(shares < 0).tolist()
+            warnings.warn(f"{where}: the batches of process(es) {ended} ran out while the other processes still had "
+                          "some: every process stops here", stacklevel=4)
 
     def fit(self, batches: Iterable, *, eval_batches: Callable[[], Iterable] | None = None,
             state: TrainState | None = None) -> TrainState:
@@ -170,7 +227,7 @@ class Trainer:
         else:
             state, position = jax.device_put(state, self.state_shardings), 0
         start = int(state.step)
-        it = data_lib.Prefetcher(itertools.islice(batches, position, None), self._convert, cfg.prefetch)
+        it = data_lib.Prefetcher(itertools.islice(batches, position, None), self._prepare, cfg.prefetch)
         metrics_path = self.run_dir / "metrics.jsonl"
         is_main = jax.process_index() == 0
         if is_main:
@@ -182,7 +239,7 @@ class Trainer:
             with open(metrics_path, "a") if is_main else contextlib.nullcontext() as log:
                 for step in range(start, cfg.steps):
                     try:
-                        batch, n_read = self._next_batch(it, step)
+                        batch, n_read = self._next_batch(it, f"step {step + 1}")
                     except StopIteration:
                         break
                     position += n_read

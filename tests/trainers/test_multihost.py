@@ -54,11 +54,11 @@ def _env() -> dict:
 
 
 class Worker:
-    def __init__(self, name: str, args: list[str], log_dir: Path):
+    def __init__(self, name: str, args: list[str], log_dir: Path, module: str = WORKER, timeout_s: int = TIMEOUT_S):
         self.name = name
         self.stdout_path, self.stderr_path = log_dir / f"{name}.out", log_dir / f"{name}.err"
         self._out, self._err = open(self.stdout_path, "w"), open(self.stderr_path, "w")
-        cmd = [sys.executable, "-m", WORKER, *args, "--hang-timeout", str(TIMEOUT_S - 20)]
+        cmd = [sys.executable, "-m", module, *args, "--hang-timeout", str(timeout_s - 20)]
         self.proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=self._out, stderr=self._err)
 
     def wait(self, deadline: float) -> int | None:

@@ -13,6 +13,10 @@ import argparse
 import sys
 
 
+_SEED_HELP = ("for a model that draws random numbers in forward: run JAX with jax.random.key(SEED) (torch and JAX "
+              "draw different random streams, so outputs that depend on the draws will not match)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="bridge", description="PyTorch models into JAX, trained, and back.")
     p.add_argument("--debug", action="store_true", help="show full tracebacks")
@@ -21,11 +25,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("path", help=".safetensors, *.index.json, .pt/.bin, .pt2, or a Hugging Face directory")
     s = sub.add_parser("convert", help="convert a model, write its weights and a parity report")
     s.add_argument("model", help="a Hugging Face directory, a .pt2 file (torch.export.save) or package.module:factory")
-    s.add_argument("--out", required=True, help="output directory")
+    s.add_argument("--out", required=True, help="output directory (created, parents included)")
     s.add_argument("--dynamic", choices=["batch", "batch+seq"], default=None)
+    s.add_argument("--rtol", type=float, default=None,
+                   help="relative tolerance of every output (default by dtype: 1e-4 float32, 2e-2 bfloat16, "
+                        "5e-3 float16)")
+    s.add_argument("--seed", type=int, default=None, help=_SEED_HELP)
     s = sub.add_parser("verify", help="compare torch and JAX outputs; name the first diverging layer")
     s.add_argument("model", help="a Hugging Face directory, a .pt2 file (torch.export.save) or package.module:factory")
-    s.add_argument("--rtol", type=float, default=1e-5, help="relative tolerance (default 1e-5)")
+    s.add_argument("--rtol", type=float, default=None,
+                   help="relative tolerance (default by dtype: 1e-5 float32, 2e-2 bfloat16, 5e-3 float16)")
+    s.add_argument("--seed", type=int, default=None, help=_SEED_HELP)
     s = sub.add_parser("train", help="train from a TOML config (model, data, optimizer, mesh, steps, checkpoints)")
     s.add_argument("config", help="path to the TOML file")
     s = sub.add_parser("export", help="re-export a checkpoint or trainer run to safetensors/.pt/HF dir")
@@ -35,7 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-shard-size", default="5GB")
     s.add_argument("--dtype", default=None, help="cast floating tensors, as module.to(dtype) does (e.g. bfloat16)")
     s.add_argument("--ema", action="store_true", help="a trainer run's moving average of the params (ema_decay)")
-    sub.add_parser("demo", help="the end-to-end demo on the real all-MiniLM-L6-v2")
+    from bridge.demo import add_arguments
+    add_arguments(sub.add_parser("demo", help="the end-to-end demo on the real all-MiniLM-L6-v2"))
     return p
 
 
@@ -47,16 +58,16 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "inspect":
             return commands.inspect(args.path)
         if args.command == "convert":
-            return commands.convert(args.model, args.out, args.dynamic)
+            return commands.convert(args.model, args.out, args.dynamic, args.rtol, args.seed)
         if args.command == "verify":
-            return commands.verify(args.model, args.rtol)
+            return commands.verify(args.model, args.rtol, args.seed)
         if args.command == "train":
             return commands.train(args.config)
         if args.command == "export":
             return commands.export(args.ckpt, args.to, args.like, args.max_shard_size, args.dtype, args.ema)
         if args.command == "demo":
-            from bridge.demo import main as demo
-            return demo()
+            from bridge import demo
+            return demo.run(args)
     except (BridgeError, OSError, ValueError, KeyError) as e:
         if args.debug:
             raise

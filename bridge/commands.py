@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -12,18 +13,26 @@ from bridge.errors import BridgeError
 
 
 def inspect(path: str) -> int:
-    from bridge.checkpoint import open_checkpoint
+    from bridge.checkpoint import TORCH_SUFFIXES, _sniff, open_checkpoint
     if _is_run(Path(path)):
         return _inspect_run(Path(path))
+    p = Path(path)
+    if p.is_file() and not p.name.endswith((".index.json", ".safetensors", ".pt2", *TORCH_SUFFIXES)) \
+            and _sniff(p) is None:
+        raise BridgeError(f"{path}: not a checkpoint (neither a safetensors file, a torch.save file, a "
+                          "*.index.json nor a .pt2 program)")
     sources = open_checkpoint(path)
     width = max((len(s.name) for s in sources), default=10)
     print(f"{'tensor':<{width}}  {'dtype':<9} shape")
     for s in sources:
         print(f"{s.name:<{width}}  {str(s.dtype).replace('torch.', ''):<9} {tuple(s.shape)}")
     n = sum(int(np.prod(s.shape)) for s in sources)
+    n_float = sum(int(np.prod(s.shape)) for s in sources if s.dtype.is_floating_point or s.dtype.is_complex)
     nbytes = sum(s.nbytes for s in sources)
     files = sorted({s.file.name for s in sources})
-    print(f"\n{len(sources)} tensors, {n:,} parameters, {nbytes / 1e6:,.1f} MB in {len(files)} file(s)")
+    # a checkpoint does not say which tensors are parameters: integer buffers (position ids) count as elements
+    print(f"\n{len(sources)} tensors, {n:,} elements ({n_float:,} in floating-point tensors), "
+          f"{nbytes / 1e6:,.1f} MB in {len(files)} file(s)")
     return 0
 
 
@@ -31,7 +40,7 @@ def _inspect_run(path: Path) -> int:
     """The latest trainer checkpoint's params and buffers, read from orbax's metadata (no tensor data)."""
     import orbax.checkpoint as ocp
     from bridge.tree import flatten
-    step_dir, meta = _latest_step(path)
+    step_dir, meta = _latest_step(path)   # absolute: orbax takes no relative path
     absl = logging.getLogger("absl")   # silences a warning that the step's metadata file lives a level up
     level = absl.level
     absl.setLevel(logging.ERROR)
@@ -55,53 +64,97 @@ def _inspect_run(path: Path) -> int:
     return 0
 
 
-def _convert(model: str, dynamic: str | None):
+def _convert(model: str, dynamic: str | None, seed: int | None = None):
+    """(module, args, kwargs, jm, seconds, rng): rng is jax.random.key(seed) for a model that draws random
+    numbers; such a model without --seed is refused with what to do."""
     import jax
     import bridge
     from bridge.models import resolve_model
+    from converters.registry import op_name
     jax.config.update("jax_default_matmul_precision", "highest")
     module, args, kwargs = resolve_model(model)
     t0 = time.perf_counter()
     jm = bridge.convert(module, args, kwargs, dynamic=dynamic)
-    return module, args, kwargs, jm, time.perf_counter() - t0
+    seconds = time.perf_counter() - t0
+    rng = None
+    if jm.needs_rng:
+        ops = ", ".join(sorted({op_name(n.target) for n in jm.program.nodes if n.name in jm.program.random_nodes}))
+        if seed is None:
+            raise BridgeError(f"{model}: the model draws random numbers in forward ({ops}); pass --seed N to run "
+                              "the JAX model with jax.random.key(N). torch and JAX draw different random streams, "
+                              "so outputs that depend on the draws cannot match torch's")
+        print(f"note: the model draws random numbers ({ops}); JAX runs with jax.random.key({seed}). torch and "
+              "JAX draw different random streams: outputs that depend on the draws are not expected to match")
+        rng = jax.random.key(seed)
+    return module, args, kwargs, jm, seconds, rng
 
 
-def convert(model: str, out: str, dynamic: str | None) -> int:
-    import bridge
-    from bridge.atomic import atomic_path
-    from bridge.parity import format_report, parity_report
+def _check_out_dir(out: str) -> None:
+    """--out, before anything is converted: a directory, or one that can be made (parents included)."""
     from bridge.checkpoint import TORCH_SUFFIXES
     target = Path(out)
     if (target.exists() and not target.is_dir()) or target.suffix in (".safetensors", ".pt2", *TORCH_SUFFIXES):
         raise BridgeError(f"--out {out}: a directory to write the weights and parity.json into, not a file "
                           "(`bridge export` writes single files)")
-    module, args, kwargs, jm, seconds = _convert(model, dynamic)
+    ancestor = target.absolute()
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise BridgeError(f"--out {out}: {ancestor} is a file, so the directory cannot be created")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise BridgeError(f"--out {out}: {ancestor} is not writable")
+
+
+def convert(model: str, out: str, dynamic: str | None, rtol: float | None = None, seed: int | None = None) -> int:
+    """Convert, check parity (outputs within `rtol`, default by dtype: 1e-4 for float32, looser for bf16/fp16),
+    write the weights and parity.json into `out` (created with its parents). 1 when a check fails."""
+    import bridge
+    from bridge.atomic import atomic_path
+    from bridge.parity import failures, format_report, parity_report, tolerances
+    _check_out_dir(out)
+    module, args, kwargs, jm, seconds, rng = _convert(model, dynamic, seed)
     print(f"converted in {seconds:.1f}s: {jm}")
-    report = parity_report(module, jm, args, kwargs)
+    report = parity_report(module, jm, args, kwargs, rng=rng)
     print(format_report(report))
     like = model if Path(model).is_dir() else None
+    Path(out).absolute().parent.mkdir(parents=True, exist_ok=True)
     bridge.export(jm, out, like=like, format="hf")
+    bad = failures(report, rtol)
     with atomic_path(Path(out) / "parity.json") as tmp:
-        tmp.write_text(json.dumps({**report, "convert_s": seconds}, indent=2, default=str))
+        tmp.write_text(json.dumps({**report, "convert_s": seconds, "rtol": tolerances(report, rtol),
+                                   "failures": bad}, indent=2, default=str))
     print(f"wrote {out} (weights + parity.json)")
-    return 0 if report["outputs"] and max(r["rel_err"] for r in report["outputs"].values()) <= 1e-4 else 1
+    if not report["outputs"] and not bad:
+        print("FAILED: the model returned no tensor to compare")
+        return 1
+    for line in bad:
+        print(f"FAILED: {line}")
+    if not bad:
+        print(f"OK: every output within {tolerances(report, rtol)} of torch")
+    return 0 if not bad else 1
 
 
-def verify(model: str, rtol: float) -> int:
-    from bridge.parity import format_report, parity_report
+def verify(model: str, rtol: float | None = None, seed: int | None = None) -> int:
+    """Outputs within `rtol` (default by dtype: 1e-5 for float32, looser for bf16/fp16), else the first
+    diverging graph node. 0 when all agree, 1 otherwise."""
+    from bridge.parity import failures, format_report, parity_report, tolerances
     from bridge.verify import verify as layer_check
-    module, args, kwargs, jm, _ = _convert(model, None)
-    report = parity_report(module, jm, args, kwargs, grads=False)
+    module, args, kwargs, jm, _, rng = _convert(model, None, seed)
+    report = parity_report(module, jm, args, kwargs, grads=False, rng=rng)
     print(format_report(report))
-    worst = max((r["rel_err"] for r in report["outputs"].values()), default=0.0)
-    if worst <= rtol:
-        print(f"OK: every output within {rtol:g} of torch")
+    bad = failures(report, rtol, fp32=1e-5)
+    if not bad:
+        print(f"OK: every output within {tolerances(report, rtol, fp32=1e-5)} of torch")
         return 0
-    layers = layer_check(module, jm, args, kwargs, rtol=rtol)
+    for line in bad:
+        print(f"FAILED: {line}")
+    layers = layer_check(module, jm, args, kwargs, rtol=rtol, rng=rng)
     first = layers["first_divergence"]
     if first:
+        why = ("\n  this node draws random numbers: torch's and JAX's random streams differ, so it cannot match"
+               if first.get("random") else "")
         print(f"DIVERGED first at node {first['node']} ({first['op']}) in layer '{first['layer']}' "
-              f"(relative error {first['rel_err']:.3g})\n  at {first['source']}")
+              f"(relative error {first['rel_err']:.3g})\n  at {first['source']}{why}")
     return 1
 
 
@@ -137,6 +190,7 @@ def _latest_step(path: Path):
     """(latest step folder, the run's StateMeta or None) of a trainer run directory."""
     from bridge.jax_module import StateMeta
     from bridge.state import STATE_META
+    path = path.absolute()   # orbax refuses relative paths ("Checkpoint path should be absolute")
     root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
     steps = sorted(int(p.name) for p in root.iterdir() if p.name.isdigit() and (p / "state").is_dir())
     if not steps:

@@ -6,7 +6,7 @@ fine-tune in JAX on all local devices with an in-batch cosine-similarity loss on
 repo → export a Hugging Face directory → load it with PyTorch → PyTorch reproduces the JAX-trained
 embeddings and the fine-tuning's effect. Writes a loss plot and a summary to runs/demo/.
 
-Run: python -m bridge.demo [--steps 40] [--out runs/demo]
+Run: python -m bridge.demo (or bridge demo) [--steps 40] [--batch-pairs 16] [--lr 1e-4] [--out runs/demo]
 """
 from __future__ import annotations
 
@@ -19,13 +19,21 @@ from pathlib import Path
 SEQ = 32
 
 
+def add_arguments(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The demo's options (shared by `python -m bridge.demo` and `bridge demo`)."""
+    ap.add_argument("--steps", type=int, default=40, help="fine-tuning steps (default 40)")
+    ap.add_argument("--batch-pairs", type=int, default=16, help="sentence pairs a step (default 16)")
+    ap.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (default 1e-4)")
+    ap.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")
+    return ap
+
+
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=40)
-    ap.add_argument("--batch-pairs", type=int, default=16)
-    ap.add_argument("--lr", type=float, default=1e-4)
-    ap.add_argument("--out", default="runs/demo")
-    args = ap.parse_args(argv)
+    return run(add_arguments(argparse.ArgumentParser(description=__doc__.splitlines()[0])).parse_args(argv))
+
+
+def run(args: argparse.Namespace) -> int:
+    """The demo with parsed options (steps, batch_pairs, lr, out)."""
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

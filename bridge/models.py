@@ -1,9 +1,10 @@
 """Resolve a MODEL argument: a Hugging Face directory, a `.pt2` file (torch.export.save), or
 `package.module:factory`.
 
-A factory returns a module, `(module, args)`, `(module, args, kwargs)` or a dict with those keys.
-Hugging Face directories get sample inputs from their tokenizer (or random token ids); a `.pt2` program
-brings its own example inputs.
+A factory returns `(module, args)`, `(module, args, kwargs)` or a dict with those keys; an error raised while
+building it is bad input (BridgeError naming the factory). A Hugging Face directory builds the architecture its
+config.json names (AutoModel where it names none) and gets sample inputs from its tokenizer (or random token
+ids); a `.pt2` program brings its own example inputs.
 
 Example:
     >>> module, args, kwargs = resolve_model("path/to/hf_dir")
@@ -34,10 +35,23 @@ def resolve_model(spec: str, *, batch: int = 2, seq: int = 16):
         factory = getattr(importlib.import_module(mod_name), fn_name)
     except (ImportError, AttributeError) as e:
         raise BridgeError(f"{spec!r}: cannot import the factory ({e})") from e
-    out = factory()
+    except Exception as e:   # the user's module failed while importing: bad input, named
+        raise BridgeError(f"{spec!r}: importing {mod_name} raised {type(e).__name__}: {e}") from e
+    if not callable(factory):
+        raise BridgeError(f"{spec!r}: {fn_name} = {factory!r:.60} is not callable; a factory is a function returning "
+                          "(module, args[, kwargs])")
+    try:
+        out = factory()
+    except BridgeError:
+        raise
+    except Exception as e:   # building the user's model failed: bad input (exit 2), the factory named
+        raise BridgeError(f"{spec!r}: the factory raised {type(e).__name__}: {e}") from e
     if isinstance(out, torch.nn.Module):
         raise BridgeError(f"{spec!r} returned only a module; return (module, args[, kwargs]) with example inputs")
     if isinstance(out, dict):
+        if not isinstance(out.get("module"), torch.nn.Module):
+            raise BridgeError(f"{spec!r} returned a dict without a torch.nn.Module under 'module' "
+                              f"(keys: {sorted(out)})")
         return out["module"], tuple(out.get("args", ())), dict(out.get("kwargs", {}))
     if not (isinstance(out, (tuple, list)) and 2 <= len(out) <= 3 and isinstance(out[0], torch.nn.Module)):
         raise BridgeError(f"{spec!r} returned a {type(out).__name__}; return (module, args[, kwargs]) or a dict "
@@ -62,7 +76,7 @@ def _hf_dir(path: Path, batch: int, seq: int):
 
     if not (path / "config.json").exists():
         raise BridgeError(f"{path}: no config.json; not a Hugging Face model directory")
-    model = transformers.AutoModel.from_pretrained(path).eval()
+    model = _hf_model(path).eval()
     try:
         tok = transformers.AutoTokenizer.from_pretrained(path)
         kwargs = dict(tok(SAMPLE_TEXT[:batch], padding="max_length", max_length=seq, truncation=True,
@@ -70,3 +84,17 @@ def _hf_dir(path: Path, batch: int, seq: int):
     except (OSError, ValueError):
         kwargs = {"input_ids": torch.randint(0, model.config.vocab_size, (batch, seq))}
     return model, (), kwargs
+
+
+def _hf_model(path: Path):
+    """The architecture config.json names (`architectures`, e.g. BertForSequenceClassification: its head's
+    weights convert and export with the rest); AutoModel (the base model) only where it names none that this
+    transformers has."""
+    import transformers
+
+    config = transformers.AutoConfig.from_pretrained(path)
+    for name in getattr(config, "architectures", None) or ():
+        cls = getattr(transformers, name, None)
+        if isinstance(cls, type) and hasattr(cls, "from_pretrained"):
+            return cls.from_pretrained(path)
+    return transformers.AutoModel.from_pretrained(path)

@@ -128,6 +128,9 @@ def run_from_toml(path: str) -> int:
     if "export" in cfg:   # where the export goes is settled before training, not found wanting after it
         if "to" not in cfg["export"]:
             raise BridgeError(f"{path}: [export] needs `to`, the path to write")
+        if cfg["export"].get("ema") and train.ema_decay is None:
+            raise BridgeError(f"{path}: [export] ema = true needs [train] ema_decay (e.g. 0.999): without it the "
+                              "run keeps no moving average of the params to export")
         try:
             Path(cfg["export"]["to"]).parent.mkdir(parents=True, exist_ok=True)
         except OSError as e:

@@ -10,7 +10,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from bridge.parity import default_rtol
 from bridge.tree import flatten
+from converters.dtypes import to_torch
 from converters.interpreter import source_line
 from converters.registry import op_name
 
@@ -42,8 +44,8 @@ def _torch_values(jm, args, kwargs) -> dict[str, torch.Tensor]:
         if n.name in user:
             v, meta = user[n.name], n.meta.get("val")
             if hasattr(v, "shape"):   # JAX holds int64 inputs as int32: torch replays them in the graph's dtype
-                v = torch.from_numpy(np.array(v))
-                v = v.to(meta.dtype) if isinstance(meta, torch.Tensor) else v
+                # (to_torch: bf16/fp16/float8 arrays, which torch.from_numpy does not take, come across bit-exact)
+                v = to_torch(v, meta.dtype if isinstance(meta, torch.Tensor) else None)
             placeholders.append(v)
         else:
             placeholders.append(state[spec.target])
@@ -53,28 +55,44 @@ def _torch_values(jm, args, kwargs) -> dict[str, torch.Tensor]:
     return rec.values
 
 
-def verify(module: torch.nn.Module, jm, args=(), kwargs=None, *, rtol: float = 1e-5) -> dict:
+def _node_err(r: torch.Tensor, g) -> float:
+    """Relative error (floating/complex: to the node's scale) or mismatch fraction (integers, bool)."""
+    if not r.numel():
+        return 0.0
+    if r.dtype == torch.bool or not (r.is_floating_point() or r.is_complex()):
+        return float(np.mean(np.asarray(g).astype(np.int64) != r.numpy().astype(np.int64)))
+    wide = torch.complex128 if r.is_complex() else torch.float64
+    rr = r.resolve_conj().to(wide).numpy()
+    gg = np.asarray(g).astype(rr.dtype)
+    return float(np.max(np.abs(gg - rr)) / max(np.max(np.abs(rr)), 1e-12))
+
+
+def verify(module: torch.nn.Module, jm, args=(), kwargs=None, *, rtol: float | None = 1e-5, rng=None) -> dict:
     """Compare every tensor-valued graph node of torch and JAX; report per-node errors and the first
-    divergence (relative to each node's scale)."""
+    divergence (relative to each node's scale).
+
+    `rtol=None`: each node by its dtype's default (`bridge.parity.default_rtol(dtype, 1e-5)`: bf16/fp16 looser).
+    `rng`: the PRNG key of a model that draws random numbers; nodes that draw are marked "random": True (torch's
+    and JAX's streams differ, so they and what depends on them diverge). An op in the root module's own
+    forward is in layer '<root>'."""
     kwargs = kwargs or {}
     ref = _torch_values(jm, args, kwargs)
     leaves = jm.user_leaves(args, kwargs)
     state = {**flatten(jm.buffers), **flatten(jm.params)}
-    _, _, got = jm.program.run(state, leaves, None, intermediates=True)
+    _, _, got = jm.program.run(state, leaves, rng, intermediates=True)
     rows, first = [], None
     for node in jm.program.nodes:
         if node.name not in ref or node.name not in got:
             continue
-        r, g = ref[node.name], np.asarray(got[node.name])
-        if r.dtype == torch.bool or not r.is_floating_point():
-            err = float(np.mean(g.astype(np.int64) != r.numpy().astype(np.int64))) if r.numel() else 0.0
-        else:
-            rr = r.to(torch.float64).numpy()
-            err = float(np.max(np.abs(g.astype(np.float64) - rr)) / max(np.max(np.abs(rr)), 1e-12)) if rr.size else 0.0
+        r = ref[node.name]
+        err = _node_err(r, got[node.name])
         stack = node.meta.get("nn_module_stack") or {}
-        layer = list(stack.values())[-1][0] if stack else ""
+        layer = (list(stack.values())[-1][0] if stack else "") or "<root>"
         row = {"node": node.name, "op": op_name(node.target), "layer": layer, "rel_err": err}
+        if node.name in jm.program.random_nodes:
+            row["random"] = True
         rows.append(row)
-        if first is None and err > rtol:
+        tol = rtol if rtol is not None else default_rtol(r.dtype, 1e-5)
+        if first is None and not err <= tol:
             first = {**row, "source": source_line(node)}
     return {"nodes": rows, "first_divergence": first, "max_rel_err": max((r["rel_err"] for r in rows), default=0.0)}

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib
 from typing import Any, Callable
 
 from bridge.errors import DuplicateLoweringError
@@ -28,6 +29,7 @@ class Lowering:
 
 _REGISTRY: dict[Any, Lowering] = {}
 _BY_NAME: dict[str, Lowering] = {}   # ops of libraries bridge does not import, by their printed name
+_OVERRIDES: dict[str, Lowering] = {}   # register_lowering(..., override=True): replaces a built-in, by name
 _FALLBACKS: list[Callable[[Any], Lowering | None]] = []   # target -> a lowering made for it, or None
 
 
@@ -65,18 +67,38 @@ def lowering_by_name(*names: str, random: Any = False) -> Callable[[Callable], C
     return _registrar(_BY_NAME, names, random)
 
 
-def register_lowering(op: Any, fn: Callable | None = None, *, random: bool = False):
-    """Give bridge a JAX implementation of an op it has none for (a custom op of your own library, an ATen op
-    missing from the registry): `fn` receives the node's arguments with tensors as `jax.Array`s (and a PRNG key
-    first with random=True) and returns what the op returns. A second registration for the op raises.
+def register_lowering(op: Any, fn: Callable | None = None, *, random: bool = False, override: bool = False):
+    """Give bridge a JAX implementation of an op (a custom op of your own library, an ATen op missing from the
+    registry): `fn` receives the node's arguments with tensors as `jax.Array`s (and a PRNG key first with
+    random=True) and returns what the op returns.
+
+    An op that already has a lowering (one of bridge's built-in ATen lowerings, or an earlier registration)
+    raises `DuplicateLoweringError` naming the op and the lowering it has; pass `override=True` to replace it
+    (a workaround or a faster kernel of your own): conversions from then on use `fn` for that op.
 
     Example:
         >>> @bridge.register_lowering("mylib::fused_gelu_mul")      # or torch.ops.mylib.fused_gelu_mul
         ... def fused_gelu_mul(x, y):
         ...     return jax.nn.gelu(x, approximate=False) * y
+        >>> bridge.register_lowering(torch.ops.aten.gelu.default, my_gelu, override=True)
     """
+    importlib.import_module("converters.ops")   # the built-in lowerings, so that a clash with one is seen
     names = _op_names(op)
-    register = _registrar(_BY_NAME, names, random)
+
+    def register(f: Callable) -> Callable:
+        if override:
+            for name in names:
+                _OVERRIDES[name] = Lowering(f, random, f.__module__)
+            return f
+        builtin = {op_name(t): low for t, low in _REGISTRY.items()}
+        for name in names:
+            prev = _OVERRIDES.get(name) or builtin.get(name) or _BY_NAME.get(name)
+            if prev is not None:
+                raise DuplicateLoweringError(
+                    f"{name} already has a lowering ({prev.module}.{getattr(prev.fn, '__name__', prev.fn)}); "
+                    f"refusing {f.__module__}.{getattr(f, '__name__', f)} (pass override=True to replace it)")
+        return _registrar(_BY_NAME, names, random)(f)
+
     return register if fn is None else register(fn)
 
 
@@ -102,7 +124,9 @@ def fallback(factory: Callable[[Any], Lowering | None]) -> Callable:
 
 
 def lookup(target: Any) -> Lowering | None:
-    low = _REGISTRY.get(target)
+    low = _OVERRIDES.get(op_name(target)) if _OVERRIDES else None
+    if low is None:
+        low = _REGISTRY.get(target)
     if low is None and _BY_NAME:
         low = _BY_NAME.get(op_name(target))
     if low is None and _FALLBACKS:

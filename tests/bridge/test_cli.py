@@ -32,7 +32,8 @@ def test_inspect_minilm(capsys):
     assert cli.main(["inspect", MINILM]) == 0
     out = capsys.readouterr().out
     assert re.search(r"embeddings\.word_embeddings\.weight\s+float32\s+\(30522, 384\)", out)
-    assert "104 tensors, 22,713,728 parameters" in out
+    # every element (the int64 position_ids too), and the floating-point ones (what the model trains)
+    assert "104 tensors, 22,713,728 elements (22,713,216 in floating-point tensors)" in out
 
 
 def test_convert_and_verify_minilm(tmp_path, capsys):
@@ -214,10 +215,10 @@ def test_export_of_a_checkpoint_is_bit_exact_in_every_dtype(tmp_path, src, dst):
         assert back[k].view(-1).view(torch.uint8).tolist() == t.view(-1).view(torch.uint8).tolist(), k
 
 
-def test_export_of_a_run_dir_writes_the_models_state_dict(tmp_path, capsys):
+def test_export_of_a_run_dir_writes_the_models_state_dict(tmp_path, capsys, monkeypatch):
     """A trainer run (bf16 model, fp32 master weights, BatchNorm's int64 counters) exported by the CLI is
     the torch state_dict: every key in order, torch's dtypes, the values trainer.export_model gives;
-    `bridge inspect` lists the run's latest checkpoint."""
+    `bridge inspect` lists the run's latest checkpoint; both take a relative run directory."""
     from tests.models import MODELS
     from trainers import TrainConfig, Trainer, adamw, classification_cross_entropy
 
@@ -242,6 +243,12 @@ def test_export_of_a_run_dir_writes_the_models_state_dict(tmp_path, capsys):
     assert re.search(r"features\.1\.num_batches_tracked +buffer int32 +int64 +\(\)", out), out
     assert re.search(r"head\.weight +param +float32 +bfloat16 +\(10, 32\)", out), out
     assert f"step 2, {len(got)} tensors, {sum(p.numel() for p in model.parameters()):,} parameters" in out
+    monkeypatch.chdir(tmp_path)   # a relative run directory, as `bridge export runs/x --to out.safetensors`
+    assert cli.main(["inspect", "run"]) == 0
+    assert f"step 2, {len(got)} tensors" in capsys.readouterr().out
+    assert cli.main(["export", "run", "--to", "rel.pt"]) == 0
+    rel = torch.load(tmp_path / "rel.pt", weights_only=True)
+    assert list(rel) == list(got) and all(torch.equal(rel[k], got[k]) for k in got)
     (tmp_path / "run" / "state_meta.json").write_text("{not json")
     assert cli.main(["export", str(tmp_path / "run"), "--to", str(tmp_path / "bad.pt")]) == 2
     assert "state_meta.json: not a readable record" in capsys.readouterr().err

@@ -95,3 +95,27 @@ class _Calls(torch.nn.Module):
 
     def forward(self, x):
         return self.op(self.inner(x))
+
+
+def test_register_lowering_of_an_op_with_a_builtin_lowering_raises_or_overrides(monkeypatch):
+    """bridge.register_lowering for an op bridge already lowers: refused naming the op (never a silent
+    no-op); override=True replaces the built-in, and conversions use it."""
+    import jax.numpy as jnp
+    from converters import registry
+    relu = torch.ops.aten.relu.default
+    before = lookup(relu)
+    for op in (relu, "aten::relu", torch.ops.aten.relu):
+        with pytest.raises(DuplicateLoweringError, match=r"aten\.relu\.default already has a lowering.*override=True"):
+            bridge.register_lowering(op, lambda x: jnp.zeros_like(x))
+    assert lookup(relu) is before
+    monkeypatch.setattr(registry, "_OVERRIDES", {})
+
+    @bridge.register_lowering(relu, override=True)
+    def doubled_relu(x):
+        return jnp.maximum(x, 0) * 2
+
+    assert lookup(relu).fn is doubled_relu
+    m = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU()).eval()
+    x = torch.randn(3, 4)
+    with torch.no_grad():
+        np.testing.assert_allclose(np.asarray(bridge.convert(m, (x,))(x)), 2 * m(x).numpy(), rtol=1e-6)

@@ -1,8 +1,13 @@
 """Matrix products: mm/bmm/addmm/matmul/linear/baddbmm and friends (torch weight layouts kept)."""
 from __future__ import annotations
 
+import functools
+
+import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
+from jax.custom_derivatives import SymbolicZero
 
 from converters.ops.common import aten, dot_precision, dt
 from converters.registry import lowering, lowering_by_name
@@ -19,14 +24,83 @@ def matmul(a, b):
         return jnp.matmul(a, b)
 
 
-@lowering(aten.addmm.default, aten.baddbmm.default, aten.addmv.default)
+_LOW = (jnp.bfloat16, jnp.float16)
+
+
+def _rounds_once(product, a, b, bias=None, alpha=1, beta=1, *, round_scaled_bias=False):
+    """`alpha * product(a, b) + beta * bias` for bf16/fp16 `a` and `b` as torch's CPU kernels compute it: the
+    product accumulated in fp32, the bias added in fp32, rounded once (XLA would round the product, then the
+    sum). `product(a, b, acc)` is bilinear, `acc` its accumulation dtype (None: its inputs'). With
+    `round_scaled_bias` (addmv) alpha and beta are first rounded to the inputs' dtype and so is `beta * bias`.
+    Gradients go through low-precision products, as torch's backward does (an fp32 cotangent would turn the
+    backward's matmuls fp32). None where the inputs are not both bf16 or both fp16."""
+    dtype = a.dtype
+    if dtype not in _LOW or b.dtype != dtype:
+        return None
+    if round_scaled_bias:
+        alpha, beta = (float(np.asarray(v).astype(dtype)) for v in (alpha, beta))
+    use_bias = bias is not None and beta != 0
+    if not use_bias and alpha == 1:   # a plain low-precision product already rounds once
+        return None
+
+    @jax.custom_jvp
+    def fused(a, b, bias):
+        with dot_precision(a, b):
+            y = _scaled(product(a, b, jnp.float32), alpha)
+        if use_bias:
+            scaled = _scaled(bias.astype(jnp.float32), beta)
+            y = y + (scaled.astype(dtype).astype(jnp.float32) if round_scaled_bias else scaled)
+        return y.astype(dtype)
+
+    @functools.partial(fused.defjvp, symbolic_zeros=True)
+    def fused_jvp(primals, tangents):
+        a, b, bias = primals
+        da, db, dbias = (None if type(t) is SymbolicZero else t for t in tangents)
+        y = fused(a, b, bias)
+        with dot_precision(a, b):
+            terms = [product(x, w, None) for x, w in ((da, b), (a, db)) if x is not None and w is not None]
+        dy = _scaled(sum(terms[1:], terms[0]), alpha) if terms else jnp.zeros(y.shape, dtype)
+        if use_bias and dbias is not None:
+            dy = dy + _scaled(dbias.astype(dtype), beta)
+        return y, jnp.broadcast_to(dy, y.shape).astype(dtype)
+
+    return fused(a, b, bias)
+
+
+def _matmul(a, b, acc):
+    return jnp.matmul(a, b, preferred_element_type=acc)
+
+
+@lowering(aten.addmm.default, aten.baddbmm.default)
 def addmm(bias, a, b, *, beta=1, alpha=1):
+    once = _rounds_once(_matmul, a, b, bias, alpha, beta)
+    if once is not None:
+        return once
+    prod = _scaled(matmul(a, b), alpha)
+    return prod if beta == 0 else _scaled(bias, beta) + prod
+
+
+@lowering(aten.addmv.default)
+def addmv(bias, a, b, *, beta=1, alpha=1):
+    once = _rounds_once(_matmul, a, b, bias, alpha, beta, round_scaled_bias=True)
+    if once is not None:
+        return once
     prod = _scaled(matmul(a, b), alpha)
     return prod if beta == 0 else _scaled(bias, beta) + prod
 
 
 @lowering(aten.addbmm.default)
 def addbmm(bias, a, b, *, beta=1, alpha=1):
+    if a.dtype in _LOW and b.dtype == a.dtype:
+        # torch's CPU kernel: one addmm per batch entry into the output, each rounding once
+        if a.shape[0] == 0:
+            out = jnp.zeros((), a.dtype) if beta == 0 else _scaled(bias.astype(jnp.float32), beta).astype(a.dtype)
+            return jnp.broadcast_to(out, (a.shape[1], b.shape[2]))
+
+        def step(out, ab):
+            return _rounds_once(_matmul, ab[0], ab[1], out, alpha), None
+
+        return lax.scan(step, _rounds_once(_matmul, a[0], b[0], bias, alpha, beta), (a[1:], b[1:]))[0]
     with dot_precision(a, b):
         return _scaled(bias, beta) + _scaled(jnp.einsum("bij,bjk->ik", a, b), alpha)
 
@@ -35,10 +109,17 @@ def addbmm(bias, a, b, *, beta=1, alpha=1):
 def linear(x_BI, w_OI, b_O=None):
     # as one 2-D product: the backward's weight gradient is then a plain (T, O)ᵀ·(T, I) contraction,
     # which XLA's CPU dot emitters take as is (a batched contraction made it transpose the whole dY)
-    x_TI = x_BI.reshape(-1, x_BI.shape[-1]) if x_BI.ndim > 2 else x_BI
-    with dot_precision(x_BI, w_OI):   # a 1-D weight (torch allows it) contracts to x's leading shape
-        y = lax.dot_general(x_TI, w_OI, (((x_TI.ndim - 1,), (w_OI.ndim - 1,)), ((), ())))
-    y = y.reshape(*x_BI.shape[:-1], *w_OI.shape[:-1])
+    def product(x_BI, w_OI, acc):
+        x_TI = x_BI.reshape(-1, x_BI.shape[-1]) if x_BI.ndim > 2 else x_BI
+        # a 1-D weight (torch allows it) contracts to x's leading shape
+        y = lax.dot_general(x_TI, w_OI, (((x_TI.ndim - 1,), (w_OI.ndim - 1,)), ((), ())), preferred_element_type=acc)
+        return y.reshape(*x_BI.shape[:-1], *w_OI.shape[:-1])
+
+    once = _rounds_once(product, x_BI, w_OI, b_O)
+    if once is not None:
+        return once
+    with dot_precision(x_BI, w_OI):
+        y = product(x_BI, w_OI, None)
     return y if b_O is None else y + b_O
 
 

@@ -182,6 +182,12 @@ def _embedding_bag(weight, indices, offsets, scale_grad_by_freq=False, mode=0, s
     num_bags = offsets.shape[0] - int(include_last_offset)
     bag = jnp.clip(jnp.searchsorted(offsets, jnp.arange(n), side="right") - 1, 0, max(num_bags - 1, 0))
     keep = indices != padding_idx if padding_idx is not None and padding_idx >= 0 else jnp.ones(n, bool)
+    if include_last_offset and offsets.shape[0]:
+        # CSR offsets: bag b is indices[offsets[b]:offsets[b + 1]], and indices past the last offset (a padded
+        # buffer) are in no bag. torch documents offsets[-1] == len(indices); past it its CPU kernels disagree
+        # (sum leaves them out, max takes them in, mean divides by them, backward reads them): bridge leaves
+        # them out everywhere, what torch gives for indices[:offsets[-1]]
+        keep = keep & (jnp.arange(n) < offsets[-1])
     rows = get_or_fill(weight, no_negatives(indices, nw)).astype(jnp.promote_types(weight.dtype, jnp.float32))  # fp32 sums
     if scale_grad_by_freq:
         rows = scale_grad(rows, indices, nw)

@@ -273,6 +273,39 @@ class WhileNet(nn.Module):
         return torch.while_loop(lambda i, y: i < steps.shape[0], body, (torch.zeros((), dtype=torch.int64), x))
 
 
+class WhileConstCount(nn.Module):
+    """torch.while_loop counting to a constant from a lifted `torch.tensor(0)`, two carried tensors."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 4)
+
+    def forward(self, x):
+        def body(i, y, z):
+            return i + 1, torch.tanh(self.a(y) + z), z * 0.5 + self.b(y)
+
+        return torch.while_loop(lambda i, y, z: i < 3, body, (torch.tensor(0), x, x * 2))[1:]
+
+
+@torch.compiler.nested_compile_region
+def _shared_block(x, w, b):
+    return torch.tanh(x @ w.t() + b) * 1.5
+
+
+class NestedRegion(nn.Module):
+    """A module-level `torch.compiler.nested_compile_region` function called once per layer: strict export
+    keeps the repeated calls as `invoke_subgraph` of one subgraph."""
+
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList([nn.Linear(6, 6) for _ in range(3)])
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = _shared_block(x, layer.weight, layer.bias) + x
+        return x
+
+
 class ScanRNN(nn.Module):
     """An Elman RNN written with torch's scan (higher-order op), and torch's map over a batch."""
 
@@ -837,8 +870,10 @@ CASES = [
               "(row_indices.numel() == 0, not_in_shortlist.any())"),
     Case("cond_branches", CondNet, lambda: (r(3, 6) + 0.5,)),
     Case("cond_other_branch", CondNet, lambda: (r(3, 6) - 0.5,), slow=True),
-    # forward only: the trip count is data (a traced value) under jit, and lax.while_loop has no reverse mode
-    Case("while_loop", WhileNet, lambda: (r(3, 6), torch.zeros(4)), grad=False),
+    # a trip count known at conversion (a shape, a constant) runs as lax.scan: reverse mode as torch's
+    Case("while_loop", WhileNet, lambda: (r(3, 6), torch.zeros(4))),
+    Case("while_loop_const_count", WhileConstCount, lambda: (r(2, 4),)),
+    Case("nested_compile_region", NestedRegion, lambda: (r(3, 6),)),
     Case("scan_and_map", ScanRNN, lambda: (r(2, 6), r(5, 2, 5))),
     Case("no_grad_teacher_detach", Distill, lambda: (r(4, 6),)),
     Case("weight_clip_in_place", WeightClip, lambda: (r(3, 6),)),
@@ -1156,3 +1191,50 @@ def test_dynamic_batch(name):
     with torch.no_grad():
         ref = module(*bigger)
     _compare_outputs(jax.jit(jm.apply)(jm.params, *_jargs(bigger)), ref, f"{name} (dynamic batch)")
+
+
+def test_while_loop_gradients_follow_a_dynamic_trip_count():
+    """A trip count read from a dynamic dim is known once shapes are: jax.grad through the loop matches the
+    unrolled torch loop at every length (torch's own while_loop autograd is off for parameters when the carried
+    input does not require grad, so the reference is unrolled)."""
+    torch.manual_seed(0)
+    module, x = WhileNet(), r(3, 6)
+    jm = bridge.convert(copy.deepcopy(module), (x, torch.zeros(4)),
+                        dynamic_shapes=({0: torch.export.Dim("b")}, {0: torch.export.Dim("n")}))
+    grad = jax.jit(jax.grad(lambda p, x, s: jm.apply(p, x, s)[1].sum(), argnums=(0, 1)))
+    for n in (2, 5):
+        module.zero_grad()
+        xt = x.clone().requires_grad_(True)
+        y = xt
+        for _ in range(n):
+            y = torch.tanh(module.lin(y))
+        y.sum().backward()
+        gp, gx = grad(jm.params, to_jax(x), np.zeros(n, np.float32))
+        assert rel_err(gp["lin"]["weight"], module.lin.weight.grad) <= GRAD_TOL
+        assert rel_err(gp["lin"]["bias"], module.lin.bias.grad) <= GRAD_TOL
+        assert rel_err(gx, xt.grad) <= GRAD_TOL
+
+
+def test_while_loop_with_a_data_dependent_trip_count_names_itself_under_grad():
+    """A loop whose test reads data stays a lax.while_loop: forward and forward mode work; jax.grad raises an
+    error naming torch.while_loop and the user's line instead of JAX's."""
+
+    class DataLoop(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+
+        def forward(self, x):
+            return torch.while_loop(lambda i, y: (y.abs().sum() < 30) & (i < 20),
+                                    lambda i, y: (i + 1, self.lin(y) * 1.5 + 0.1), (torch.tensor(0), x))[1]
+
+    torch.manual_seed(0)
+    module, x = DataLoop(), r(2, 4)
+    jm = bridge.convert(copy.deepcopy(module), (x,))
+    with torch.no_grad():
+        ref = module(x)
+    assert rel_err(jax.jit(jm.apply)(jm.params, to_jax(x)), ref) <= TOL["float32"]
+    tangent = jax.jvp(lambda v: jm.apply(jm.params, v), (to_jax(x),), (jnp.ones((2, 4)),))[1]
+    assert tangent.shape == (2, 4) and np.isfinite(np.asarray(tangent)).all()
+    with pytest.raises(bridge.errors.LoweringError, match=r"torch\.while_loop at .*test_nn_zoo\.py:\d+"):
+        jax.grad(lambda p: jm.apply(p, to_jax(x)).sum())(jm.params)
